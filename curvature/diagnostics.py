@@ -1,0 +1,142 @@
+"""Curvature diagnostics on a model: sharpness (top Hessian eigenvalues) and the HVP self-check.
+
+Sharpness is λ_max(∇²L): gradient descent with step η is stable on a quadratic while η·λ_max < 2
+(see :mod:`curvature.optim` for thresholds of momentum and Adam, and for the pre-conditioned sharpness).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .operators import HessianOperator, LinearOperator
+from .solvers import EigenResult, lanczos, lobpcg, power_iteration
+
+__all__ = ["sharpness", "solve", "check_hvp", "HVPCheck", "SOLVERS"]
+
+SOLVERS = {"lobpcg": lobpcg, "lanczos": lanczos, "power_iteration": power_iteration}
+
+# Options of HessianOperator that sharpness() and friends pass through.
+OPERATOR_OPTIONS = ("method", "dtype", "device", "seed", "max_batch_size", "chunk_size", "cache_graph",
+                    "distributed", "process_group")
+
+
+def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
+          X0: torch.Tensor | None = None, largest: bool = True, seed: int = 0) -> EigenResult:
+    """Top-k (``largest=False``: bottom-k) eigenpairs of ``op`` with the named solver.
+
+    ``X0`` warm-starts LOBPCG (a block) and Lanczos / power iteration (its first column).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    if solver == "lobpcg":
+        return lobpcg(op, k, largest=largest, tol=tol, max_iters=max_iters, X0=X0, seed=seed)
+    v0 = None if X0 is None else (X0 if X0.ndim == 1 else X0[:, 0])
+    if solver == "lanczos":
+        return lanczos(op, k, largest=largest, tol=tol, max_iters=max_iters, v0=v0, seed=seed)
+    if not largest:
+        raise ValueError("power_iteration finds the largest-magnitude eigenvalues; use lobpcg or lanczos "
+                         "with largest=False for the most negative ones")
+    return power_iteration(op, k, tol=tol, max_iters=max_iters, v0=v0, seed=seed)
+
+
+def split_operator_options(options: dict) -> tuple[dict, dict]:
+    """Separate HessianOperator options from the rest (used by every diagnostic entry point)."""
+    op_kw = {k: options.pop(k) for k in list(options) if k in OPERATOR_OPTIONS}
+    return op_kw, options
+
+
+def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solver: str = "lobpcg",
+              tol: float = 1e-4, max_iters: int | None = None, X0: torch.Tensor | None = None, *,
+              params: Any = None, largest: bool = True, solver_seed: int = 0, **operator_options: Any
+              ) -> EigenResult:
+    """Top-k eigenvalues of the Hessian of the mean loss, λ_1 ≥ … ≥ λ_k (``largest=False``: the k most
+    negative), with their eigenvectors.
+
+    ``tol`` bounds each relative residual ‖Hv − λv‖/|λ|; ``X0`` (an ``(n, m)`` block, e.g. the previous
+    step's eigenvectors) warm-starts the solver. Extra keyword options go to :class:`HessianOperator`
+    (``method``, ``dtype``, ``device``, ``seed``, ``max_batch_size``, ``distributed``, ...). The result's
+    ``info`` holds ``loss`` (mean loss at the point) and ``method`` (HVP route used).
+    """
+    op_kw, rest = split_operator_options(dict(operator_options))
+    if rest:
+        raise TypeError(f"sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    op = HessianOperator(model, loss_fn, data, params, **op_kw)
+    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
+    res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0])
+    return res
+
+
+@dataclass
+class HVPCheck:
+    """Outcome of :func:`check_hvp`: per-direction relative errors against central differences of gradients
+    and of the symmetry ``uᵀHv = vᵀHu``."""
+
+    fd_errors: list[float]
+    symmetry_errors: list[float]
+    tol: float
+    eps: float
+    dtype: torch.dtype
+    details: dict = field(default_factory=dict)
+
+    @property
+    def max_fd_error(self) -> float:
+        return max(self.fd_errors)
+
+    @property
+    def max_symmetry_error(self) -> float:
+        return max(self.symmetry_errors)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_fd_error <= self.tol and self.max_symmetry_error <= self.tol
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        return (f"check_hvp {verdict} ({self.dtype}, tol {self.tol:.0e}): max relative error vs finite "
+                f"differences {self.max_fd_error:.2e}, max asymmetry {self.max_symmetry_error:.2e} "
+                f"over {len(self.fd_errors)} directions")
+
+
+def check_hvp(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = None, num_directions: int = 3,
+              dtype: torch.dtype | None = torch.float64, eps: float | None = None, tol: float | None = None,
+              seed: int = 0, raise_on_failure: bool = False, **operator_options: Any) -> HVPCheck:
+    """Verify the HVP of ``model`` on random directions: Hv against central differences of gradients,
+
+        (∇L(θ + εv) − ∇L(θ − εv)) / 2ε,
+
+    and symmetry, |uᵀHv − vᵀHu| / (‖u‖‖Hv‖ + ‖v‖‖Hu‖). Runs in float64 by default (pass ``dtype=None`` to
+    check in the model's own dtype, with a looser default tolerance). Non-smooth models (ReLU) can show
+    finite-difference errors where a kink is crossed; the symmetry check is unaffected by that.
+    """
+    op_kw, rest = split_operator_options(dict(operator_options))
+    if rest:
+        raise TypeError(f"check_hvp() got unexpected keyword arguments: {sorted(rest)}")
+    op = HessianOperator(model, loss_fn, data, params, dtype=dtype, **op_kw)
+    work = op.dtype
+    unit = torch.finfo(work).eps
+    tol = tol if tol is not None else (1e-5 if work == torch.float64 else math.sqrt(unit) * 50)
+    gen = torch.Generator().manual_seed(seed)
+    theta = op.parameter_vector()
+    scale = max(1.0, float(theta.norm()) / math.sqrt(theta.numel()))
+    step = eps if eps is not None else unit ** (1 / 3) * scale
+    V = torch.randn(op.shape[0], num_directions, generator=gen, dtype=torch.float64).to(op.device, work)
+    V = V / V.norm(dim=0, keepdim=True)
+    HV = op.matmat(V)
+    fd_errors, sym_errors = [], []
+    for i in range(num_directions):
+        v = V[:, i]
+        _, g_plus = op.loss_and_gradient_at(theta + step * v)
+        _, g_minus = op.loss_and_gradient_at(theta - step * v)
+        fd = (g_plus - g_minus) / (2 * step)
+        fd_errors.append(float((HV[:, i] - fd).norm() / fd.norm().clamp_min(torch.finfo(work).tiny)))
+        j = (i + 1) % num_directions
+        u, Hu = V[:, j], HV[:, j]
+        denom = float(u.norm() * HV[:, i].norm() + v.norm() * Hu.norm())
+        sym_errors.append(abs(float(u @ HV[:, i] - v @ Hu)) / max(denom, torch.finfo(work).tiny))
+    result = HVPCheck(fd_errors, sym_errors, tol, step, work, {"num_params": op.shape[0], "method": op.method})
+    if raise_on_failure and not result.passed:
+        raise AssertionError(str(result))
+    return result
