@@ -1,0 +1,50 @@
+"""Warm-up tools: learning-rate schedules, catapult-based critical learning rate, loss-adaptive warm-up.
+
+* :mod:`.schedules` — linear / exponential warm-up, cosine / linear / 1-sqrt decay, warmup-stable-decay, constant,
+  composable (``join``, ``.then``) and ``LambdaLR``-ready.
+* :mod:`.catapult` — ``find_critical_lr`` (Kalra & Barkeshli, arXiv 2406.09405), ``catapult_warmup``,
+  ``PersistentCatapultWarmup``.
+* :mod:`.adaptive` — ``LossAdaptiveWarmup`` (Alimisis, Islamov & Lucchi, arXiv 2510.03164).
+
+This layer uses only torch.
+"""
+from .adaptive import LossAdaptiveWarmup, loss_adaptive_lr
+from .catapult import CriticalLR, PersistentCatapultWarmup, catapult_warmup, find_critical_lr
+from .schedules import (
+    CatapultWarmup,
+    Constant,
+    CosineDecay,
+    Decay,
+    ExponentialWarmup,
+    LambdaFactor,
+    LinearWarmup,
+    Schedule,
+    SequentialSchedule,
+    WarmupStableDecay,
+    join,
+    warmup_cosine,
+)
+
+__all__ = [
+    # schedules
+    "Schedule",
+    "Constant",
+    "LinearWarmup",
+    "ExponentialWarmup",
+    "Decay",
+    "CosineDecay",
+    "WarmupStableDecay",
+    "CatapultWarmup",
+    "SequentialSchedule",
+    "LambdaFactor",
+    "join",
+    "warmup_cosine",
+    # catapult
+    "CriticalLR",
+    "find_critical_lr",
+    "catapult_warmup",
+    "PersistentCatapultWarmup",
+    # loss-adaptive
+    "LossAdaptiveWarmup",
+    "loss_adaptive_lr",
+]
