@@ -1,0 +1,217 @@
+"""Block LOBPCG (Knyazev 2001) for a few extreme eigenpairs of a symmetric operator.
+
+Each iteration does Rayleigh–Ritz on ``S = [X, R, P]``: ``X`` the current Ritz vectors (block of ``m``),
+``R = A X − X Θ`` the residuals of the still-active columns and ``P`` the previous update directions
+(the "conjugate" directions that make LOBPCG behave like a block CG/Lanczos). Only ``R`` is ever
+multiplied by the operator: ``A X`` and ``A P`` are carried along implicitly (``A(S C) = (A S) C``), so one
+iteration costs as many applications as there are active residual columns.
+
+Robustness (Hetmaniuk & Lehoucq 2006; Duersch, Shao, Yang & Gu 2018):
+* ``R`` is orthogonalised against ``[X, P]`` twice and orthonormalised by SVQB, dropping near-dependent
+  directions (it is always applied *after* orthonormalisation, so ``A R`` is exact);
+* ``P`` is built in coefficient space — the ``[R, P]`` rows of the Ritz coefficients, made orthogonal to
+  the ``X`` coefficients — so ``[X, P]`` is orthonormal without cancellation in ``n``-space;
+* the Rayleigh–Ritz problem is solved through SVQB of ``SᵀS`` (drops dependent directions; float64);
+* soft locking: converged columns stay in ``X`` (and keep being improved by Rayleigh–Ritz) but get no
+  ``R``/``P`` columns, hence no operator applications;
+* restart when stalled: ``P`` is dropped and a fresh seeded random block joins the search space
+  (``X`` is kept, so no progress is lost); repeated stalls stop the solver (``info["stopped"]``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ._common import (CountedApply, as_operator, check_k, make_generator, orthonormalize, project_out,
+                      random_block, relative_residuals, residual_floor, svqb_gram)
+from .result import EigenResult
+
+__all__ = ["lobpcg"]
+
+_STALL_WINDOW = 20       # iterations without a 10% drop of the worst wanted residual → restart
+_MAX_STALL_RESTARTS = 3  # consecutive fruitless restarts → stop (precision floor reached)
+
+
+def _rayleigh_ritz(S: torch.Tensor, AS: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ritz pairs of ``A`` in ``span(S)``: ``θ`` descending and ``C`` with ``Cᵀ M C = I``, ``M = SᵀS``.
+
+    ``K = Sᵀ A S``; SVQB of ``M`` gives ``T`` (dropping dependent directions), then ``eigh(Tᵀ K T)``.
+    Returns ``(theta, C, M)`` in float64.
+    """
+    M = (S.T @ S).to(torch.float64)
+    K = (S.T @ AS).to(torch.float64)
+    K = 0.5 * (K + K.T)
+    T = svqb_gram(M, eps)
+    theta, U = torch.linalg.eigh(T.T @ K @ T)
+    C = T @ U
+    return theta.flip(0), C.flip(1), M
+
+
+def _dense(apply: Callable[[torch.Tensor, int], torch.Tensor], n: int, k: int, sign: float,
+           dtype: torch.dtype, device: torch.device, tol: float) -> EigenResult:
+    """Tiny ``n``: form ``A`` with ``n`` applications and use ``eigh``."""
+    A = apply(torch.eye(n, dtype=dtype, device=device), 1)
+    A = 0.5 * (A + A.T)
+    w, U = torch.linalg.eigh(A.to(torch.float64))
+    w, U = w.flip(0)[:k], U.flip(1)[:, :k]  # (already ×sign) largest of sign·A first
+    w, U = w.to(dtype), U.to(dtype)
+    floor = residual_floor(float(w.abs().max()), dtype)
+    res = relative_residuals(A @ U, U, w, floor)
+    return EigenResult(eigenvalues=sign * w, eigenvectors=U, residuals=res, num_hvps=n,
+                       converged=bool((res <= tol).all()), iterations=1,
+                       info={"method": "dense", "restarts": 0, "tol": tol, "history": [res.tolist()],
+                             "residual_floor": floor,
+                             "note": "3 * block_size > n: formed the dense matrix with n applications"})
+
+
+def lobpcg(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max_iters: int | None = None,
+           X0: torch.Tensor | None = None, seed: int = 0, block_size: int | None = None,
+           callback: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None) -> EigenResult:
+    """Top-``k`` eigenpairs of a symmetric operator by block LOBPCG with soft locking.
+
+    Args:
+        op: :class:`~curvature.operators.LinearOperator` or square symmetric tensor.
+        k: number of eigenpairs.
+        largest: ``True`` → algebraically largest (largest first); ``False`` → most negative
+            (smallest first).
+        tol: stop when every wanted relative residual ``‖A x − θ x‖ / max(|θ|, floor) <= tol``;
+            ``floor = eps(dtype) · max|θ|`` (≈ ``eps·‖A‖``) guards ``θ ≈ 0``.
+        max_iters: maximum Rayleigh–Ritz steps (the initial one on ``X`` included); default 500.
+        X0: warm start ``(n, m0)`` (or ``(n,)``): ``m0 < block`` is padded with seeded random columns,
+            ``m0 > block`` enlarges the block to ``m0``.
+        seed: seed of the ``torch.Generator`` for random vectors (results are deterministic).
+        block_size: columns in ``X``, ``>= k`` (default ``k``); extra columns are guard vectors that help
+            on clustered spectra but cost applications.
+        callback: ``callback(iteration, eigenvalues, residuals)`` after each Rayleigh–Ritz step
+            (wanted ``k`` only); returning ``True`` stops the solver.
+
+    Returns:
+        :class:`EigenResult`; ``iterations`` = Rayleigh–Ritz steps; ``info``: ``restarts``, ``tol``,
+        ``history`` (wanted residuals per iteration), ``block_size``, ``residual_floor``, ``stopped``
+        (why it stopped when not converged), ``method`` (``"lobpcg"`` or ``"dense"`` when
+        ``3·block > n``: the matrix is then formed with ``n`` applications).
+    """
+    op = as_operator(op)
+    n = op.shape[0]
+    k = check_k(k, n)
+    m = k if block_size is None else int(block_size)
+    if m < k:
+        raise ValueError(f"block_size={block_size} must be >= k={k}")
+    if X0 is not None:
+        if X0.ndim == 1:
+            X0 = X0[:, None]
+        if X0.ndim != 2 or X0.shape[0] != n:
+            raise ValueError(f"X0 must have shape ({n}, m), got {tuple(X0.shape)}")
+        if X0.shape[1] > n:
+            raise ValueError(f"X0 has {X0.shape[1]} columns, more than n={n}")
+        m = max(m, X0.shape[1])
+    if max_iters is None:
+        max_iters = 500
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    dtype, device = op.dtype, op.device
+    eps = torch.finfo(dtype).eps
+    sign = 1.0 if largest else -1.0
+    counted = CountedApply(op)
+
+    def apply(V: torch.Tensor, it: int) -> torch.Tensor:
+        Y = counted(V, it)
+        return Y if largest else -Y
+
+    if 3 * m > n:
+        res = _dense(apply, n, k, sign, dtype, device, tol)
+        res.num_hvps = counted.count
+        return res
+
+    gen = make_generator(seed)
+    # ---- initial block ------------------------------------------------------------------------
+    X = random_block(n, m, gen, dtype, device) if X0 is None else X0.detach().to(device=device, dtype=dtype)
+    X, _ = orthonormalize(X)
+    while X.shape[1] < m:  # pad (short or dependent X0) with random columns
+        Z, _ = orthonormalize(random_block(n, m - X.shape[1], gen, dtype, device), X)
+        X = torch.cat([X, Z], dim=1)
+    AX = apply(X, 1)
+    theta, C, _ = _rayleigh_ritz(X, AX, eps)
+    Cx = C[:, :m].to(dtype)
+    X, AX, theta = X @ Cx, AX @ Cx, theta[:m]
+    scale = float(theta.abs().max())
+    prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+    iters, restarts, stall_restarts = 1, 0, 0
+    history: list[list[float]] = []
+    best, best_iter = float("inf"), 1
+    converged, stopped = False, None
+    restart_now = False
+    while True:
+        floor = residual_floor(scale, dtype)
+        th = theta.to(dtype)
+        res = relative_residuals(AX, X, th, floor)
+        worst = float(res[:k].max())
+        history.append(res[:k].tolist())
+        if callback is not None and callback(iters, sign * th[:k], res[:k]) is True:
+            stopped = "callback"
+            break
+        if worst <= tol:
+            converged = True
+            break
+        if iters >= max_iters:
+            stopped = "max_iters"
+            break
+        # ---- stall detection ------------------------------------------------------------------
+        if worst < 0.9 * best:
+            best, best_iter, stall_restarts = worst, iters, 0
+        elif iters - best_iter >= _STALL_WINDOW:
+            if stall_restarts >= _MAX_STALL_RESTARTS:
+                stopped = "stagnation"
+                break
+            restart_now = True
+        active = res > tol
+        na = int(active.sum())
+        # ---- P from the previous Rayleigh–Ritz coefficients (coefficient space) -----------------
+        P = AP = None
+        if prev is not None and not restart_now:
+            S_p, AS_p, Cx_p, M_p, nx = prev
+            Z = Cx_p[:, active].clone()
+            Z[:nx] = 0.0
+            for _ in range(2):
+                Z = Z - Cx_p @ (Cx_p.T @ (M_p @ Z))
+            T = svqb_gram(Z.T @ M_p @ Z, eps)
+            if T.shape[1] > 0:
+                Z = (Z @ T).to(dtype)
+                P, AP = S_p @ Z, AS_p @ Z
+        # ---- residual block (explicit, then applied) -----------------------------------------------
+        R = AX[:, active] - X[:, active] * th[active][None, :]
+        if restart_now:
+            R = torch.cat([R, random_block(n, na, gen, dtype, device)], dim=1)
+        Q = X if P is None else torch.cat([X, P], dim=1)
+        R, _ = orthonormalize(R, Q)
+        if R.shape[1] == 0:  # residuals lie in span[X, P]: nothing new to search → restart
+            if restart_now:
+                stopped = "stagnation"
+                break
+            restart_now = True
+            P = AP = None
+            R, _ = orthonormalize(random_block(n, na, gen, dtype, device), X)
+        if restart_now:
+            restarts += 1
+            stall_restarts += 1
+            best_iter = iters
+            restart_now = False
+        iters += 1
+        AR = apply(R, iters)
+        S = torch.cat([X, R] + ([P] if P is not None else []), dim=1)
+        AS = torch.cat([AX, AR] + ([AP] if AP is not None else []), dim=1)
+        theta_all, C, M = _rayleigh_ritz(S, AS, eps)
+        if C.shape[1] < m:  # basis collapsed (should not happen): keep X, restart without P
+            prev = None
+            restart_now = True
+            continue
+        scale = max(scale, float(theta_all.abs().max()))
+        Cx64 = C[:, :m]
+        Cx = Cx64.to(dtype)
+        X, AX, theta = S @ Cx, AS @ Cx, theta_all[:m]
+        prev = (S, AS, Cx64, M, m)
+    info = {"method": "lobpcg", "restarts": restarts, "tol": tol, "history": history, "block_size": m,
+            "residual_floor": floor, "stopped": stopped}
+    return EigenResult(eigenvalues=sign * th[:k], eigenvectors=X[:, :k], residuals=res[:k],
+                       num_hvps=counted.count, converged=converged, iterations=iters, info=info)
