@@ -1,0 +1,95 @@
+"""HVPs of every route against the dense central-difference Hessian, on the whole model zoo."""
+import logging
+
+import pytest
+import torch
+from conftest import ZOO, dense_hessian_fd, dense_reference, mlp_mse, rel_err, transformer, unequal_batches
+
+import curvature as cv
+
+METHODS = ["reverse_over_reverse", "forward_over_reverse"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_hvp_matches_finite_differences(name, method):
+    model, loss_fn, data = ZOO[name]()
+    H = dense_reference(name)
+    op = cv.HessianOperator(model, loss_fn, data, method=method)
+    assert op.shape == H.shape and op.dtype == torch.float64
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(op.shape[0], 5, generator=gen, dtype=torch.float64)
+    assert rel_err(op.matmat(V), H @ V) <= 1e-6          # a block (batched)
+    assert rel_err(op.matvec(V[:, 0]), H @ V[:, 0]) <= 1e-6  # a single vector
+    assert rel_err(op @ V[:, 1], H @ V[:, 1]) <= 1e-6
+    assert op.num_hvps == 7
+
+
+def test_uncached_graph_and_chunked_vmap_agree():
+    model, loss_fn, data = transformer()
+    H = dense_reference("transformer")
+    V = torch.randn(H.shape[0], 6, dtype=torch.float64)
+    for kw in ({"cache_graph": False}, {"method": "forward_over_reverse", "chunk_size": 2}):
+        assert rel_err(cv.HessianOperator(model, loss_fn, data, **kw).matmat(V), H @ V) <= 1e-6
+
+
+def test_forward_over_reverse_falls_back_where_pytorch_lacks_it(caplog):
+    # F.mse_loss under jvp(grad(.)) raises "ZeroTensors are immutable" on torch 2.13: the engine must fall
+    # back to double backward, say so in a DEBUG log, and still be exact.
+    model, loss_fn, data = mlp_mse()
+    op = cv.HessianOperator(model, loss_fn, data, method="forward_over_reverse")
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    with caplog.at_level(logging.DEBUG, logger="curvature.hvp"):
+        hv = op.matvec(v)
+    assert rel_err(hv, dense_reference("mlp_mse") @ v) <= 1e-6
+    if op.method == "reverse_over_reverse":
+        assert any("falling back" in r.message for r in caplog.records)
+
+
+def test_float32_model_validated_in_float64():
+    model, loss_fn, (x, y) = ZOO["mlp_ce"]()
+    H = dense_reference("mlp_ce")
+    m32 = model.float()
+    op32 = cv.HessianOperator(m32, loss_fn, (x.float(), y))
+    op64 = cv.HessianOperator(m32, loss_fn, (x.float(), y), dtype=torch.float64)
+    assert op32.dtype == torch.float32 and op64.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in m32.parameters())  # the model itself is not cast
+    v = torch.randn(op64.shape[0], dtype=torch.float64)
+    # the float32 parameters differ from the float64 zoo model by rounding only
+    H32 = dense_hessian_fd(m32.double(), loss_fn, (x, y)); m32.float()
+    assert rel_err(op64.matvec(v), H32 @ v) <= 1e-6
+    assert rel_err(op32.matvec(v.float()).double(), H32 @ v) <= 1e-4
+    assert rel_err(H32, H) <= 1e-5
+
+
+def test_several_batches_weighted_by_sample_count():
+    model, loss_fn, data = unequal_batches()
+    H = dense_reference("unequal_batches")
+    # the unweighted average of per-batch Hessians is a different matrix: make sure we are not computing it
+    Hs = [dense_hessian_fd(model, loss_fn, b) for b in data]
+    unweighted = sum(Hs) / len(Hs)
+    weighted = sum(h * b[1].shape[0] for h, b in zip(Hs, data)) / sum(b[1].shape[0] for b in data)
+    assert rel_err(weighted, H) <= 1e-8 and rel_err(unweighted, H) > 1e-3
+    op = cv.HessianOperator(model, loss_fn, iter(data))  # any iterable (a generator) works, read once
+    assert op.num_samples == 22
+    assert rel_err(op.to_dense(), H) <= 1e-6
+
+
+def test_max_batch_size_splits_without_changing_the_matrix():
+    model, loss_fn, data = ZOO["mlp_ce"]()
+    H = dense_reference("mlp_ce")
+    op = cv.HessianOperator(model, loss_fn, data, max_batch_size=6)  # 20 samples -> 6+6+6+2
+    assert len(op.engine.batches) == 4
+    assert rel_err(op.to_dense(), H) <= 1e-6
+
+
+def test_loss_and_gradient_are_the_dataset_means():
+    model, loss_fn, data = unequal_batches()
+    op = cv.HessianOperator(model, loss_fn, data)
+    n = sum(b[1].shape[0] for b in data)
+    loss = sum(float(loss_fn(model(x), y)) * y.shape[0] for x, y in data) / n
+    model.zero_grad()
+    sum(loss_fn(model(x), y) * y.shape[0] / n for x, y in data).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    assert abs(op.loss - loss) <= 1e-12 * abs(loss) and rel_err(op.gradient, g) <= 1e-12
