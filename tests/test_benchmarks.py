@@ -1,0 +1,94 @@
+"""The benchmark scripts run end to end on tiny workloads (so they cannot rot).
+
+Peer libraries are optional (``pip install --no-deps``, see benchmarks/README.md): their rows are
+"skipped" when missing, and the peer-specific checks below skip.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from benchmarks import models as M  # noqa: E402
+from benchmarks import peers as P  # noqa: E402
+from benchmarks._timing import markdown_table, pin_threads, time_fn  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(M.WORKLOADS))
+def test_workloads_build_and_run(name):
+    wl = M.make(name, "tiny", seed=0)
+    model, loss_fn, (x, y) = wl.as_tuple()
+    loss = loss_fn(model(x), y)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # seeded: same parameters and data twice
+    wl2 = M.make(name, "tiny", seed=0)
+    assert torch.equal(torch.nn.utils.parameters_to_vector(M.trainable_params(wl.model)),
+                       torch.nn.utils.parameters_to_vector(M.trainable_params(wl2.model)))
+    assert torch.equal(wl.batch[0], wl2.batch[0])
+
+
+def test_gpt_ties_embeddings_once():
+    wl = M.make("gpt", "tiny")
+    names = [n for n, _ in wl.model.named_parameters()]
+    assert "wte.weight" in names and "head.weight" not in names
+
+
+def test_reference_hvp_is_symmetric():
+    wl = M.make("ln_transformer", "tiny", dtype=torch.float64)
+    hvp = P.reference_hvp_fn(*wl.as_tuple())
+    g = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(wl.num_params, generator=g, dtype=torch.float64) for _ in range(2))
+    assert torch.allclose(u @ hvp(v), v @ hvp(u), rtol=1e-9)
+
+
+def test_time_fn_and_table():
+    t = time_fn(lambda: torch.ones(10).sum(), warmup=1, repeat=3)
+    assert t.ok and len(t.times) == 3 and t.median > 0
+    bad = time_fn(lambda: 1 / 0, warmup=0, repeat=1)
+    assert not bad.ok and "ZeroDivisionError" in bad.error
+    with pin_threads(1):
+        assert torch.get_num_threads() == 1
+    assert "| a |" in markdown_table([{"a": 1}])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("curvlinops") is None, reason="curvlinops not installed")
+def test_curvlinops_is_wrong_on_layernorm():
+    """The trap the LN workload exists for: jvp(jacrev) through affine layer_norm is not the Hessian."""
+    wl = M.make("ln_transformer", "tiny", dtype=torch.float64)
+    v = torch.randn(wl.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = P.reference_hvp_fn(*wl.as_tuple())(v)
+    theirs = P.hvp_fn("curvlinops", *wl.as_tuple())(v)
+    assert (theirs - ref).norm() / ref.norm() > 1e-4
+
+
+@pytest.mark.parametrize("peer", P.PEERS)
+def test_peer_adapters_on_mlp(peer):
+    if not P.available(peer):
+        pytest.skip(f"{peer} not installed")
+    wl = M.make("mlp", "tiny", dtype=torch.float64)
+    v = torch.randn(wl.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = P.reference_hvp_fn(*wl.as_tuple())(v)
+    assert torch.allclose(P.hvp_fn(peer, *wl.as_tuple())(v), ref, rtol=1e-8, atol=1e-10)
+    r = P.top_eigenvalue(peer, *wl.as_tuple(), tol=1e-3)
+    assert r.num_hvps > 0 and r.eigenvalue > 0
+    assert wl.model.training  # PyHessian's forced eval() is undone
+    assert all(p.grad is None for p in wl.model.parameters())
+
+
+def test_hvp_script_quick(tmp_path):
+    from benchmarks import hvp
+    out = tmp_path / "hvp.md"
+    report = hvp.main(["--quick", "--models", "mlp", "gpt", "--ks", "1", "2", "--repeat", "2", "--out", str(out)])
+    assert out.exists() and "HVP cost" in report and "torch double backward" in report
+    assert "### gpt" in report and "### mlp" in report
+
+
+def test_eigensolvers_script_quick(tmp_path):
+    from benchmarks import eigensolvers
+    out = tmp_path / "eig.md"
+    report = eigensolvers.main(["--quick", "--models", "mlp", "ln_transformer", "--tols", "1e-3",
+                                "--power-max-iters", "50", "--k-scaling", "--out", str(out)])
+    assert out.exists() and "Reference λ_max" in report and "Scaling with k" in report
