@@ -1,0 +1,467 @@
+"""Optimizer-aware curvature: Adam's pre-conditioned sharpness, stability thresholds, GI-Adam.
+
+**Pre-conditioned sharpness.** PyTorch's Adam/AdamW step is θ ← θ − η·m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ),
+v̂ = v/(1−β₂ᵗ). Written as θ ← θ − η·P⁻¹m with the diagonal pre-conditioner
+
+    P = (1−β₁ᵗ)·diag(√v̂ + ε),
+
+it is heavy-ball momentum (m ← β₁m + (1−β₁)g) on the pre-conditioned problem, so on a quadratic with P frozen
+it is stable while λ_max(P⁻¹H) < (2+2β₁)/((1−β₁)η) (= 38/η for β₁ = 0.9). :class:`PreconditionedHessianOperator`
+applies the symmetric P^{-1/2} H P^{-1/2} (same eigenvalues as P⁻¹H, so symmetric solvers work);
+:func:`preconditioned_sharpness` returns its top eigenpairs (Kalra & Barkeshli, *Why Warmup the Learning
+Rate?*, NeurIPS 2024, arXiv 2406.09405).
+
+P is read per parameter from the optimizer's own state: t = ``state["step"]`` (tensor or number),
+v = ``state["exp_avg_sq"]`` (``state["max_exp_avg_sq"]`` with ``amsgrad``), and each parameter group's
+``betas``/``eps``/``lr``. Parameter groups with different learning rates are folded into one matrix: the block
+of group g is divided by η_g/η₀ (η₀ = the first group's lr), so the one threshold (2+2β₁)/((1−β₁)η₀) applies to
+every block. With different β₁ per group, the threshold uses the first group's β₁ (the fold covers only lr).
+
+``lookahead=True`` builds instead the P of the step about to be taken from the current batch gradient g:
+v ← β₂v + (1−β₂)g² (then the running max with ``amsgrad``), t ← t+1; before the first step (no state) this is
+v = (1−β₂)g², t = 1. For Adam with L2 ``weight_decay`` (not AdamW) g includes the decay term wd·θ, as in the
+optimizer's own update of v. The Hessian H is always that of the loss alone (no decay term).
+
+**Stability thresholds** (:func:`stability_threshold`, derived on a quadratic with curvature λ, for PyTorch's
+update rules; η = the first group's current lr, i.e. whatever a scheduler set):
+
+* SGD: λ < 2/η.
+* SGD with momentum μ and dampening d (buf ← μ·buf + (1−d)·g, θ ← θ − η·buf): the iteration
+  z² − (1+μ−a)z + μ = 0 with a = (1−d)ηλ is stable iff 0 < a < 2+2μ, so λ < (2+2μ)/((1−d)η)
+  (= (2+2μ)/η for PyTorch's default d = 0; 2/η at the very start, since the buffer starts empty).
+* Nesterov (PyTorch form: buf ← μ·buf + (1−d)·g, θ ← θ − η·(g + μ·buf)): with x = ηλ the characteristic
+  polynomial is z² − (1+μ−x(1+μ−μd))z + μ(1−x) = 0; the Jury conditions give λ < (2+2μ)/((1+2μ−μd)η), i.e.
+  (2+2μ)/((1+2μ)η) for d = 0 (PyTorch requires d = 0 with Nesterov): ≈ 1.357/η for μ = 0.9.
+* Adam/AdamW: λ^{P⁻¹H} < (2+2β₁)/((1−β₁)η), β₁ of the first group.
+
+With (L2) ``weight_decay`` wd in SGD the optimizer sees H + wd·I: the threshold applies to λ^H + wd, where λ^H
+is the loss Hessian's sharpness that :func:`~curvature.sharpness` reports (without the decay term).
+
+**GI-Adam** (Kalra & Barkeshli): initialise v₀ = g₀² from the first batch's gradient, m₀ = 0, t = 0, and keep
+Adam's bias corrections; the stock Adam/AdamW code then runs unchanged. It equals Adam with an automatic
+warm-up factor √(1−β₂ᵗ) and cuts λ^{P⁻¹H} of the first step by about √(1−β₂) (≈ 0.03 for β₂ = 0.999).
+:func:`gi_adam_init` does this on any Adam/AdamW from a given batch; :class:`GIAdam` is a drop-in Adam that
+does it lazily, at its first step, from the gradient in ``.grad``.
+
+Nothing here changes the model, its ``.grad``, its buffers or the RNG state; the diagnostics never change the
+optimizer's state (only :func:`gi_adam_init` and :class:`GIAdam` write it, by design).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .diagnostics import solve, split_operator_options
+from ._exact import frozen_rng, unwrap_model
+from .distributed import all_reduce_sum, resolve_process_group
+from .operators import HessianOperator, LinearOperator
+from .solvers import EigenResult
+
+__all__ = ["PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
+           "is_adam_like", "gi_adam_init", "GIAdam"]
+
+_SUPPORTED = "torch.optim.SGD (with or without momentum / Nesterov), torch.optim.Adam, torch.optim.AdamW"
+_ADAM_SUPPORTED = "torch.optim.Adam and torch.optim.AdamW (and their subclasses, e.g. curvature.GIAdam)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading optimizers
+# ---------------------------------------------------------------------------------------------------
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """Framework wrappers (Lightning's ``LightningOptimizer``, accelerate's ``AcceleratedOptimizer``) hold the
+    torch optimizer in ``._optimizer`` / ``.optimizer``."""
+    for _ in range(4):
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def is_adam_like(optimizer: Any) -> bool:
+    """True for ``torch.optim.Adam`` / ``AdamW`` (any implementation: for-loop, foreach, fused) and subclasses."""
+    return isinstance(_unwrap_optimizer(optimizer), (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _scalar(x: Any) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _group_lr(group: dict, index: int = 0) -> float:
+    lr = _scalar(group["lr"])
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"the learning rate of parameter group {index} is {lr}: stability thresholds and the "
+                         "pre-conditioned operator need lr > 0")
+    return lr
+
+
+def stability_threshold(optimizer: Any) -> float:
+    """The largest curvature the optimizer's step is stable on (quadratic model), for its first group's lr.
+
+    * SGD: 2/η; with momentum μ (PyTorch form buf ← μ·buf + (1−d)·g): (2+2μ)/((1−d)η), = (2+2μ)/η for the
+      default dampening d = 0; with Nesterov: (2+2μ)/((1+2μ−μd)η) (= (2+2μ)/((1+2μ)η)). Compare with
+      λ_max(H) (plus the weight decay, if any: the optimizer sees H + wd·I).
+    * Adam/AdamW: (2+2β₁)/((1−β₁)η). Compare with λ_max(P⁻¹H) (:func:`preconditioned_sharpness`).
+
+    η is ``optimizer.param_groups[0]["lr"]`` as it is now (after any scheduler), β₁/μ/d from that group.
+    Derivations in the module docstring.
+    """
+    opt = _unwrap_optimizer(optimizer)
+    if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"stability_threshold() supports {_SUPPORTED}; got {type(opt).__name__}")
+    group = opt.param_groups[0]
+    lr = _group_lr(group)
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        beta1 = _scalar(group["betas"][0])
+        if not 0 <= beta1 < 1:
+            raise ValueError(f"Adam's beta1 must be in [0, 1) for a stability threshold, got {beta1}")
+        return (2 + 2 * beta1) / ((1 - beta1) * lr)
+    mu = _scalar(group.get("momentum", 0.0))
+    if mu == 0:
+        return 2.0 / lr
+    d = _scalar(group.get("dampening", 0.0))
+    if d >= 1:
+        raise ValueError(f"SGD with dampening={d} >= 1 never feeds gradients into its momentum buffer after the "
+                         "first step: it has no stability threshold")
+    if group.get("nesterov", False):
+        return (2 + 2 * mu) / ((1 + 2 * mu - mu * d) * lr)
+    return (2 + 2 * mu) / ((1 - d) * lr)
+
+
+def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
+    """``eigenvalue / stability_threshold(optimizer)``: 1.0 is the edge of stability.
+
+    Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW (a float, a 0-d tensor, or an
+    :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2.
+    """
+    if isinstance(eigenvalue, EigenResult):
+        eigenvalue = eigenvalue.eigenvalue
+    elif isinstance(eigenvalue, torch.Tensor):
+        if eigenvalue.numel() != 1:
+            raise ValueError(f"edge_ratio() takes one eigenvalue, got a tensor of shape {tuple(eigenvalue.shape)} "
+                             "(pass eigenvalues[0] for the top one)")
+        eigenvalue = eigenvalue.item()
+    elif not isinstance(eigenvalue, (int, float)):
+        raise TypeError(f"edge_ratio() takes an eigenvalue as a float, a tensor or an EigenResult, "
+                        f"got {type(eigenvalue).__name__}")
+    return float(eigenvalue) / stability_threshold(optimizer)
+
+
+def _require_adam(optimizer: Any, what: str) -> torch.optim.Optimizer:
+    opt = _unwrap_optimizer(optimizer)
+    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"{what} supports {_ADAM_SUPPORTED}; got {type(opt).__name__}")
+    return opt
+
+
+def _owners(opt: torch.optim.Optimizer) -> dict[int, int]:
+    return {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+
+
+def _is_decoupled(opt: torch.optim.Optimizer, group: dict) -> bool:
+    return bool(group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pre-conditioned operator
+# ---------------------------------------------------------------------------------------------------
+class PreconditionedHessianOperator(LinearOperator):
+    """P^{-1/2} H P^{-1/2} for Adam/AdamW's diagonal pre-conditioner P (same eigenvalues as P⁻¹H).
+
+    H is a :class:`~curvature.operators.HessianOperator` built with the same ``params`` and options
+    (``method``, ``dtype``, ``device``, ``seed``, ``max_batch_size``, ``distributed``, ...), available as
+    ``.inner``. P is read from the optimizer's state, per parameter and per group:
+
+        P = (1−β₁ᵗ)·diag(√v̂ + ε)·(η₀/η_g),   v̂ = v/(1−β₂ᵗ),
+
+    t = ``state["step"]``, v = ``state["exp_avg_sq"]`` (``"max_exp_avg_sq"`` with amsgrad), η_g the lr of the
+    parameter's group and η₀ that of the first group: the lr fold makes one threshold
+    (2+2β₁)/((1−β₁)η₀) (:func:`stability_threshold`, first group's β₁) apply to every group.
+
+    Args:
+        model, loss_fn, data, params: as for :class:`HessianOperator`; frozen parameters are not in it.
+        optimizer: a ``torch.optim.Adam`` / ``AdamW`` that owns every parameter of the operator (for-loop,
+            foreach or fused implementation; ``step`` stored as a tensor or a number).
+        lookahead: build the P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = this data's
+            gradient, plus wd·θ for Adam's L2 weight decay); works before the first step (v = (1−β₂)g², t = 1).
+            Without it, P is that of the last step taken, and an optimizer with no state is an error.
+
+    Attributes: ``preconditioner`` (flat diagonal of P, in ``param_names`` order), ``inner``, ``loss``,
+    ``gradient``, ``param_names``, ``params``, ``lr`` (η₀), ``beta1`` (of the first group), ``lookahead``.
+    The optimizer's state is only read (copies), never modified.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
+                 lookahead: bool = False, **operator_options: Any) -> None:
+        opt = _require_adam(optimizer, "PreconditionedHessianOperator")
+        lr0 = _group_lr(opt.param_groups[0], 0)
+        inner = HessianOperator(model, loss_fn, data, params, **operator_options)
+        super().__init__(inner.shape[0], inner.dtype, inner.device)
+        self.inner = inner
+        self.optimizer = opt
+        self.lookahead = bool(lookahead)
+        self.param_names: list[str] = list(inner.param_names)
+        self.params: list[torch.Tensor] = list(inner.params)
+        self.loss: float = inner.loss
+        self.gradient: torch.Tensor = inner.gradient
+        self.lr = lr0
+        self.beta1 = _scalar(opt.param_groups[0]["betas"][0])
+        self.preconditioner = self._build_preconditioner(opt, lr0)
+        self._scale = self.preconditioner.rsqrt()
+
+    def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float) -> torch.Tensor:
+        owners = _owners(opt)
+        foreign = [n for n, p in zip(self.param_names, self.params) if id(p) not in owners]
+        if foreign:
+            raise ValueError(f"the optimizer does not own these parameters of the operator: {', '.join(foreign)}; "
+                             "narrow the operator with params= or pass the optimizer that trains them")
+        dtype, device = self.dtype, self.device
+        grads = self.inner.unflatten(self.gradient) if self.lookahead else [None] * len(self.params)
+        parts, no_state, zero_step = [], [], []
+        for name, p, g in zip(self.param_names, self.params, grads):
+            gi = owners[id(p)]
+            group = opt.param_groups[gi]
+            lr = _group_lr(group, gi)
+            beta1, beta2 = (_scalar(b) for b in group["betas"])
+            eps = _scalar(group["eps"])
+            amsgrad = bool(group.get("amsgrad", False))
+            state = opt.state.get(p, {})
+            has_state = "exp_avg_sq" in state and "step" in state
+
+            def read(key: str) -> torch.Tensor | None:  # a detached copy in the operator's dtype/device
+                t = state.get(key)
+                return None if t is None else t.detach().to(device=device, dtype=dtype, copy=True)
+
+            if self.lookahead:
+                wd = _scalar(group.get("weight_decay", 0.0))
+                if wd != 0 and not _is_decoupled(opt, group):
+                    g = g + wd * p.detach().to(device=device, dtype=dtype)
+                if has_state:
+                    t = _scalar(state["step"]) + 1
+                    v = beta2 * read("exp_avg_sq") + (1 - beta2) * g * g
+                else:
+                    t, v = 1.0, (1 - beta2) * g * g
+                vmax = read("max_exp_avg_sq") if amsgrad and has_state else None
+                if vmax is not None:
+                    v = torch.maximum(vmax, v)
+            else:
+                if not has_state:
+                    no_state.append(name)
+                    continue
+                t = _scalar(state["step"])
+                if t <= 0:
+                    zero_step.append(name)
+                    continue
+                v = read("max_exp_avg_sq") if amsgrad and "max_exp_avg_sq" in state else read("exp_avg_sq")
+            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            parts.append(bc1 * (v.sqrt() / math.sqrt(bc2) + eps) * (lr0 / lr))
+        if no_state or zero_step:
+            what = []
+            if no_state:
+                what.append(f"no Adam state (exp_avg_sq, step) for {', '.join(no_state)}")
+            if zero_step:
+                what.append(f"step = 0 for {', '.join(zero_step)}")
+            raise ValueError(f"the optimizer has {'; '.join(what)}: P of the last step is undefined. Take an "
+                             "optimizer step first, or pass lookahead=True for the P of the step about to be taken")
+        P = torch.cat([x.reshape(-1) for x in parts])
+        bad = ~(torch.isfinite(P) & (P > 0))
+        if bad.any():
+            names = sorted({self.param_names[i] for i in self._param_index(bad.nonzero().flatten().tolist())})
+            raise ValueError(f"the pre-conditioner is not positive and finite in {', '.join(names)} "
+                             "(eps = 0 with exp_avg_sq = 0, or a non-finite state)")
+        return P
+
+    def _param_index(self, flat_indices: Sequence[int]) -> list[int]:
+        bounds = torch.tensor([p.numel() for p in self.params]).cumsum(0)
+        return [int(torch.searchsorted(bounds, i, right=True)) for i in flat_indices]
+
+    @property
+    def method(self) -> str:
+        return self.inner.method
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.inner.flatten(tensors)
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return self.inner.unflatten(flat)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        D = self._scale[:, None]
+        return D * self.inner.matmat(D * V)
+
+
+def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
+                             solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
+                             X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = False,
+                             largest: bool = True, solver_seed: int = 0, **operator_options: Any) -> EigenResult:
+    """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
+    those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
+
+    Compare ``eigenvalues[0]`` with :func:`stability_threshold` ``(2+2β₁)/((1−β₁)η)``, or use
+    :func:`edge_ratio`. Solver options as in :func:`~curvature.sharpness`; extra keyword options go to the
+    inner :class:`HessianOperator`. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead`` and
+    ``threshold``.
+    """
+    op_kw, rest = split_operator_options(dict(operator_options))
+    if rest:
+        raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead, **op_kw)
+    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
+    res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,
+                    threshold=stability_threshold(optimizer))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
+# GI-Adam
+# ---------------------------------------------------------------------------------------------------
+def _scalar_dtype(fused: bool | None) -> torch.dtype:
+    try:
+        from torch.optim.optimizer import _get_scalar_dtype
+    except ImportError:  # pragma: no cover - other torch versions
+        return torch.float32 if fused else torch.get_default_dtype()
+    return _get_scalar_dtype(is_fused=fused)
+
+
+def _write_gi_state(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, g: torch.Tensor) -> None:
+    """The one place that writes GI-Adam's state: v₀ = g₀², m₀ = 0, step = 0, laid out exactly as the stock
+    Adam ``_init_group`` lays out a fresh state (``step`` a 0-d tensor: float32 on the parameter's device for
+    fused/capturable, else on the CPU in the default scalar dtype), so every implementation runs unchanged."""
+    if torch.is_complex(p):
+        raise TypeError("GI-Adam initialisation does not support complex parameters")
+    fused, capturable = group.get("fused"), group.get("capturable", False)
+    if fused:
+        try:
+            from torch.optim.optimizer import _device_dtype_check_for_fused
+            _device_dtype_check_for_fused(p)
+        except ImportError:  # pragma: no cover
+            pass
+    if fused or capturable:
+        step = torch.zeros((), dtype=_scalar_dtype(fused), device=p.device)
+    else:
+        step = torch.tensor(0.0, dtype=_scalar_dtype(None), device="cpu")
+    g = g.detach().to(device=p.device, dtype=p.dtype)
+    sq = torch.empty_like(p, memory_format=torch.preserve_format)
+    torch.mul(g, g, out=sq)
+    state = opt.state[p]
+    state.clear()
+    state["step"] = step
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = sq
+    if group.get("amsgrad", False):
+        state["max_exp_avg_sq"] = sq.clone(memory_format=torch.preserve_format)
+
+
+def _as_batches(batch: Any) -> list:
+    from .hvp import as_batches
+    return as_batches(batch)
+
+
+def _first_order_gradient(model: nn.Module, loss_fn: Any, batch: Any, wanted: Sequence[str],
+                          group: Any) -> tuple[float, list[torch.Tensor]]:
+    """Mean loss and ∂L/∂θ for the named parameters, by plain autograd on detached parameters and cloned buffers
+    (the values ``loss.backward()`` would leave in ``.grad`` for one batch); RNG state restored."""
+    named = dict(model.named_parameters())
+    batches = _as_batches(batch)
+    device = named[wanted[0]].device
+    total = sum(b.size for b in batches)
+    single = len(batches) == 1 and group is None
+    grads: list[torch.Tensor] = [torch.zeros_like(named[n]) for n in wanted]
+    loss_sum = 0.0
+    with frozen_rng(device), torch.enable_grad():
+        for b in batches:
+            leaves = {n: named[n].detach().requires_grad_() for n in wanted}
+            state: dict[str, torch.Tensor] = {n: p.detach() for n, p in named.items() if n not in leaves}
+            state.update({n: buf.clone() for n, buf in model.named_buffers()})
+            state.update(leaves)
+            out = functional_call(model, state, b.args, b.kwargs)
+            loss = loss_fn(out, b.targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar (mean-reduced) loss")
+            gs = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
+            loss_sum += float(loss.detach()) * b.size
+            for i, gr in enumerate(gs):
+                if gr is None:
+                    continue
+                if single:
+                    grads[i] = gr
+                else:
+                    grads[i].add_(gr, alpha=b.size)
+    if single:
+        return loss_sum / total, grads
+    count = all_reduce_sum(torch.tensor([float(total), loss_sum], dtype=torch.float64, device=device), group)
+    grads = [all_reduce_sum(gr, group) / float(count[0]) for gr in grads]
+    return float(count[1] / count[0]), grads
+
+
+def gi_adam_init(optimizer: Any, model: nn.Module, loss_fn: Any, batch: Any, *, overwrite: bool = False,
+                 distributed: bool | None = None, process_group: Any = None) -> float:
+    """GI-Adam: set v₀ = g₀² (``exp_avg_sq``), m₀ = 0 (``exp_avg``), ``step`` = 0 for every trainable parameter
+    the optimizer owns, g₀ = the gradient of the mean loss on ``batch`` (several batches: their sample-weighted
+    mean; all-reduced over ranks when ``torch.distributed`` runs >1 process). Adam's bias corrections are kept, so
+    the stock Adam/AdamW step (any implementation) runs unchanged afterwards: the first step's
+    v₁ = β₂g₀² + (1−β₂)g₁², t = 1.
+
+    g₀ is computed by plain autograd on detached copies: the model's parameters, ``.grad``, buffers
+    (BatchNorm running stats), ``training`` flags and the RNG state are untouched. With amsgrad,
+    ``max_exp_avg_sq`` = g₀² too. An optimizer that has already stepped is refused unless ``overwrite=True``.
+    Returns the mean loss on ``batch``.
+    """
+    opt = _require_adam(optimizer, "gi_adam_init()")
+    model = unwrap_model(model)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    owned = [(group, p) for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    if not owned:
+        raise ValueError("the optimizer owns no trainable parameters (requires_grad=True)")
+    outside = [tuple(p.shape) for _, p in owned if id(p) not in by_id]
+    if outside:
+        raise ValueError(f"the optimizer owns {len(outside)} trainable parameter(s) that are not in the model "
+                         f"(shapes {outside}): pass the model the optimizer trains")
+    if not overwrite:
+        stepped = [by_id[id(p)] for _, p in owned
+                   if opt.state.get(p) and "step" in opt.state[p] and _scalar(opt.state[p]["step"]) > 0]
+        if stepped:
+            raise ValueError(f"the optimizer has already taken steps for {', '.join(stepped)}: GI-Adam initialises "
+                             "a fresh optimizer (pass overwrite=True to reset its moments anyway)")
+    names = [by_id[id(p)] for _, p in owned]
+    group_pg = resolve_process_group(distributed, process_group)
+    loss, grads = _first_order_gradient(model, loss_fn, batch, names, group_pg)
+    for (group, p), g in zip(owned, grads):
+        _write_gi_state(opt, group, p, g)
+    return loss
+
+
+class GIAdam(torch.optim.Adam):
+    """Adam with GI-Adam's initialisation done lazily: at the first step of each parameter (empty state), its
+    moments are set from the gradient in ``.grad`` (v₀ = g₀², m₀ = 0, t = 0) before the stock Adam step runs.
+
+    A drop-in replacement for ``torch.optim.Adam`` (same arguments; ``decoupled_weight_decay=True`` gives
+    AdamW's decay). The first step is then v₁ = g₀², m̂₁ = g₀, i.e. an update of ≈ η·√(1−β₂)·sign(g₀): the
+    automatic warm-up factor √(1−β₂ᵗ). v₀ uses the loss gradient as it is in ``.grad`` (without L2 decay).
+    To initialise from a chosen batch instead, use :func:`gi_adam_init` on any Adam/AdamW.
+    """
+
+    @torch.no_grad()
+    def _gi_initialise(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and len(self.state[p]) == 0:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("GIAdam does not support sparse gradients")
+                    _write_gi_state(self, group, p, p.grad)
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._gi_initialise()
+        super().step()
+        return loss

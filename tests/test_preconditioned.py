@@ -1,0 +1,353 @@
+"""PreconditionedHessianOperator / preconditioned_sharpness against dense float64 references.
+
+Reference: H from central differences of gradients (``dense_hessian_fd``), P built here by hand from the
+optimizer's state dict with the formula of shared/README.md, P = (1−β₁ᵗ)·diag(√v̂ + ε), v̂ = v/(1−β₂ᵗ), each
+group's block divided by lr_g/lr_0; eigenvalues of P^{-1/2} H P^{-1/2} by ``eigvalsh``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import (DT, assert_same_state, cnn_bn_train, dense_hessian_fd, dropout_mlp, flat_grad_fn, mlp_ce,
+                      mlp_mse, partly_frozen, rel_err, snapshot)
+from curvature.optim import PreconditionedHessianOperator, preconditioned_sharpness, stability_threshold
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def train(model, loss_fn, data, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(data[0]), data[1]).backward()
+        opt.step()
+
+
+def _fused_runs_on_cpu() -> bool:
+    try:
+        p = torch.zeros(2, dtype=DT, requires_grad=True)
+        opt = torch.optim.Adam([p], fused=True)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+IMPLS = [pytest.param({"foreach": False}, id="for-loop"), pytest.param({"foreach": True}, id="foreach"),
+         pytest.param({"fused": True}, id="fused",
+                      marks=pytest.mark.skipif(not _fused_runs_on_cpu(), reason="fused Adam needs CUDA here"))]
+
+
+def group_of(opt, p):
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def hand_P(opt, model, names, lookahead=False, grad=None):
+    """P from the state dict formulas (float64), in ``names`` order; lookahead uses the flat ``grad``."""
+    named = dict(model.named_parameters())
+    lr0 = float(opt.param_groups[0]["lr"])
+    parts, offset = [], 0
+    for n in names:
+        p = named[n]
+        g = group_of(opt, p)
+        b1, b2 = (float(b) for b in g["betas"])
+        st = opt.state.get(p, {})
+        if lookahead:
+            gr = grad[offset:offset + p.numel()].view_as(p).double()
+            if g["weight_decay"] and not g.get("decoupled_weight_decay", False):
+                gr = gr + g["weight_decay"] * p.detach().double()
+            t = (float(st["step"]) if st else 0.0) + 1
+            v = (b2 * st["exp_avg_sq"].double() if st else 0.0) + (1 - b2) * gr ** 2
+            if g["amsgrad"] and st:
+                v = torch.maximum(st["max_exp_avg_sq"].double(), v)
+        else:
+            t = float(st["step"])
+            v = (st["max_exp_avg_sq"] if g["amsgrad"] else st["exp_avg_sq"]).double()
+        vhat = v / (1 - b2 ** t)
+        parts.append(((1 - b1 ** t) * (vhat.sqrt() + g["eps"]) * lr0 / float(g["lr"])).reshape(-1))
+        offset += p.numel()
+    return torch.cat(parts)
+
+
+def reference(H, P):
+    D = P.rsqrt()
+    A = D[:, None] * H * D[None, :]
+    A = 0.5 * (A + A.T)
+    return A, torch.linalg.eigvalsh(A).flip(0)
+
+
+def names_of(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def grouped_params(model, **second):
+    """Two groups: first Linear (lr 1e-2), last Linear with other lr/betas/eps."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    g2 = {"params": list(layers[-1].parameters()), "lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6}
+    g2.update(second)
+    rest = [p for p in model.parameters() if all(p is not q for q in g2["params"])]
+    return [{"params": rest}, g2]
+
+
+# --------------------------------------------------------------------------------------------------
+# against the dense reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["Adam", "AdamW", "Adam-amsgrad", "AdamW-amsgrad-wd"])
+def test_dense_reference_groups_and_implementations(kind, impl):
+    model, loss_fn, data = mlp_mse()
+    cls = torch.optim.AdamW if kind.startswith("AdamW") else torch.optim.Adam
+    kw = dict(impl, amsgrad="amsgrad" in kind, weight_decay=0.05 if "wd" in kind else 0.0)
+    opt = cls(grouped_params(model), lr=1e-2, **kw)
+    train(model, loss_fn, data, opt, 4)
+    assert isinstance(opt.state[model[0].weight]["step"], torch.Tensor)
+    names = names_of(model)
+    H = dense_hessian_fd(model, loss_fn, data, names)
+    P_ref = hand_P(opt, model, names)
+    A_ref, ev_ref = reference(H, P_ref)
+
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt)
+    assert op.param_names == names and op.shape == (H.shape[0], H.shape[0])
+    torch.testing.assert_close(op.preconditioner, P_ref, rtol=1e-12, atol=0)
+    A = op.to_dense()
+    assert rel_err(A, A_ref) < 1e-7
+    ev = torch.linalg.eigvalsh(0.5 * (A + A.T)).flip(0)
+    assert rel_err(ev[:2], ev_ref[:2]) < 1e-8
+
+    res = preconditioned_sharpness(model, loss_fn, data, opt, k=2, tol=1e-10)
+    assert res.converged
+    assert rel_err(res.eigenvalues, ev_ref[:2]) < 1e-8
+    assert res.info["loss"] == pytest.approx(float(loss_fn(model(data[0]), data[1]).detach()), rel=1e-12)
+    assert res.info["threshold"] == pytest.approx(stability_threshold(opt))
+
+
+def test_step_stored_as_number_and_lr_tensor():
+    model, loss_fn, data = mlp_ce()
+    opt = torch.optim.Adam(grouped_params(model), lr=1e-2)
+    train(model, loss_fn, data, opt, 3)
+    P_tensor_steps = PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner
+    for st in opt.state.values():  # older checkpoints stored a Python number
+        st["step"] = int(st["step"].item())
+    opt.param_groups[1]["lr"] = torch.tensor(opt.param_groups[1]["lr"], dtype=DT)
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt)
+    torch.testing.assert_close(op.preconditioner, P_tensor_steps, rtol=0, atol=0)
+    torch.testing.assert_close(op.preconditioner, hand_P(opt, model, names_of(model)), rtol=1e-12, atol=0)
+
+
+def test_group_lr_fold_makes_one_threshold():
+    """Halving a group's lr doubles its block of P: the fold keeps (2+2β₁)/((1−β₁)η₀) valid for all groups."""
+    model, loss_fn, data = mlp_mse()
+    opt = torch.optim.Adam(grouped_params(model, lr=1e-2, betas=(0.9, 0.999), eps=1e-8), lr=1e-2)
+    train(model, loss_fn, data, opt, 2)
+    P1 = PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner.clone()
+    opt.param_groups[1]["lr"] = 5e-3
+    P2 = PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner
+    n_last = sum(p.numel() for p in opt.param_groups[1]["params"])
+    torch.testing.assert_close(P2[:-n_last], P1[:-n_last], rtol=0, atol=0)
+    torch.testing.assert_close(P2[-n_last:], 2 * P1[-n_last:], rtol=1e-15, atol=0)
+
+
+def test_frozen_params_and_params_subset():
+    model, loss_fn, data = partly_frozen()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # owns the frozen ones too; they get no state
+    train(model, loss_fn, data, opt, 3)
+    names = names_of(model)
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt)
+    assert op.param_names == names and "0.weight" not in names
+    _, ev_ref = reference(dense_hessian_fd(model, loss_fn, data, names), hand_P(opt, model, names))
+    res = preconditioned_sharpness(model, loss_fn, data, opt, k=2, tol=1e-10)
+    assert rel_err(res.eigenvalues, ev_ref[:2]) < 1e-8
+
+    sub = ["4.weight", "4.bias"]
+    _, ev_sub = reference(dense_hessian_fd(model, loss_fn, data, sub), hand_P(opt, model, sub))
+    res = preconditioned_sharpness(model, loss_fn, data, opt, k=1, tol=1e-10, params=["4"])
+    assert res.info["num_params"] == 14
+    assert rel_err(res.eigenvalues, ev_sub[:1]) < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "power_iteration"])
+def test_other_solvers(solver):
+    model, loss_fn, data = mlp_ce()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, loss_fn, data, opt, 3)
+    names = names_of(model)
+    _, ev_ref = reference(dense_hessian_fd(model, loss_fn, data, names), hand_P(opt, model, names))
+    res = preconditioned_sharpness(model, loss_fn, data, opt, k=1, solver=solver, tol=1e-9, max_iters=3000)
+    if solver == "power_iteration":  # largest magnitude (here a negative eigenvalue of P⁻¹H)
+        ev_ref = ev_ref[ev_ref.abs().argmax()].reshape(1)
+    assert rel_err(res.eigenvalues, ev_ref[:1]) < 1e-7
+
+
+def test_float32_model_analysed_in_float64():
+    model, loss_fn, data = mlp_mse()
+    model = model.float()
+    data32 = (data[0].float(), data[1].float())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, loss_fn, data32, opt, 3)
+    op = PreconditionedHessianOperator(model, loss_fn, data32, opt, dtype=torch.float64)
+    assert op.dtype == torch.float64 and op.preconditioner.dtype == torch.float64
+    m64 = copy.deepcopy(model).double()
+    names = names_of(model)
+    P = hand_P(opt, model, names)
+    torch.testing.assert_close(op.preconditioner, P, rtol=1e-12, atol=0)
+    # reference: the float32 point and data, exactly representable in float64
+    m64_data = (data32[0].double(), data32[1].double())
+    _, ev_ref = reference(dense_hessian_fd(m64, loss_fn, m64_data, names), P)
+    res = preconditioned_sharpness(model, loss_fn, data32, opt, k=2, tol=1e-10, dtype=torch.float64)
+    assert rel_err(res.eigenvalues, ev_ref[:2]) < 1e-7
+
+
+# --------------------------------------------------------------------------------------------------
+# lookahead
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["Adam", "AdamW-wd", "Adam-L2wd-amsgrad"])
+def test_lookahead_by_hand_and_equals_the_next_step(kind, impl):
+    model, loss_fn, data = mlp_mse()
+    cls = torch.optim.AdamW if kind.startswith("AdamW") else torch.optim.Adam
+    opt = cls(grouped_params(model), lr=1e-2, amsgrad="amsgrad" in kind,
+              weight_decay=0.1 if "wd" in kind else 0.0, **impl)
+    train(model, loss_fn, data, opt, 3)
+    names = names_of(model)
+    grad_fn, theta = flat_grad_fn(model, loss_fn, data, names)
+    g = grad_fn(theta)
+    P_ref = hand_P(opt, model, names, lookahead=True, grad=g)
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=True)
+    torch.testing.assert_close(op.gradient, g, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(op.preconditioner, P_ref, rtol=1e-12, atol=0)
+    _, ev_ref = reference(dense_hessian_fd(model, loss_fn, data, names), P_ref)
+    res = preconditioned_sharpness(model, loss_fn, data, opt, k=2, tol=1e-10, lookahead=True)
+    assert rel_err(res.eigenvalues, ev_ref[:2]) < 1e-8
+    # the P of the step about to be taken is the P stored once that step is taken (same batch)
+    train(model, loss_fn, data, opt, 1)
+    after = PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner
+    torch.testing.assert_close(after, op.preconditioner, rtol=1e-11, atol=0)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_lookahead_before_the_first_step(cls):
+    model, loss_fn, data = mlp_ce()
+    opt = cls(grouped_params(model), lr=1e-2)
+    assert not opt.state
+    names = names_of(model)
+    grad_fn, theta = flat_grad_fn(model, loss_fn, data, names)
+    g = grad_fn(theta)
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=True)
+    # v = (1−β₂)g², t = 1  ⇒  v̂ = g²,  P = (1−β₁)(|g| + ε)·lr0/lr_g
+    b1 = torch.cat([torch.full((p.numel(),), group_of(opt, p)["betas"][0], dtype=DT) for p in model.parameters()])
+    eps = torch.cat([torch.full((p.numel(),), group_of(opt, p)["eps"], dtype=DT) for p in model.parameters()])
+    fold = torch.cat([torch.full((p.numel(),), 1e-2 / group_of(opt, p)["lr"], dtype=DT) for p in model.parameters()])
+    torch.testing.assert_close(op.preconditioner, (1 - b1) * (g.abs() + eps) * fold, rtol=1e-10, atol=0)
+    torch.testing.assert_close(op.preconditioner, hand_P(opt, model, names, True, g), rtol=1e-12, atol=0)
+    assert not opt.state  # reading state created none
+    _, ev_ref = reference(dense_hessian_fd(model, loss_fn, data, names), op.preconditioner)
+    res = preconditioned_sharpness(model, loss_fn, data, opt, k=2, tol=1e-10, lookahead=True)
+    assert rel_err(res.eigenvalues, ev_ref[:2]) < 1e-8
+    # and it equals the stored P after the first step
+    train(model, loss_fn, data, opt, 1)
+    torch.testing.assert_close(PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner,
+                               op.preconditioner, rtol=1e-11, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# nothing changes
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("factory", [dropout_mlp, cnn_bn_train], ids=["dropout", "bn-train"])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_state_untouched(factory, lookahead):
+    model, loss_fn, data = factory()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)
+    train(model, loss_fn, data, opt, 2)
+    opt.zero_grad()
+    loss_fn(model(data[0]), data[1]).backward()  # leave live .grad around
+    before = snapshot(model, opt)
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=lookahead)
+    op.matmat(torch.randn(op.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(0)))
+    preconditioned_sharpness(model, loss_fn, data, opt, k=2, tol=1e-6, lookahead=lookahead)
+    stability_threshold(opt)
+    assert_same_state(before, model, opt)
+
+
+def test_operator_protocol():
+    model, loss_fn, data = mlp_mse()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, loss_fn, data, opt, 2)
+    op = PreconditionedHessianOperator(model, loss_fn, data, opt)
+    n = op.shape[0]
+    V = torch.randn(n, 4, dtype=DT, generator=torch.Generator().manual_seed(1))
+    AV = op.matmat(V)
+    torch.testing.assert_close(op @ V[:, 0], AV[:, 0], rtol=1e-12, atol=1e-12)
+    assert op.num_hvps == 5
+    D = op.preconditioner.rsqrt()
+    torch.testing.assert_close(AV, D[:, None] * (op.inner @ (D[:, None] * V)), rtol=1e-12, atol=1e-12)
+    assert op.loss == op.inner.loss and op.gradient is op.inner.gradient
+    assert op.lr == 1e-2 and op.beta1 == 0.9
+    import numpy as np
+    x = np.random.default_rng(0).standard_normal(n)
+    np.testing.assert_allclose(op.to_scipy() @ x, op.matvec(torch.from_numpy(x)).numpy(), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+def test_errors():
+    model, loss_fn, data = mlp_mse()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"supports torch\.optim\.Adam and torch\.optim\.AdamW.*got SGD"):
+        PreconditionedHessianOperator(model, loss_fn, data, sgd)
+    with pytest.raises(TypeError, match=r"supports torch\.optim\.Adam and torch\.optim\.AdamW.*got SGD"):
+        preconditioned_sharpness(model, loss_fn, data, sgd)
+
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"no Adam state .*0\.weight.*Take an optimizer step first, or pass "
+                                         r"lookahead=True"):
+        PreconditionedHessianOperator(model, loss_fn, data, fresh)
+
+    only_last = torch.optim.Adam(model[2].parameters(), lr=1e-2)
+    train(model, loss_fn, data, only_last, 1)
+    with pytest.raises(ValueError, match=r"does not own these parameters of the operator: 0\.weight, 0\.bias"):
+        PreconditionedHessianOperator(model, loss_fn, data, only_last)
+    PreconditionedHessianOperator(model, loss_fn, data, only_last, params=["2"])  # narrowed: fine
+
+    partial = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2)
+    model[2].weight.grad = None
+    model.zero_grad(set_to_none=True)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[0].bias.grad = torch.ones_like(model[0].bias)
+    partial.step()  # only the first layer has state now
+    with pytest.raises(ValueError, match=r"no Adam state \(exp_avg_sq, step\) for 2\.weight, 2\.bias"):
+        PreconditionedHessianOperator(model, loss_fn, data, partial)
+
+    zero = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for p in model.parameters():  # initialised but never stepped (as after gi_adam_init)
+        zero.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.ones_like(p))
+    with pytest.raises(ValueError, match=r"step = 0 for 0\.weight.*pass lookahead=True"):
+        PreconditionedHessianOperator(model, loss_fn, data, zero)
+
+    opt = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}],
+                           lr=1e-2)
+    train(model, loss_fn, data, opt, 1)
+    with pytest.raises(ValueError, match=r"learning rate of parameter group 1 is 0\.0.*lr > 0"):
+        PreconditionedHessianOperator(model, loss_fn, data, opt)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"learning rate of parameter group 0 is -1\.0"):
+        PreconditionedHessianOperator(model, loss_fn, data, opt)
+
+    no_eps = torch.optim.Adam(model.parameters(), lr=1e-2, eps=0.0)
+    train(model, loss_fn, data, no_eps, 1)
+    with torch.no_grad():
+        no_eps.state[model[2].bias]["exp_avg_sq"].zero_()
+    with pytest.raises(ValueError, match=r"not positive and finite in 2\.bias"):
+        PreconditionedHessianOperator(model, loss_fn, data, no_eps)
+
+    good = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, loss_fn, data, good, 1)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments: \['tolerance'\]"):
+        preconditioned_sharpness(model, loss_fn, data, good, tolerance=1e-3)
+    with pytest.raises(ValueError, match=r"solver must be one of"):
+        preconditioned_sharpness(model, loss_fn, data, good, solver="arnoldi")
