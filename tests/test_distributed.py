@@ -178,6 +178,8 @@ def test_optional_modules_were_covered(dist_results):
                    "(see the distributed report).")
 def test_nonfinite_shard_fails_on_every_rank_without_waiting(tmp_path):
     outs = _spawn(tmp_path, timeout=60, fn=W.run_nonfinite)
-    for rank, out in enumerate(outs):
-        assert out["outcome"][0] == "FloatingPointError", f"rank {rank}: {out['outcome']}"
-        assert out["seconds"] < 5, f"rank {rank} waited {out['seconds']:.1f} s"
+    assert outs[1]["outcome"][0] == "FloatingPointError"  # the rank whose shard has the NaN
+    for rank, out in enumerate(outs):  # every rank raises at once, with our error, not a transport failure
+        kind, message = out["outcome"]
+        assert kind != "ok" and "gloo" not in message and "Connection closed" not in message, (rank, kind, message)
+        assert out["seconds"] < 2, f"rank {rank} waited {out['seconds']:.1f} s"
