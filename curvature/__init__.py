@@ -13,6 +13,18 @@ from .solvers import EigenResult, lanczos, lanczos_tridiagonal, lobpcg, power_it
 # diagnostics
 from .diagnostics import HVPCheck, check_hvp, sharpness
 
+# optimizer-aware curvature
+from .optim import (
+    GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, is_adam_like, preconditioned_sharpness,
+    stability_threshold,
+)
+
+# trace, spectral density, per-layer curvature
+from .spectrum import (
+    LayerCurvature, SpectralDensity, TraceEstimate, exact_trace, hessian_spectral_density, hessian_trace,
+    hutchinson_trace, hutchpp_trace, layer_curvature, spectral_density,
+)
+
 # warm-up
 from .warmup import (
     CatapultWarmup, Constant, CosineDecay, CriticalLR, Decay, ExponentialWarmup, LambdaFactor, LinearWarmup,
@@ -29,6 +41,12 @@ __all__ = [
     "EigenResult", "lobpcg", "lanczos", "lanczos_tridiagonal", "power_iteration",
     # diagnostics
     "sharpness", "check_hvp", "HVPCheck",
+    # optimizer-aware curvature
+    "PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
+    "is_adam_like", "gi_adam_init", "GIAdam",
+    # spectrum
+    "hessian_trace", "hutchinson_trace", "hutchpp_trace", "exact_trace", "TraceEstimate",
+    "hessian_spectral_density", "spectral_density", "SpectralDensity", "layer_curvature", "LayerCurvature",
     # warm-up
     "Schedule", "Constant", "LinearWarmup", "ExponentialWarmup", "Decay", "CosineDecay", "WarmupStableDecay",
     "CatapultWarmup", "SequentialSchedule", "LambdaFactor", "join", "warmup_cosine",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_process_group", "all_reduce_sum", "world_size"]
+__all__ = ["resolve_process_group", "all_reduce_sum", "world_size", "collective_device"]
 
 
 def resolve_process_group(distributed: bool | None, process_group: Any = None) -> Any | None:
@@ -44,3 +44,12 @@ def all_reduce_sum(t: torch.Tensor, group: Any | None) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def collective_device(group: Any | None, preferred: torch.device | None = None) -> torch.device:
+    """Where a small tensor for a collective must live: ``preferred`` if given, else CUDA for NCCL, else CPU."""
+    if preferred is not None:
+        return preferred
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

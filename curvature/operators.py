@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import all_reduce_sum, resolve_process_group
+from .distributed import all_reduce_sum, collective_device, resolve_process_group
 from .hvp import HVPEngine
 
 __all__ = ["LinearOperator", "MatrixOperator", "HessianOperator"]
@@ -139,9 +139,24 @@ class HessianOperator(LinearOperator):
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
                  cache_graph: bool = True, distributed: bool | None = None, process_group: Any = None) -> None:
         group = resolve_process_group(distributed, process_group)
-        self.engine = HVPEngine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
-                                seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
-                                cache_graph=cache_graph, allow_empty=group is not None)
+        error: Exception | None = None
+        try:
+            self.engine = HVPEngine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
+                                    seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
+                                    cache_graph=cache_graph, allow_empty=group is not None)
+        except Exception as exc:  # raising alone would leave the other ranks waiting in the all-reduce below
+            if group is None:
+                raise
+            error = exc
+        # One collective carries the sample count and whether any rank failed, so all ranks raise together.
+        status = torch.tensor([0.0 if error else float(self.engine.num_samples), 1.0 if error else 0.0],
+                              dtype=torch.float64, device=collective_device(group, None if error else self.engine.device))
+        all_reduce_sum(status, group)
+        if error is not None:
+            raise error
+        if status[1].item() > 0:
+            raise RuntimeError(f"{int(status[1].item())} other rank(s) failed to build the Hessian operator "
+                               "(non-finite loss/gradient or bad data on their shard; see their error)")
         e = self.engine
         super().__init__(e.numel(), e.dtype, e.device)
         self.process_group = group
@@ -149,8 +164,7 @@ class HessianOperator(LinearOperator):
         self.params: list[torch.Tensor] = list(e.params)
         self.param_shapes: list[torch.Size] = list(e.shapes)
         self._numels = [math.prod(s) for s in e.shapes]
-        counts = torch.tensor([float(e.num_samples)], dtype=torch.float64, device=e.device)
-        self.num_samples = int(all_reduce_sum(counts, group).item())
+        self.num_samples = int(status[0].item())
         if self.num_samples == 0:
             raise ValueError("data is empty on every rank: no samples to take curvature over")
         loss = all_reduce_sum(e.loss_sum.clone().reshape(1), group)

@@ -21,6 +21,10 @@ from torch.func import functional_call
 
 DT = torch.float64
 
+# The test models are tiny: one thread is faster than two fighting over 2 cores (and than BLAS threads
+# oversubscribing a loaded machine), and results are bitwise reproducible.
+torch.set_num_threads(1)
+
 
 def _batches(data):
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple | list) or (

@@ -172,10 +172,6 @@ def test_optional_modules_were_covered(dist_results):
         pytest.skip(f"not in this tree yet, so not tested distributed: {missing}")
 
 
-@pytest.mark.xfail(strict=True, reason="core: HessianOperator checks the loss/gradient for NaN on the local shard "
-                   "and raises before the sample-count all-reduce, so the other ranks wait in that all-reduce "
-                   "until the process-group timeout (default 30 min). Fix: agree on errors collectively "
-                   "(see the distributed report).")
 def test_nonfinite_shard_fails_on_every_rank_without_waiting(tmp_path):
     outs = _spawn(tmp_path, timeout=60, fn=W.run_nonfinite)
     assert outs[1]["outcome"][0] == "FloatingPointError"  # the rank whose shard has the NaN
