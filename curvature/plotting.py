@@ -1,0 +1,262 @@
+"""Figures of tracker rows: sharpness against its stability threshold, and top-k spectra over training.
+
+matplotlib is imported only inside these functions (nothing else in ``curvature`` imports it); with no display
+(no ``DISPLAY``/``MPLBACKEND``) the non-interactive Agg backend is selected before pyplot is first imported.
+
+Rows may come straight from :attr:`~curvature.tracking.SharpnessTracker.history`, or be read back from a CSV /
+JSON-lines sink (strings, empty cells, ``None``, ``"nan"``): every value is parsed the same way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["plot_sharpness", "plot_spectrum"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND") and (
+            sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _num(value: Any) -> float | None:
+    """A finite-or-NaN float from a row value (number, numeric string, empty/None → None)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensor / numpy scalar
+        return float(value.item())
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text.lower() in ("none", "null"):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None
+
+
+def _list(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text.lower() in ("none", "null"):
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return None
+    out = [_num(v) for v in value]
+    return [math.nan if v is None else v for v in out]
+
+
+def _rows(rows: Any) -> list[Mapping]:
+    """Rows as a list of mappings: a list of dicts, a pandas DataFrame, or a path to a CSV / JSON-lines file."""
+    if isinstance(rows, (str, os.PathLike)):
+        from .tracking import read_rows
+
+        return read_rows(rows)
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas DataFrame
+        return rows.to_dict("records")
+    return [r for r in rows if isinstance(r, Mapping)]
+
+
+def _series(rows: Sequence[Mapping], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows where both are numbers; step defaults to the row's index."""
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        x = _num(row.get("step"))
+        y = _num(row.get(key))
+        if y is None or (not math.isfinite(y)):
+            continue
+        xs.append(float(i) if x is None else x)
+        ys.append(y)
+    return xs, ys
+
+
+def _positive(ys: Iterable[float]) -> bool:
+    return any(y > 0 for y in ys)
+
+
+def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = None, title: str | None = None,
+                   *, show_loss: bool = True, dpi: int = 120) -> Any:
+    """Sharpness against its stability threshold over training.
+
+    Top panel (log scale): λ_max(H) and, when the rows have it (Adam/AdamW), λ_max(P⁻¹H); the threshold
+    (``row["threshold"]``: 2/η for SGD, (2+2μ)/η with momentum, 38/η for Adam with β₁ = 0.9) drawn dashed in the
+    colour of the quantity it bounds (λ^{P⁻¹H} for Adam, λ^H otherwise); the learning rate on a twin axis.
+    Bottom panel: the loss on the measured data. Rows with an ``error`` are drawn as gaps (their values are skipped
+    when missing).
+
+    Args:
+        rows: tracker rows (``tracker.history``), a DataFrame, or a CSV / JSON-lines path written by a sink.
+        path: save a PNG there (parent folders are created).
+        ax: draw the sharpness panel into this axes (no loss panel then); default: a new figure.
+        title: figure title.
+
+    Returns the matplotlib ``Figure``.
+    """
+    plt = _pyplot()
+    rows = _rows(rows)
+    if ax is None:
+        if show_loss:
+            fig, (ax, ax_loss) = plt.subplots(2, 1, sharex=True, figsize=(7.5, 6.0),
+                                              gridspec_kw={"height_ratios": [2.2, 1.0]})
+        else:
+            fig, ax = plt.subplots(figsize=(7.5, 4.2))
+            ax_loss = None
+    else:
+        fig, ax_loss = ax.figure, None
+
+    has_pre = any(_num(r.get("preconditioned_sharpness")) is not None for r in rows)
+    c_h, c_p, c_lr, c_loss = "tab:blue", "tab:red", "tab:gray", "tab:green"
+    drawn: list[float] = []
+    xs, ys = _series(rows, "sharpness")
+    if ys:
+        ax.plot(xs, ys, "-o", color=c_h, ms=3, lw=1.4, label=r"$\lambda_{\max}(H)$")
+        drawn += ys
+    xt, yt = _series(rows, "threshold")
+    if has_pre:
+        xp, yp = _series(rows, "preconditioned_sharpness")
+        ax.plot(xp, yp, "-s", color=c_p, ms=3, lw=1.4, label=r"$\lambda_{\max}(P^{-1}H)$")
+        drawn += yp
+        if yt:
+            ax.plot(xt, yt, "--", color=c_p, lw=1.2, label=r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$")
+    elif yt:
+        ax.plot(xt, yt, "--", color=c_h, lw=1.2, label=r"stability threshold ($2/\eta$ for SGD)")
+    drawn += yt
+    if _positive(drawn) and all(y > 0 for y in drawn):
+        ax.set_yscale("log")
+    ax.set_ylabel("sharpness")
+    ax.grid(True, which="both", alpha=0.3)
+
+    handles, labels = ax.get_legend_handles_labels()
+    xl, yl = _series(rows, "lr")
+    if yl:
+        ax_lr = ax.twinx()
+        ax_lr.plot(xl, yl, ":", color=c_lr, lw=1.2, label=r"learning rate $\eta$")
+        ax_lr.set_ylabel("learning rate", color=c_lr)
+        ax_lr.tick_params(axis="y", colors=c_lr)
+        if all(y > 0 for y in yl) and max(yl) / min(yl) > 20:
+            ax_lr.set_yscale("log")
+        h2, l2 = ax_lr.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    errors = [_num(r.get("step")) for r in rows if r.get("error") not in (None, "")]
+    errors = [e for e in errors if e is not None]
+    if errors:
+        for e in errors:
+            ax.axvline(e, color="black", alpha=0.25, lw=0.8)
+        handles.append(plt.Line2D([], [], color="black", alpha=0.4, lw=0.8))
+        labels.append("failed measurement")
+    if handles:
+        ax.legend(handles, labels, loc="best", fontsize=8)
+    if not rows or not (ys or yt):
+        ax.text(0.5, 0.5, "no sharpness values", ha="center", va="center", transform=ax.transAxes)
+
+    if ax_loss is not None:
+        xo, yo = _series(rows, "loss")
+        ax_loss.plot(xo, yo, "-", color=c_loss, lw=1.4)
+        if yo and all(y > 0 for y in yo) and max(yo) / min(yo) > 50:
+            ax_loss.set_yscale("log")
+        ax_loss.set_ylabel("loss (probe)")
+        ax_loss.set_xlabel("step")
+        ax_loss.grid(True, alpha=0.3)
+    else:
+        ax.set_xlabel("step")
+    if title:
+        if ax_loss is not None or len(fig.axes) <= 2:
+            fig.suptitle(title)
+        else:
+            ax.set_title(title)
+    fig.tight_layout()
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_spectrum(rows_or_eigenvalues: Any, path: str | os.PathLike | None = None, ax: Any = None,
+                  title: str | None = None, *, key: str = "eigenvalues", steps: Sequence[float] | None = None,
+                  log: bool | None = None, dpi: int = 120) -> Any:
+    """The top-k eigenvalues against step (one line per index i = 1..k).
+
+    ``rows_or_eigenvalues``: tracker rows (uses ``row[key]``, ``key="preconditioned_eigenvalues"`` for P⁻¹H), a
+    DataFrame or CSV/JSON-lines path, or a plain sequence of eigenvalue lists / a 2-D array ``(steps, k)`` (then
+    ``steps`` gives the x values, default 0, 1, ...). ``log``: log scale (default: when every value is positive).
+    Saves a PNG at ``path`` when given; returns the ``Figure``.
+    """
+    plt = _pyplot()
+    data = rows_or_eigenvalues
+    if hasattr(data, "tolist") and not hasattr(data, "columns"):
+        data = data.tolist()
+    xs: list[float] = []
+    series: list[list[float]] = []
+    is_rows = isinstance(data, (str, os.PathLike)) or hasattr(data, "columns") or (
+        isinstance(data, (list, tuple)) and data and isinstance(data[0], Mapping))
+    if is_rows:
+        rows = _rows(data)
+        for i, row in enumerate(rows):
+            vals = _list(row.get(key))
+            if vals is None and key == "eigenvalues":
+                one = _num(row.get("sharpness"))
+                vals = None if one is None else [one]
+            if not vals:
+                continue
+            step = _num(row.get("step"))
+            xs.append(float(i) if step is None else step)
+            series.append(vals)
+    else:
+        for i, vals in enumerate(data):
+            vals = _list(vals)
+            if not vals:
+                continue
+            xs.append(float(steps[i]) if steps is not None else float(i))
+            series.append(vals)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    else:
+        fig = ax.figure
+    k = max((len(v) for v in series), default=0)
+    cmap = plt.get_cmap("viridis")
+    flat = [v for vals in series for v in vals if math.isfinite(v)]
+    for i in range(k):
+        px = [x for x, vals in zip(xs, series) if len(vals) > i and math.isfinite(vals[i])]
+        py = [vals[i] for vals in series if len(vals) > i and math.isfinite(vals[i])]
+        ax.plot(px, py, "-o", ms=2.5, lw=1.2, color=cmap(i / max(k - 1, 1)), label=rf"$\lambda_{{{i + 1}}}$")
+    if log is None:
+        log = bool(flat) and all(v > 0 for v in flat)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eigenvalue" + (" of $P^{-1}H$" if key.startswith("preconditioned") else " of $H$"))
+    ax.grid(True, which="both", alpha=0.3)
+    if k:
+        ax.legend(fontsize=8, ncol=min(k, 5), loc="best")
+    else:
+        ax.text(0.5, 0.5, "no eigenvalues", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig

@@ -1,0 +1,642 @@
+"""Sharpness during training: :class:`SharpnessTracker` and the sinks its rows go to.
+
+A tracker measures, every ``every`` steps, the top Hessian eigenvalue λ_max(H) of the loss at the model's current
+parameters (and, for Adam/AdamW, the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
+stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement::
+
+    tracker = SharpnessTracker(F.cross_entropy, every=50, sinks=["sharpness.csv"])
+    for i, (x, y) in enumerate(loader):
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        tracker.step(model, optimizer, (x, y), step=i)   # before optimizer.step(): measures θ_i, on (x, y)
+        optimizer.step()
+
+**When it measures** (the default, ``when="before_step"``): call :meth:`SharpnessTracker.step` after the
+backward pass and *before* ``optimizer.step()``, with the batch of this step. The row at ``step=i`` then
+describes the parameters θ_i that update i starts from (i updates applied so far), the loss landscape of the
+batch that update uses, and the learning rate that update uses: ``lr·λ`` is what decides whether *this* step is
+stable. This is the paper's per-step measurement (Kalra & Barkeshli, arXiv 2406.09405: sharpness on the current
+training mini-batch). ``when="after_step"`` documents (and, in the framework callbacks, selects) a call after
+``optimizer.step()``: the row then describes θ_{i+1}. The tracker itself cannot see where it is called from; the
+``when`` value is written into every row so a reader knows.
+
+For Adam/AdamW the pre-conditioner P is read from the optimizer's state, i.e. the P of the last step taken
+(``lookahead="auto"``); before the first step there is no state, and the tracker then builds the P of the step
+about to be taken from the probe batch's gradient (``lookahead=True`` in
+:func:`~curvature.optim.preconditioned_sharpness`), so the very first row is defined too.
+
+**Never hurts training.** Nothing the tracker does changes parameters, ``.grad``, buffers, optimizer state,
+``model.training`` or the global RNG state: a run with a tracker attached is bit-identical to the same run
+without it. A failed measurement (NaN loss, no convergence, an exception in a sink) gives a warning and a row
+with an ``error`` field, and training goes on; ``on_error="raise"`` raises instead.
+
+**Warm start.** The eigenvectors of the last measurement (of H and of P^{-1/2}HP^{-1/2}, separately) start the next
+LOBPCG solve (``X0=``). Between nearby steps they are close to the new ones, so a tracked step costs a fraction
+of the Hessian-vector products of a cold start (see ``docs`` / the tests for measured numbers). When a warm
+start does not converge, the tracker retries once from a random start.
+
+Rows (``tracker.history``, the CSV / JSON-lines columns, TensorBoard tags) carry the keys of :data:`ROW_KEYS`.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._exact import frozen_rng, unwrap_model
+from .diagnostics import OPERATOR_OPTIONS, SOLVERS, sharpness
+from .optim import edge_ratio, is_adam_like, preconditioned_sharpness, stability_threshold
+
+__all__ = ["SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
+           "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows"]
+
+log = logging.getLogger("curvature.tracking")
+
+#: The keys of every tracker row, in column order (the API contract's keys first).
+ROW_KEYS: tuple[str, ...] = (
+    "step",                       # the step label passed to tracker.step (or the tracker's own call counter)
+    "lr",                         # optimizer.param_groups[0]["lr"] at the time of measurement
+    "loss",                       # mean loss at the measured parameters, on the probe data
+    "sharpness",                  # λ_max(H)
+    "preconditioned_sharpness",   # λ_max(P⁻¹H) for Adam/AdamW, else None
+    "threshold",                  # stability_threshold(optimizer): 2/η (SGD), (2+2μ)/η, (2+2β₁)/((1−β₁)η) (Adam)
+    "edge_ratio",                 # λ / threshold (λ^{P⁻¹H} for Adam): 1.0 = edge of stability
+    "num_hvps",                   # Hessian-vector products spent on this row (H and P⁻¹H, retries included)
+    "seconds",                    # wall time of the measurement
+    "converged",                  # every solve reached tol
+    "eigenvalues",                # top-k eigenvalues of H (list)
+    "preconditioned_eigenvalues",  # top-k of P⁻¹H (list) or None
+    "residual",                   # largest relative residual ‖Hv − λv‖/|λ| of the H solve
+    "preconditioned_residual",    # same for P⁻¹H
+    "preconditioned_num_hvps",    # the part of num_hvps spent on P⁻¹H
+    "warm_start",                 # the accepted H solve started from the previous eigenvectors
+    "lookahead",                  # P was built for the step about to be taken (Adam before its first step)
+    "optimizer",                  # optimizer class name
+    "when",                       # "before_step" or "after_step"
+    "error",                      # None, or why the measurement failed / did not converge
+)
+
+_LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
+_INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps")
+_BOOL_KEYS = ("converged", "warm_start", "lookahead")
+_STR_KEYS = ("optimizer", "when", "error")
+#: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
+SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
+               "seconds", "residual")
+
+
+class TrackingError(RuntimeError):
+    """A measurement failed (or did not converge) and the tracker was built with ``on_error="raise"``."""
+
+
+class TrackingWarning(RuntimeWarning):
+    """A measurement failed; training goes on (``on_error="warn"``)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss adapters
+# ---------------------------------------------------------------------------------------------------
+def model_output_loss(outputs: Any, targets: Any = None) -> torch.Tensor:
+    """``loss_fn`` for models that compute their own loss (Hugging Face models given ``labels``): returns
+    ``outputs.loss`` (or ``outputs["loss"]``, or the first element of a tuple). Batches are then
+    ``(inputs_dict, None)``; :class:`SharpnessTracker` with ``loss_fn=None`` does this wrapping itself."""
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    if loss is None and isinstance(outputs, (tuple, list)) and outputs:
+        loss = outputs[0]
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError("loss_fn=None uses the model's own loss, but the model's output has no `loss` "
+                         "(pass the labels in the batch, e.g. {'input_ids': ..., 'labels': ...}, or give a loss_fn)")
+    return loss
+
+
+def _own_loss_batch(batch: Any) -> Any:
+    """A dict batch (keyword inputs with labels) → ``(batch, None)``; anything else unchanged."""
+    if isinstance(batch, dict):
+        return ({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, None)
+    if hasattr(batch, "keys") and hasattr(batch, "__getitem__") and not isinstance(batch, (tuple, list)):
+        return ({k: batch[k] for k in batch.keys() if isinstance(batch[k], torch.Tensor)}, None)  # BatchEncoding
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Row formatting shared by the file sinks and read_rows
+# ---------------------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy: tensors → lists/floats, non-finite floats → their string ("nan", "inf")."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _csv_cell(value: Any) -> Any:
+    value = _plain(value)
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return value
+
+
+def _parse_value(key: str, value: Any) -> Any:
+    """One value read back from CSV text (or JSON) → its Python type (None for empty cells)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text == "" or text.lower() in ("none", "null"):
+        return None
+    if key in _STR_KEYS or key == "file":
+        return value
+    if key in _BOOL_KEYS:
+        return text.lower() in ("true", "1", "yes")
+    if key in _LIST_KEYS:
+        with contextlib.suppress(ValueError):
+            return [float(v) for v in json.loads(text)]
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return value
+    if key in _INT_KEYS and math.isfinite(number) and number == int(number):
+        return int(number)
+    return number
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows written by a :class:`CSVSink` or :class:`JSONLinesSink` (``.jsonl``/``.json``/``.ndjson``), parsed
+    back into Python values (numbers, bools, lists, ``None`` for empty cells)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    rows: list[dict] = []
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                raw = json.loads(line)
+                rows.append({k: _parse_value(k, v) for k, v in raw.items()})
+        return rows
+    with path.open(newline="") as f:
+        for raw in csv.DictReader(f):
+            rows.append({k: _parse_value(k, v) for k, v in raw.items() if k is not None})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sinks: each is a callable(row) with an optional close()
+# ---------------------------------------------------------------------------------------------------
+class _FileSink:
+    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
+        self.path = Path(path)
+        self.append = append
+        self._file: Any = None
+
+    def _open(self) -> Any:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            exists = self.path.exists() and self.path.stat().st_size > 0
+            self._file = self.path.open("a" if self.append else "w", newline="")
+            self._fresh = not (self.append and exists)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+class CSVSink(_FileSink):
+    """Rows to a CSV file (header = :data:`ROW_KEYS` plus any extra keys of the first row), flushed per row.
+    Lists (``eigenvalues``) are written as JSON text, ``None`` as an empty cell. ``append=True`` keeps an
+    existing file's rows (and its header)."""
+
+    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
+        super().__init__(path, append)
+        self.columns: list[str] | None = None
+
+    def __call__(self, row: dict) -> None:
+        f = self._open()
+        if self.columns is None:
+            if not self._fresh:
+                with self.path.open(newline="") as r:
+                    self.columns = next(csv.reader(r), None)
+            if not self.columns:
+                self.columns = list(ROW_KEYS) + [k for k in row if k not in ROW_KEYS]
+            self._writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if self._fresh:
+                self._writer.writeheader()
+        self._writer.writerow({k: _csv_cell(row.get(k)) for k in self.columns})
+        f.flush()
+
+
+class JSONLinesSink(_FileSink):
+    """Rows to a JSON-lines file (one object per row, the row's keys), flushed per row. Non-finite floats are
+    written as strings (``"nan"``), since JSON has no NaN."""
+
+    def __call__(self, row: dict) -> None:
+        f = self._open()
+        f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+        f.flush()
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard: ``{prefix}{key}`` for the numeric keys of a row (and ``{prefix}eigenvalue_i`` /
+    ``{prefix}preconditioned_eigenvalue_i`` when k > 1), at global step ``row["step"]``.
+
+    ``target`` is a log directory (a ``torch.utils.tensorboard.SummaryWriter`` is made on first use and closed by
+    :meth:`close`) or an existing writer (left open: its owner closes it)."""
+
+    def __init__(self, target: Any, prefix: str = "curvature/") -> None:
+        self.prefix = prefix
+        if isinstance(target, (str, os.PathLike)):
+            self.log_dir, self.writer, self._own = str(target), None, True
+        else:
+            self.log_dir, self.writer, self._own = None, target, False
+
+    def __call__(self, row: dict) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        step = row.get("step")
+        for key in SCALAR_KEYS:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(self.prefix + key, float(value), step)
+        for key, tag in (("eigenvalues", "eigenvalue_"), ("preconditioned_eigenvalues", "preconditioned_eigenvalue_")):
+            values = row.get(key) or []
+            if len(values) > 1:
+                for i, value in enumerate(values):
+                    self.writer.add_scalar(f"{self.prefix}{tag}{i}", float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None and self._own:
+            self.writer.close()
+            self.writer = None
+
+
+class LoggingSink:
+    """One line per row to a ``logging.Logger`` (default ``curvature.tracking``) at ``level`` (INFO)."""
+
+    def __init__(self, logger: logging.Logger | str | None = None, level: int = logging.INFO) -> None:
+        self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger or log.name)
+        self.level = level
+
+    def __call__(self, row: dict) -> None:
+        self.logger.log(self.level, format_row(row))
+
+
+class CallableSink:
+    """Any ``callable(row)`` as a sink."""
+
+    def __init__(self, fn: Callable[[dict], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, row: dict) -> None:
+        self.fn(row)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "—" if value is None else (format(value, spec) if isinstance(value, (int, float)) else str(value))
+
+
+def format_row(row: dict) -> str:
+    """A one-line human summary of a row (what :class:`LoggingSink` writes)."""
+    parts = [f"step {row.get('step')}: λ_max(H)={_fmt(row.get('sharpness'))}"]
+    if row.get("preconditioned_sharpness") is not None:
+        parts.append(f"λ_max(P⁻¹H)={_fmt(row.get('preconditioned_sharpness'))}")
+    parts.append(f"threshold={_fmt(row.get('threshold'))}")
+    parts.append(f"edge_ratio={_fmt(row.get('edge_ratio'), '.3f')}")
+    parts.append(f"lr={_fmt(row.get('lr'))} loss={_fmt(row.get('loss'))}")
+    parts.append(f"hvps={row.get('num_hvps')} {_fmt(row.get('seconds'), '.3f')}s")
+    if row.get("error"):
+        parts.append(f"ERROR: {row['error']}")
+    return ", ".join(parts)
+
+
+def make_sink(spec: Any) -> Callable[[dict], Any]:
+    """A sink from a short spec: a path ending in ``.csv`` → :class:`CSVSink`, ``.jsonl``/``.json``/``.ndjson`` →
+    :class:`JSONLinesSink`; a ``logging.Logger`` → :class:`LoggingSink`; a ``SummaryWriter`` (anything with
+    ``add_scalar``) → :class:`TensorBoardSink`; any other callable is used as it is."""
+    if isinstance(spec, (str, os.PathLike)):
+        suffix = Path(spec).suffix.lower()
+        if suffix == ".csv":
+            return CSVSink(spec)
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return JSONLinesSink(spec)
+        raise ValueError(f"a sink path must end in .csv or .jsonl/.json/.ndjson, got {str(spec)!r} "
+                         "(use TensorBoardSink(log_dir) for TensorBoard)")
+    if isinstance(spec, logging.Logger):
+        return LoggingSink(spec)
+    if hasattr(spec, "add_scalar") and not isinstance(spec, (CSVSink, JSONLinesSink, TensorBoardSink)):
+        return TensorBoardSink(spec)
+    if callable(spec):
+        return spec
+    raise TypeError(f"cannot use {type(spec).__name__} as a sink: give a .csv/.jsonl path, a logging.Logger, a "
+                    "SummaryWriter or a callable(row)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tracker
+# ---------------------------------------------------------------------------------------------------
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside framework wrappers: Lightning's ``LightningOptimizer`` (``._optimizer``) and
+    accelerate's ``AcceleratedOptimizer`` (``.optimizer``; it subclasses ``torch.optim.Optimizer`` itself)."""
+    for _ in range(4):
+        inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _finite(values: Sequence[float]) -> bool:
+    return all(isinstance(v, float) and math.isfinite(v) for v in values)
+
+
+def _has_adam_state(optimizer: torch.optim.Optimizer) -> bool:
+    return any("exp_avg_sq" in optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"])
+
+
+class SharpnessTracker:
+    """Measure sharpness every ``every`` steps of a training loop (framework-free).
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean-reduced). ``None``: the model computes its own loss
+            (Hugging Face models with ``labels`` in the batch): dict batches are passed as keyword inputs and
+            ``outputs.loss`` is used (:func:`model_output_loss`).
+        every: measure when ``step % every == 0``; other calls are a cheap no-op returning ``None``.
+        k: number of top eigenvalues (``row["eigenvalues"]``; ``row["sharpness"]`` is the first).
+        solver, tol, max_iters: as for :func:`~curvature.sharpness` (``tol`` bounds ‖Hv − λv‖/|λ|).
+        probe: data to measure on. ``None`` (default): the batch passed to :meth:`step` (the current training
+            batch). Otherwise a fixed batch ``(inputs, targets)`` or an iterable of batches (list, DataLoader: the
+            Hessian of their sample-weighted mean loss, read at every measurement).
+        when: ``"before_step"`` (default: call :meth:`step` after ``backward()``, before ``optimizer.step()``) or
+            ``"after_step"``; recorded in each row and used by the framework callbacks to pick their hook.
+        warm_start: start each solve from the previous measurement's eigenvectors.
+        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
+            ``False`` never.
+        lookahead: ``"auto"`` (P of the last step taken; the P of the step about to be taken while Adam has no state
+            yet), or ``True``/``False`` to force (see :func:`~curvature.optim.preconditioned_sharpness`).
+        sinks: where rows go besides ``history``: paths (``.csv``, ``.jsonl``), a ``logging.Logger``, a TensorBoard
+            ``SummaryWriter``, sink objects (:class:`CSVSink`, :class:`TensorBoardSink`, ...) or any callable(row).
+        on_error: ``"warn"`` (a failed measurement gives a :class:`TrackingWarning` and a row with ``error``) or
+            ``"raise"`` (:class:`TrackingError`, after the row is written).
+        retry_cold: when a warm-started solve does not converge, retry once from a random start.
+        batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
+        keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
+        solver_seed: seed of the solver's random start vectors.
+        **operator_options: passed to the operator (``method``, ``dtype``, ``device``, ``max_batch_size``,
+            ``params``, ``distributed``, ...).
+    """
+
+    def __init__(self, loss_fn: Callable | None, every: int = 50, k: int = 1, solver: str = "lobpcg",
+                 tol: float = 1e-4, max_iters: int | None = None, probe: Any = None, when: str = "before_step",
+                 warm_start: bool = True, preconditioned: bool | str = "auto", sinks: Iterable[Any] = (),
+                 on_error: str = "warn", *, lookahead: bool | str = "auto", retry_cold: bool = True,
+                 batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
+                 solver_seed: int = 0, **operator_options: Any) -> None:
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+        if when not in ("before_step", "after_step"):
+            raise ValueError(f"when must be 'before_step' or 'after_step', got {when!r}")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if preconditioned not in ("auto", True, False):
+            raise ValueError(f"preconditioned must be 'auto', True or False, got {preconditioned!r}")
+        if lookahead not in ("auto", True, False):
+            raise ValueError(f"lookahead must be 'auto', True or False, got {lookahead!r}")
+        unknown = sorted(set(operator_options) - set(OPERATOR_OPTIONS) - {"params"})
+        if unknown:
+            raise TypeError(f"SharpnessTracker() got unexpected keyword arguments: {unknown}")
+        self.own_loss = loss_fn is None
+        self.loss_fn = model_output_loss if loss_fn is None else loss_fn
+        self.every = int(every)
+        self.k = int(k)
+        self.solver = solver
+        self.tol = float(tol)
+        self.max_iters = max_iters
+        self.probe = probe
+        self.when = when
+        self.warm_start = bool(warm_start)
+        self.preconditioned = preconditioned
+        self.lookahead = lookahead
+        self.on_error = on_error
+        self.retry_cold = bool(retry_cold)
+        self.batch_transform = batch_transform
+        self.keep_history = bool(keep_history)
+        self.solver_seed = int(solver_seed)
+        self.operator_options = dict(operator_options)
+        self.sinks: list[Callable[[dict], Any]] = [make_sink(s) for s in sinks]
+        self.history: list[dict] = []
+        self.last: dict | None = None
+        self._calls = 0
+        self._X_h: torch.Tensor | None = None
+        self._X_p: torch.Tensor | None = None
+        self._signature_seen: tuple | None = None
+
+    # -- public ---------------------------------------------------------------------------------------
+    def should_measure(self, step: int) -> bool:
+        """``step % every == 0``."""
+        return int(step) % self.every == 0
+
+    def step(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None
+             ) -> dict | None:
+        """Measure if ``step % every == 0`` and return the row, else return ``None`` at once.
+
+        ``step`` defaults to the number of earlier calls (0, 1, 2, ...). ``batch`` is the current training batch
+        (measured on unless a ``probe`` was given). Call it before ``optimizer.step()`` (``when="before_step"``,
+        the default) — see the module docs for what a row then describes.
+        """
+        if step is None:
+            step = self._calls
+        self._calls += 1
+        if not self.should_measure(step):
+            return None
+        return self.measure(model, optimizer, batch, step)
+
+    def measure(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None) -> dict:
+        """Measure now (whatever ``every`` says), emit the row to the sinks and return it."""
+        row = self._measure(model, optimizer, batch, self._calls if step is None else int(step))
+        self._emit(row)
+        if row.get("error") and self.on_error == "raise":
+            raise TrackingError(f"sharpness measurement at step {row['step']} failed: {row['error']}")
+        return row
+
+    def reset(self) -> None:
+        """Forget the warm-start vectors (the next measurement starts cold)."""
+        self._X_h = self._X_p = None
+
+    def to_dataframe(self) -> Any:
+        """``history`` as a ``pandas.DataFrame`` (columns in :data:`ROW_KEYS` order); needs pandas."""
+        import pandas as pd
+
+        extra = [k for row in self.history for k in row if k not in ROW_KEYS]
+        columns = list(ROW_KEYS) + list(dict.fromkeys(extra))
+        return pd.DataFrame(self.history, columns=columns)
+
+    def close(self) -> None:
+        """Close file and TensorBoard sinks (rows are already flushed; this releases the handles)."""
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+
+    def __enter__(self) -> SharpnessTracker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"SharpnessTracker(every={self.every}, k={self.k}, solver={self.solver!r}, tol={self.tol:g}, "
+                f"when={self.when!r}, warm_start={self.warm_start}, rows={len(self.history)})")
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _data(self, batch: Any) -> Any:
+        data = self.probe if self.probe is not None else batch
+        if data is None:
+            raise ValueError("no data to measure on: pass the current batch to tracker.step(model, optimizer, "
+                             "batch) or give the tracker a probe=")
+        if self.batch_transform is not None:
+            data = self.batch_transform(data)
+        if self.own_loss:
+            data = _own_loss_batch(data)
+        return data
+
+    def _solve(self, fn: Callable[..., Any], X0: torch.Tensor | None) -> tuple[Any, int, bool]:
+        """One solve, warm-started from X0 when usable; a cold retry when the warm one does not converge.
+        Returns (result, hvps spent, whether the accepted result was warm-started)."""
+        common = dict(k=self.k, solver=self.solver, tol=self.tol, max_iters=self.max_iters,
+                      solver_seed=self.solver_seed, **self.operator_options)
+        warm = self.warm_start and X0 is not None
+        try:
+            res = fn(X0=X0 if warm else None, **common)
+        except ValueError as exc:  # X0 no longer fits (the parameters changed): start cold
+            if not warm or "X0" not in str(exc):
+                raise
+            res, warm = fn(X0=None, **common), False
+        hvps = int(res.num_hvps)
+        if warm and not res.converged and self.retry_cold:
+            cold = fn(X0=None, **common)
+            hvps += int(cold.num_hvps)
+            if cold.converged or float(cold.residuals.max()) < float(res.residuals.max()):
+                res, warm = cold, False
+        return res, hvps, warm
+
+    def _measure(self, model: torch.nn.Module, optimizer: Any, batch: Any, step: int) -> dict:
+        t0 = time.perf_counter()
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        row.update(step=step, num_hvps=0, converged=False, when=self.when)
+        opt = _unwrap_optimizer(optimizer)
+        row["optimizer"] = type(opt).__name__ if opt is not None else None
+        problems: list[str] = []
+        try:
+            net = unwrap_model(model)
+            signature = self._signature(net)
+            if signature != self._signature_seen:
+                self.reset()
+                self._signature_seen = signature
+            if opt is not None:
+                row["lr"] = float(opt.param_groups[0]["lr"])
+                with contextlib.suppress(TypeError, ValueError):
+                    row["threshold"] = float(stability_threshold(opt))
+            device = next(iter(net.parameters()), torch.empty(0)).device
+            with frozen_rng(device), torch.enable_grad():
+                data = self._data(batch)
+                res, hvps, warm = self._solve(lambda **kw: sharpness(net, self.loss_fn, data, **kw), self._X_h)
+                row["num_hvps"] += hvps
+                values = [float(v) for v in res.eigenvalues]
+                row.update(sharpness=values[0], eigenvalues=values, loss=float(res.info.get("loss", math.nan)),
+                           residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged))
+                if not _finite(values):
+                    self._X_h = None
+                    raise FloatingPointError(f"non-finite eigenvalues {values}")
+                self._X_h = res.eigenvectors.detach().clone()
+                if not res.converged:
+                    problems.append(f"λ_max(H) did not converge (residual {row['residual']:.2e} > tol {self.tol:g})")
+
+                # lr = 0 (e.g. the first step of a warm-up from 0): no threshold, and P⁻¹H's lr fold is undefined
+                if opt is not None and row["lr"] and row["lr"] > 0 and self._wants_preconditioned(opt):
+                    lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
+                    row["lookahead"] = bool(lookahead)
+                    pres, phvps, _ = self._solve(
+                        lambda **kw: preconditioned_sharpness(net, self.loss_fn, data, opt, lookahead=lookahead, **kw),
+                        self._X_p)
+                    row["num_hvps"] += phvps
+                    row["preconditioned_num_hvps"] = phvps
+                    pvalues = [float(v) for v in pres.eigenvalues]
+                    row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
+                               preconditioned_residual=float(pres.residuals.max()))
+                    row["converged"] = row["converged"] and bool(pres.converged)
+                    if not _finite(pvalues):
+                        self._X_p = None
+                        raise FloatingPointError(f"non-finite pre-conditioned eigenvalues {pvalues}")
+                    self._X_p = pres.eigenvectors.detach().clone()
+                    if not pres.converged:
+                        problems.append(f"λ_max(P⁻¹H) did not converge (residual "
+                                        f"{row['preconditioned_residual']:.2e} > tol {self.tol:g})")
+            top = row["preconditioned_sharpness"] if row["preconditioned_sharpness"] is not None else row["sharpness"]
+            if row["threshold"] is not None and top is not None:
+                row["edge_ratio"] = float(edge_ratio(opt, top))
+        except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            problems.insert(0, msg)
+            row["converged"] = False
+            log.debug("measurement at step %s failed", step, exc_info=True)
+        row["seconds"] = time.perf_counter() - t0
+        if problems:
+            row["error"] = "; ".join(problems)
+            if self.on_error == "warn":
+                warnings.warn(f"curvature: sharpness measurement at step {step} failed ({row['error']}); "
+                              "training continues", TrackingWarning, stacklevel=4)
+        return row
+
+    @staticmethod
+    def _signature(net: torch.nn.Module) -> tuple:
+        """Which parameters the operator runs over; warm-start vectors are kept only while it is the same."""
+        return tuple((id(p), tuple(p.shape), p.requires_grad) for p in net.parameters())
+
+    def _wants_preconditioned(self, opt: Any) -> bool:
+        if self.preconditioned == "auto":
+            return is_adam_like(opt)
+        if self.preconditioned and not is_adam_like(opt):
+            raise TypeError(f"preconditioned=True needs torch.optim.Adam/AdamW, got {type(opt).__name__}")
+        return bool(self.preconditioned)
+
+    def _emit(self, row: dict) -> None:
+        self.last = row
+        if self.keep_history:
+            self.history.append(row)
+        for sink in self.sinks:
+            try:
+                sink(row)
+            except Exception as exc:  # noqa: BLE001
+                if self.on_error == "raise":
+                    raise
+                warnings.warn(f"curvature: tracker sink {sink!r} failed ({type(exc).__name__}: {exc}); "
+                              "training continues", TrackingWarning, stacklevel=4)
