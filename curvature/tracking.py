@@ -31,9 +31,12 @@ without it. A failed measurement (NaN loss, no convergence, an exception in a si
 with an ``error`` field, and training goes on; ``on_error="raise"`` raises instead.
 
 **Warm start.** The eigenvectors of the last measurement (of H and of P^{-1/2}HP^{-1/2}, separately) start the next
-LOBPCG solve (``X0=``). Between nearby steps they are close to the new ones, so a tracked step costs a fraction
-of the Hessian-vector products of a cold start (see ``docs`` / the tests for measured numbers). When a warm
-start does not converge, the tracker retries once from a random start.
+LOBPCG solve (``X0=``). The saving depends on how much the top eigenvectors move between measurements: on a fixed
+``probe`` batch with a separated top eigenvalue (every step, k=1, tol 1e-4) a tracked step costs about a third of
+a cold start (measured 12.1 → 4.2 HVPs for SGD, 12.6 → 3.5 for λ(H) under Adam, 13.3 → 7.7 for λ(P⁻¹H)); on the
+current mini-batch the batch-to-batch noise moves them more (about 0.7–0.9 of cold; k=3 every 10 steps on
+digits: 0.7). Use a fixed ``probe`` when the cost matters. When a warm start does not converge, the tracker
+retries once from a random start.
 
 Rows (``tracker.history``, the CSV / JSON-lines columns, TensorBoard tags) carry the keys of :data:`ROW_KEYS`.
 """
