@@ -122,14 +122,19 @@ class ComparisonResult:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, path: str | os.PathLike | None = None, title: str | None = None, seed: int | None = None) -> Any:
+    def plot(self, path: str | os.PathLike | None = None, title: str | None = None, seed: int | None = None,
+             axes: Sequence[Any] | None = None) -> Any:
         """Loss, sharpness λ (λ_max(P⁻¹H) for Adam) and lr against the step, one line per schedule (one seed:
-        the first unless given); a cross marks a divergence. Saves to ``path`` when given; returns the figure."""
+        the first unless given); a cross marks a divergence. ``axes``: three matplotlib axes to draw on (default:
+        a new figure). Saves to ``path`` when given; returns the figure."""
         import matplotlib.pyplot as plt
 
         seeds = sorted({s for _, s in self.curves})
         seed = seeds[0] if seed is None and seeds else seed
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        if axes is None:
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        else:
+            fig = axes[0].figure
         adam = self.config.get("preconditioned", False)
         cmap = plt.get_cmap("tab10")
         for i, (name, s) in enumerate(k for k in self.curves if k[1] == seed):
@@ -159,7 +164,7 @@ class ComparisonResult:
         for ax in axes:
             ax.grid(alpha=0.3)
         if title:
-            fig.suptitle(title)
+            axes[0].set_title(f"{title}\nloss", fontsize=9)
         fig.tight_layout()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
