@@ -16,7 +16,14 @@ from .diagnostics import HVPCheck, check_hvp, sharpness
 # optimizer-aware curvature
 from .optim import (
     GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, is_adam_like, preconditioned_sharpness,
-    stability_threshold,
+    stability_threshold, unwrap_optimizer,
+)
+
+# training callbacks and plots (matplotlib, TensorBoard, Lightning, transformers are imported lazily)
+from .plotting import plot_sharpness, plot_spectrum
+from .tracking import (
+    ROW_KEYS, CallableSink, CSVSink, JSONLinesSink, LoggingSink, SharpnessTracker, TensorBoardSink, TrackingError,
+    TrackingWarning, model_output_loss, read_rows,
 )
 
 # trace, spectral density, per-layer curvature
@@ -27,10 +34,13 @@ from .spectrum import (
 
 # warm-up
 from .warmup import (
-    CatapultWarmup, Constant, CosineDecay, CriticalLR, Decay, ExponentialWarmup, LambdaFactor, LinearWarmup,
+    CatapultWarmup, Constant, CosineDecay, CriticalLR, CurvatureAwareWarmup, Decay, ExponentialWarmup, LambdaFactor, LinearWarmup,
     LossAdaptiveWarmup, PersistentCatapultWarmup, Schedule, SequentialSchedule, WarmupStableDecay,
     catapult_warmup, find_critical_lr, join, loss_adaptive_lr, warmup_cosine,
 )
+
+# schedule comparison harness
+from .compare import ComparisonResult, compare_schedules, find_required_warmup
 
 __version__ = "0.1.0"
 
@@ -43,7 +53,11 @@ __all__ = [
     "sharpness", "check_hvp", "HVPCheck",
     # optimizer-aware curvature
     "PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
-    "is_adam_like", "gi_adam_init", "GIAdam",
+    "is_adam_like", "gi_adam_init", "GIAdam", "unwrap_optimizer",
+    # tracking and plots
+    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
+    "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
+    "plot_sharpness", "plot_spectrum",
     # spectrum
     "hessian_trace", "hutchinson_trace", "hutchpp_trace", "exact_trace", "TraceEstimate",
     "hessian_spectral_density", "spectral_density", "SpectralDensity", "layer_curvature", "LayerCurvature",
@@ -51,5 +65,7 @@ __all__ = [
     "Schedule", "Constant", "LinearWarmup", "ExponentialWarmup", "Decay", "CosineDecay", "WarmupStableDecay",
     "CatapultWarmup", "SequentialSchedule", "LambdaFactor", "join", "warmup_cosine",
     "CriticalLR", "find_critical_lr", "catapult_warmup", "PersistentCatapultWarmup",
-    "LossAdaptiveWarmup", "loss_adaptive_lr",
+    "LossAdaptiveWarmup", "loss_adaptive_lr", "CurvatureAwareWarmup",
+    # schedule comparison
+    "compare_schedules", "ComparisonResult", "find_required_warmup",
 ]

@@ -72,14 +72,15 @@ _ADAM_SUPPORTED = "torch.optim.Adam and torch.optim.AdamW (and their subclasses,
 # ---------------------------------------------------------------------------------------------------
 # Reading optimizers
 # ---------------------------------------------------------------------------------------------------
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """Framework wrappers (Lightning's ``LightningOptimizer``, accelerate's ``AcceleratedOptimizer``) hold the
-    torch optimizer in ``._optimizer`` / ``.optimizer``."""
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside framework wrappers: Lightning's ``LightningOptimizer`` (``._optimizer``) and
+    accelerate's ``AcceleratedOptimizer`` (``.optimizer``; it subclasses ``torch.optim.Optimizer`` itself, so
+    the wrapper is looked through even when it is an Optimizer)."""
     for _ in range(4):
-        if isinstance(optimizer, torch.optim.Optimizer):
-            return optimizer
-        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
-        if inner is None:
+        inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
             break
         optimizer = inner
     return optimizer
@@ -87,7 +88,7 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
 
 def is_adam_like(optimizer: Any) -> bool:
     """True for ``torch.optim.Adam`` / ``AdamW`` (any implementation: for-loop, foreach, fused) and subclasses."""
-    return isinstance(_unwrap_optimizer(optimizer), (torch.optim.Adam, torch.optim.AdamW))
+    return isinstance(unwrap_optimizer(optimizer), (torch.optim.Adam, torch.optim.AdamW))
 
 
 def _scalar(x: Any) -> float:
@@ -113,7 +114,7 @@ def stability_threshold(optimizer: Any) -> float:
     η is ``optimizer.param_groups[0]["lr"]`` as it is now (after any scheduler), β₁/μ/d from that group.
     Derivations in the module docstring.
     """
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(f"stability_threshold() supports {_SUPPORTED}; got {type(opt).__name__}")
     group = opt.param_groups[0]
@@ -155,7 +156,7 @@ def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
 
 
 def _require_adam(optimizer: Any, what: str) -> torch.optim.Optimizer:
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(f"{what} supports {_ADAM_SUPPORTED}; got {type(opt).__name__}")
     return opt

@@ -58,7 +58,7 @@ import torch
 
 from ._exact import frozen_rng, unwrap_model
 from .diagnostics import OPERATOR_OPTIONS, SOLVERS, sharpness
-from .optim import edge_ratio, is_adam_like, preconditioned_sharpness, stability_threshold
+from .optim import edge_ratio, is_adam_like, preconditioned_sharpness, stability_threshold, unwrap_optimizer
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
            "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows"]
@@ -361,19 +361,6 @@ def make_sink(spec: Any) -> Callable[[dict], Any]:
 # ---------------------------------------------------------------------------------------------------
 # The tracker
 # ---------------------------------------------------------------------------------------------------
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside framework wrappers: Lightning's ``LightningOptimizer`` (``._optimizer``) and
-    accelerate's ``AcceleratedOptimizer`` (``.optimizer``; it subclasses ``torch.optim.Optimizer`` itself)."""
-    for _ in range(4):
-        inner = getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
-
-
 def _finite(values: Sequence[float]) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
 
@@ -555,7 +542,7 @@ class SharpnessTracker:
         t0 = time.perf_counter()
         row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
         row.update(step=step, num_hvps=0, converged=False, when=self.when)
-        opt = _unwrap_optimizer(optimizer)
+        opt = unwrap_optimizer(optimizer)
         row["optimizer"] = type(opt).__name__ if opt is not None else None
         problems: list[str] = []
         try:

@@ -6,9 +6,11 @@
   ``PersistentCatapultWarmup``.
 * :mod:`.adaptive` — ``LossAdaptiveWarmup`` (Alimisis, Islamov & Lucchi, arXiv 2510.03164).
 
-This layer uses only torch.
+Schedules, the catapult search and the loss-adaptive warm-up use only torch; the curvature-aware warm-up
+(:mod:`.feedback`) measures with :mod:`curvature.tracking`.
 """
 from .adaptive import LossAdaptiveWarmup, loss_adaptive_lr
+from .feedback import CurvatureAwareWarmup, threshold_numerator
 from .catapult import CriticalLR, PersistentCatapultWarmup, catapult_warmup, find_critical_lr
 from .schedules import (
     CatapultWarmup,
@@ -44,6 +46,9 @@ __all__ = [
     "find_critical_lr",
     "catapult_warmup",
     "PersistentCatapultWarmup",
+    # curvature feedback
+    "CurvatureAwareWarmup",
+    "threshold_numerator",
     # loss-adaptive
     "LossAdaptiveWarmup",
     "loss_adaptive_lr",

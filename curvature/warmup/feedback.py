@@ -59,6 +59,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..optim import stability_threshold, unwrap_optimizer
+
 __all__ = ["CurvatureAwareWarmup", "ACTIONS", "lightning_callback", "hf_callback"]
 
 #: The decisions the controller logs.
@@ -74,17 +76,6 @@ def _value(loss: Any) -> float | None:
     if isinstance(loss, torch.Tensor):
         return float(loss.detach().reshape(-1)[0]) if loss.numel() else None
     return float(loss)
-
-
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    for _ in range(4):
-        if isinstance(optimizer, torch.optim.Optimizer):
-            return optimizer
-        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
-        if inner is None:
-            break
-        optimizer = inner
-    return optimizer
 
 
 def _group_lr(group: dict) -> float:
@@ -103,9 +94,7 @@ def threshold_numerator(optimizer: Any) -> float:
     """``c = η·stability_threshold(optimizer)``: 2 (SGD), ``(2+2μ)/(1−d)`` (momentum), ``(2+2β₁)/(1−β₁)`` (Adam).
 
     Independent of η; read with the first group's lr set to 1 for a moment (and restored)."""
-    from ..optim import stability_threshold
-
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     group = opt.param_groups[0]
     old = _group_lr(group)
     _set_lr(group, 1.0)
@@ -184,7 +173,7 @@ class CurvatureAwareWarmup:
         self.lr_init = None if lr_init is None else float(lr_init)
         self.loss_ema = float(loss_ema)
         self.watch_after_done = bool(watch_after_done)
-        opt = _unwrap_optimizer(optimizer)
+        opt = unwrap_optimizer(optimizer)
         ref = _group_lr(opt.param_groups[0])
         self.ratios = [1.0 if ref == 0 else _group_lr(g) / ref for g in opt.param_groups]
         self.numerator = threshold_numerator(opt)
@@ -233,12 +222,12 @@ class CurvatureAwareWarmup:
         # 2. measure when due
         due = (self.last_measure_step is None or self.measure_next or t - self.last_measure_step >= self.every)
         if not due:
-            return self.lr if self.lr is not None else _group_lr(_unwrap_optimizer(self.optimizer).param_groups[0])
+            return self.lr if self.lr is not None else _group_lr(unwrap_optimizer(self.optimizer).param_groups[0])
         return self._measure_and_decide(t, value, batch)
 
     def get_last_lr(self) -> list[float]:
         """The current lr of every group (like PyTorch schedulers)."""
-        return [_group_lr(g) for g in _unwrap_optimizer(self.optimizer).param_groups]
+        return [_group_lr(g) for g in unwrap_optimizer(self.optimizer).param_groups]
 
     @property
     def decisions(self) -> list[dict[str, Any]]:
@@ -269,11 +258,11 @@ class CurvatureAwareWarmup:
     # -- internals ------------------------------------------------------------------------------------
     def _apply(self, lr: float) -> None:
         self.lr = float(lr)
-        for g, r in zip(_unwrap_optimizer(self.optimizer).param_groups, self.ratios):
+        for g, r in zip(unwrap_optimizer(self.optimizer).param_groups, self.ratios):
             _set_lr(g, self.lr * r)
 
     def _current_lr(self) -> float:
-        return self.lr if self.lr is not None else _group_lr(_unwrap_optimizer(self.optimizer).param_groups[0])
+        return self.lr if self.lr is not None else _group_lr(unwrap_optimizer(self.optimizer).param_groups[0])
 
     def _is_spike(self, value: float, t: int) -> bool:
         if not math.isfinite(value):
@@ -336,7 +325,7 @@ class CurvatureAwareWarmup:
             self._log(t, value, row, prev, prev, "hold", f"no usable measurement ({row.get('error')})")
             return prev
         lam = float(lam)
-        opt = _unwrap_optimizer(self.optimizer)
+        opt = unwrap_optimizer(self.optimizer)
         if isinstance(opt, torch.optim.SGD):  # L2 weight decay: SGD sees H + wd·I
             lam += float(opt.param_groups[0].get("weight_decay", 0.0) or 0.0)
         self.last_lambda = lam
