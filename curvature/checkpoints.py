@@ -56,6 +56,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 #: JSON lists in CSV).
 ROW_COLUMNS: tuple[str, ...] = ("file",) + tuple(k for k in ROW_KEYS if k != "when")
 
+# Files that training frameworks write next to the weights (Hugging Face Trainer folders): skipped in directories.
+_NOT_MODEL_FILES = ("optimizer.", "scheduler.", "rng_state", "training_args.", "scaler.")
 _MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module", "net", "network", "model_state")
 _OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states", "optim", "optimizer_state", "opt")
 _STEP_KEYS = ("step", "global_step", "iteration", "iter", "steps")
@@ -208,7 +210,8 @@ def step_from_name(path: str | os.PathLike) -> int | None:
 
 def find_checkpoints(paths_or_dir: Any, recursive: bool = False) -> list[Path]:
     """Checkpoint files named by a directory, a file, or a list of them (directories expanded to the files
-    ending in :data:`CHECKPOINT_SUFFIXES`). Raises :class:`CheckpointError` for a missing path or when no
+    ending in :data:`CHECKPOINT_SUFFIXES`, sub-folders too with ``recursive=True``; a Hugging Face Trainer's
+    ``optimizer.pt`` / ``scheduler.pt`` / ``rng_state*.pth`` / ``training_args.bin`` are skipped). Raises :class:`CheckpointError` for a missing path or when no
     checkpoint file is found."""
     items = [paths_or_dir] if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
     if not items:
@@ -218,8 +221,8 @@ def find_checkpoints(paths_or_dir: Any, recursive: bool = False) -> list[Path]:
         p = Path(item).expanduser()
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found = sorted((f for f in p.glob(pattern) if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES)),
-                           key=_natural_key)
+            found = sorted((f for f in p.glob(pattern) if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES)
+                            and not f.name.startswith(_NOT_MODEL_FILES)), key=_natural_key)
             if not found:
                 others = sorted(f.name for f in p.iterdir())[:8]
                 seen = f" (it holds: {', '.join(others)}{', ...' if len(others) == 8 else ''})" if others else \
@@ -732,7 +735,6 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
                 sink.rewrite(done)  # rows that failed before are retried
             files = [f for f in files if not any(_same_file(str(r["file"]), f) for r in done)]
         elif previous:
-            sink.rewrite([])
             out_path.write_text("")
 
     # Order by step (read from each checkpoint; file name as fallback), then natural order of names.
