@@ -39,6 +39,9 @@ from .warmup import (
     catapult_warmup, find_critical_lr, join, loss_adaptive_lr, warmup_cosine,
 )
 
+# offline analysis of checkpoints
+from .checkpoints import Checkpoint, CheckpointError, UnsafeCheckpointError, analyze_checkpoints, load_checkpoint
+
 # schedule comparison harness
 from .compare import ComparisonResult, compare_schedules, find_required_warmup
 
@@ -66,6 +69,8 @@ __all__ = [
     "CatapultWarmup", "SequentialSchedule", "LambdaFactor", "join", "warmup_cosine",
     "CriticalLR", "find_critical_lr", "catapult_warmup", "PersistentCatapultWarmup",
     "LossAdaptiveWarmup", "loss_adaptive_lr", "CurvatureAwareWarmup",
+    # offline analysis
+    "analyze_checkpoints", "load_checkpoint", "Checkpoint", "CheckpointError", "UnsafeCheckpointError",
     # schedule comparison
     "compare_schedules", "ComparisonResult", "find_required_warmup",
 ]

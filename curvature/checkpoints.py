@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tracking import ROW_KEYS, _parse_value
+from .tracking import ROW_KEYS, is_json_lines, read_rows
 
 __all__ = ["analyze_checkpoints", "load_checkpoint", "find_checkpoints", "fit_state_dict", "import_object",
            "resolve_loss", "read_rows", "format_rows", "step_from_name", "infer_optimizer_class", "Checkpoint",
@@ -143,7 +143,7 @@ def resolve_loss(loss: Any) -> Callable:
     raise CheckpointError(f"loss_fn must be callable or a name, got {type(loss).__name__}")
 
 
-def _resolve_model_factory(model_factory: Any) -> Callable[[], nn.Module]:
+def resolve_model_factory(model_factory: Any) -> Callable[[], nn.Module]:
     if isinstance(model_factory, str):
         spec = model_factory
         model_factory = import_object(spec, "--model")
@@ -158,7 +158,7 @@ def _resolve_model_factory(model_factory: Any) -> Callable[[], nn.Module]:
     return model_factory
 
 
-def _build_model(factory: Callable[[], nn.Module]) -> nn.Module:
+def build_model(factory: Callable[[], nn.Module]) -> nn.Module:
     name = getattr(factory, "__qualname__", repr(factory))
     model = factory()
     if not isinstance(model, nn.Module):
@@ -167,7 +167,7 @@ def _build_model(factory: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-def _resolve_data(data: Any) -> Any:
+def resolve_data(data: Any) -> Any:
     if isinstance(data, str):
         spec = data
         data = import_object(spec, "--data")
@@ -538,37 +538,12 @@ def _restore_optimizer(model: nn.Module, opt_state: dict, optimizer_factory: Cal
 # ---------------------------------------------------------------------------------------------------
 # Output sinks (CSV / JSON lines), resume
 # ---------------------------------------------------------------------------------------------------
-def _is_jsonl(path: Path, json_lines: bool | None) -> bool:
-    if json_lines is not None:
-        return bool(json_lines)
-    return path.suffix.lower() in (".jsonl", ".json", ".ndjson")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def read_rows(path: str | os.PathLike, json_lines: bool | None = None) -> list[dict]:
-    """Rows written by :func:`analyze_checkpoints` (or a tracker sink) back from CSV / JSON lines."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return []
-    rows = []
-    if _is_jsonl(path, json_lines):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                with contextlib.suppress(json.JSONDecodeError):
-                    raw = json.loads(line)
-                    rows.append({k: _parse_value(k, v) for k, v in raw.items()})
-        return rows
-    with path.open(newline="") as f:
-        for raw in csv.DictReader(f):
-            rows.append({k: _parse_value(k, v) for k, v in raw.items() if k is not None})
-    return rows
 
 
 class _RowSink:
@@ -708,12 +683,12 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
     from .diagnostics import sharpness
 
     files = find_checkpoints(paths_or_dir, recursive=recursive)
-    factory = _resolve_model_factory(model_factory)
+    factory = resolve_model_factory(model_factory)
     loss_fn = resolve_loss(loss_fn)
     if isinstance(optimizer_factory, str):
         optimizer_factory = import_object(optimizer_factory, "--optimizer")
-    data = _resolve_data(data)
-    model = _build_model(factory)
+    data = resolve_data(data)
+    model = build_model(factory)
     if device is not None:
         model = model.to(device)
 
@@ -721,8 +696,8 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
     done: list[dict] = []
     if out is not None:
         out_path = Path(out)
-        jl = _is_jsonl(out_path, json_lines)
-        previous = read_rows(out_path, jl) if out_path.exists() else []
+        jl = is_json_lines(out_path, json_lines)
+        previous = read_rows(out_path, jl, missing_ok=True)
         columns = list(ROW_COLUMNS)
         if previous and not jl:
             with out_path.open(newline="") as f:

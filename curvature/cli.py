@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="commands:\n"
                "  demo        train a small MLP on scikit-learn's digits and watch it reach the edge of stability\n"
                "  analyze     sharpness of every checkpoint in a folder, offline (CSV / JSON lines, plot)\n"
-               "  check-hvp   verify Hessian-vector products on your model against finite differences\n\n"
+               "  check-hvp   verify Hessian-vector products on your model against finite differences\n"
+               "  compare     compare warm-up schedules (digits FCN with SGD, byte-level LM with Adam)\n\n"
                "examples:\n"
                "  curvature demo --out demo-out\n"
                "  curvature analyze demo-out/checkpoints --model curvature.demo:digits_model \\\n"
                "      --data curvature.demo:digits_data --loss mse --out results.csv --plot sharpness.png\n"
-               "  curvature check-hvp --model mypkg.models:build --data mypkg.data:one_batch\n\n"
+               "  curvature check-hvp --model mypkg.models:build --data mypkg.data:one_batch\n"
+               "  curvature compare --setup digits --out compare-out\n\n"
                "Run 'curvature COMMAND --help' for the options of a command.")
     _add_debug(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -172,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest relative error accepted (default: 1e-5 in float64)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     _add_debug(check)
+    # -- compare (schedule-comparison harness) -------------------------------------------------------
+    from .compare import add_compare_subcommand
+
+    add_compare_subcommand(sub)
     return parser
 
 
@@ -268,16 +274,16 @@ def _check_device(device: str) -> None:
 
 
 def _cmd_check_hvp(args: argparse.Namespace) -> int:
-    from .checkpoints import _build_model, _resolve_data, _resolve_model_factory, resolve_loss
+    from .checkpoints import build_model, resolve_data, resolve_model_factory, resolve_loss
     from .diagnostics import check_hvp
 
     if args.directions < 2:
         raise CLIError(f"--directions must be at least 2 (the symmetry check pairs them), got {args.directions}")
-    model = _build_model(_resolve_model_factory(args.model))
+    model = build_model(resolve_model_factory(args.model))
     if args.device:
         _check_device(args.device)
         model = model.to(args.device)
-    data = _resolve_data(args.data)
+    data = resolve_data(args.data)
     loss = resolve_loss(args.loss)
     result = check_hvp(model, loss, data, num_directions=args.directions, dtype=_dtype(args.dtype),
                        tol=args.tol, seed=args.seed)
@@ -312,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp}
+    from .compare import run_compare
+
+    commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp, "compare": run_compare}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

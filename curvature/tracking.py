@@ -156,7 +156,7 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _parse_value(key: str, value: Any) -> Any:
+def parse_value(key: str, value: Any) -> Any:
     """One value read back from CSV text (or JSON) → its Python type (None for empty cells)."""
     if value is None:
         return None
@@ -182,22 +182,33 @@ def _parse_value(key: str, value: Any) -> Any:
     return number
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows written by a :class:`CSVSink` or :class:`JSONLinesSink` (``.jsonl``/``.json``/``.ndjson``), parsed
-    back into Python values (numbers, bools, lists, ``None`` for empty cells)."""
+def is_json_lines(path: str | os.PathLike, json_lines: bool | None = None) -> bool:
+    """Whether a rows file is JSON lines: ``json_lines`` if given, else by suffix (``.jsonl``/``.json``/``.ndjson``)."""
+    return bool(json_lines) if json_lines is not None else Path(path).suffix.lower() in (".jsonl", ".json", ".ndjson")
+
+
+def read_rows(path: str | os.PathLike, json_lines: bool | None = None, *, missing_ok: bool = False) -> list[dict]:
+    """Rows written by a :class:`CSVSink` or :class:`JSONLinesSink` (or by ``analyze_checkpoints``), parsed back
+    into Python values (numbers, bools, lists, ``None`` for empty cells).
+
+    JSON lines are recognised by the suffix (``.jsonl``/``.json``/``.ndjson``) unless ``json_lines`` says so.
+    A line cut short by an interrupted run is skipped. ``missing_ok`` returns ``[]`` for a missing file.
+    """
     path = Path(path)
     if not path.exists():
+        if missing_ok:
+            return []
         raise FileNotFoundError(path)
     rows: list[dict] = []
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+    if is_json_lines(path, json_lines):
         for line in path.read_text().splitlines():
             if line.strip():
-                raw = json.loads(line)
-                rows.append({k: _parse_value(k, v) for k, v in raw.items()})
+                with contextlib.suppress(json.JSONDecodeError):
+                    rows.append({k: parse_value(k, v) for k, v in json.loads(line).items()})
         return rows
     with path.open(newline="") as f:
         for raw in csv.DictReader(f):
-            rows.append({k: _parse_value(k, v) for k, v in raw.items() if k is not None})
+            rows.append({k: parse_value(k, v) for k, v in raw.items() if k is not None})
     return rows
 
 

@@ -14,7 +14,6 @@ from torch.func import grad, jvp, vmap
 
 from curvature._exact import second_order_context
 
-torch.set_default_dtype(torch.float64)
 G = torch.Generator().manual_seed(0)
 
 
