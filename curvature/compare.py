@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hvp import call_model
+
 __all__ = ["compare_schedules", "ComparisonResult", "DEFAULT_SCHEDULES", "find_required_warmup",
            "digits_setup", "byte_lm_setup", "digits_fcn", "ByteLM", "stdlib_bytes", "lm_loss",
            "add_compare_subcommand", "run_compare", "SETUPS"]
@@ -268,7 +270,7 @@ def _build_driver(spec: Any, ctx: dict) -> Any:
     if kind == "loss_adaptive":
         frac = float(o.pop("init_fraction", 0.1))
         with torch.no_grad():
-            l0 = float(loss_fn(_forward(model, first[0]), first[1]))
+            l0 = float(loss_fn(call_model(model, first[0]), first[1]))
         loss_min = float(o.pop("loss_min", 0.0))
         C = float(o.pop("C", (1.0 / frac - 1.0) / max(l0 - loss_min, 1e-12)))
         c = LossAdaptiveWarmup(opt, lr_max=lr_target, C=C, loss_min=loss_min, ema=float(o.pop("ema", 0.0)))
@@ -282,14 +284,6 @@ def _build_driver(spec: Any, ctx: dict) -> Any:
 # ---------------------------------------------------------------------------------------------------
 # The harness
 # ---------------------------------------------------------------------------------------------------
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _make_optimizer(optimizer: Any) -> tuple[Callable, bool]:
     if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer, None  # type: ignore[return-value]
@@ -431,7 +425,7 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
                 for t in range(steps):
                     batch = take(order[t])
                     opt.zero_grad(set_to_none=True)
-                    out = _forward(model, batch[0])
+                    out = call_model(model, batch[0])
                     loss = loss_fn(out, batch[1])
                     value = float(loss.detach())
                     if l0 is None:
@@ -467,7 +461,7 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
                 if not row["diverged"]:
                     ex, ey = eval_data if eval_data is not None else data
                     with torch.no_grad():
-                        out = _forward(model, ex)
+                        out = call_model(model, ex)
                         final = float(loss_fn(out, ey))
                         if not math.isfinite(final) or final > divergence_factor * abs(l0):
                             row.update(diverged=True, diverged_step=steps)

@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from ._exact import frozen_rng, has_train_mode_batchnorm, peek_seed, reseed, second_order_context, unwrap_model
 
-__all__ = ["Batch", "HVPEngine", "as_batches", "select_parameters", "METHODS"]
+__all__ = ["Batch", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
 
 log = logging.getLogger("curvature.hvp")
 
@@ -54,6 +54,16 @@ class Batch:
     kwargs: dict
     targets: Any
     size: int
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)`` with the batch convention of this package: a dict is passed as keyword arguments,
+    a tuple/list as positional arguments, anything else as the one argument."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:

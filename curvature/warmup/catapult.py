@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..hvp import call_model
+from .param_groups import group_lr, set_group_lr
 from .schedules import CatapultWarmup
 
 __all__ = ["CriticalLR", "find_critical_lr", "catapult_warmup", "PersistentCatapultWarmup"]
@@ -124,14 +126,6 @@ class _ModelState:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _split_batch(batch: Any) -> tuple[Any, Any]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(f"batch must be a pair (inputs, targets), got {type(batch).__name__}")
@@ -149,24 +143,12 @@ def _scalar(loss: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _set_lr(group: dict, value: float) -> None:
-    if isinstance(group["lr"], torch.Tensor):
-        group["lr"].fill_(value)
-    else:
-        group["lr"] = value
-
-
-def _group_lr(group: dict) -> float:
-    lr = group["lr"]
-    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-
-
 def _ratios(optimizer: torch.optim.Optimizer) -> list[float]:
     """Per-group lr relative to the first group (all 1.0 when the first group's lr is 0)."""
-    ref = _group_lr(optimizer.param_groups[0])
+    ref = group_lr(optimizer.param_groups[0])
     if ref == 0:
         return [1.0] * len(optimizer.param_groups)
-    return [_group_lr(g) / ref for g in optimizer.param_groups]
+    return [group_lr(g) / ref for g in optimizer.param_groups]
 
 
 def _copy_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -276,7 +258,7 @@ def find_critical_lr(
     try:
         # θ_0: loss and gradient (the only backward pass). autograd.grad leaves .grad untouched.
         with torch.enable_grad():
-            loss0_t = _scalar(loss_fn(_forward(model, inputs), targets))
+            loss0_t = _scalar(loss_fn(call_model(model, inputs), targets))
         forward_passes += 1
         loss0 = float(loss0_t.detach())
         if not math.isfinite(loss0):
@@ -294,7 +276,7 @@ def find_critical_lr(
             if optimizer is not None:
                 opt = _copy_optimizer(optimizer)
                 for g, r in zip(opt.param_groups, ratios):
-                    _set_lr(g, lr * r)
+                    set_group_lr(g, lr * r)
             else:
                 opt = optimizer_factory(params, lr)  # type: ignore[misc]
             for p, g in zip(params, grads0):
@@ -304,7 +286,7 @@ def find_critical_lr(
             opt.step()
             rng.restore()  # same dropout masks as at θ_0
             with torch.no_grad():
-                loss1 = float(_scalar(loss_fn(_forward(model, inputs), targets)))
+                loss1 = float(_scalar(loss_fn(call_model(model, inputs), targets)))
             forward_passes += 1
             state.restore()
             rng.restore()
@@ -454,7 +436,7 @@ class PersistentCatapultWarmup:
     def _apply(self, lr: float) -> None:
         self.lr = lr
         for g, r in zip(self.optimizer.param_groups, self.ratios):
-            _set_lr(g, lr * r)
+            set_group_lr(g, lr * r)
 
     def step(self, loss: float | torch.Tensor, batch: Any) -> float:
         """Feed the current training loss and batch; returns the learning rate (of the first group) now set."""
@@ -502,7 +484,7 @@ class PersistentCatapultWarmup:
         return new_lr
 
     def get_last_lr(self) -> list[float]:
-        return [_group_lr(g) for g in self.optimizer.param_groups]
+        return [group_lr(g) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         return {

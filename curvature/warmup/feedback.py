@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from ..optim import stability_threshold, unwrap_optimizer
+from .param_groups import group_lr, set_group_lr
 
 __all__ = ["CurvatureAwareWarmup", "ACTIONS", "lightning_callback", "hf_callback"]
 
@@ -78,30 +79,18 @@ def _value(loss: Any) -> float | None:
     return float(loss)
 
 
-def _group_lr(group: dict) -> float:
-    lr = group["lr"]
-    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-
-
-def _set_lr(group: dict, value: float) -> None:
-    if isinstance(group["lr"], torch.Tensor):
-        group["lr"].fill_(value)
-    else:
-        group["lr"] = value
-
-
 def threshold_numerator(optimizer: Any) -> float:
     """``c = η·stability_threshold(optimizer)``: 2 (SGD), ``(2+2μ)/(1−d)`` (momentum), ``(2+2β₁)/(1−β₁)`` (Adam).
 
     Independent of η; read with the first group's lr set to 1 for a moment (and restored)."""
     opt = unwrap_optimizer(optimizer)
     group = opt.param_groups[0]
-    old = _group_lr(group)
-    _set_lr(group, 1.0)
+    old = group_lr(group)
+    set_group_lr(group, 1.0)
     try:
         return float(stability_threshold(opt))
     finally:
-        _set_lr(group, old)
+        set_group_lr(group, old)
 
 
 class CurvatureAwareWarmup:
@@ -174,8 +163,8 @@ class CurvatureAwareWarmup:
         self.loss_ema = float(loss_ema)
         self.watch_after_done = bool(watch_after_done)
         opt = unwrap_optimizer(optimizer)
-        ref = _group_lr(opt.param_groups[0])
-        self.ratios = [1.0 if ref == 0 else _group_lr(g) / ref for g in opt.param_groups]
+        ref = group_lr(opt.param_groups[0])
+        self.ratios = [1.0 if ref == 0 else group_lr(g) / ref for g in opt.param_groups]
         self.numerator = threshold_numerator(opt)
         if tracker is None:
             tracker = SharpnessTracker(loss_fn, every=self.every, k=1, tol=tol, warm_start=True, probe=probe,
@@ -222,12 +211,12 @@ class CurvatureAwareWarmup:
         # 2. measure when due
         due = (self.last_measure_step is None or self.measure_next or t - self.last_measure_step >= self.every)
         if not due:
-            return self.lr if self.lr is not None else _group_lr(unwrap_optimizer(self.optimizer).param_groups[0])
+            return self.lr if self.lr is not None else group_lr(unwrap_optimizer(self.optimizer).param_groups[0])
         return self._measure_and_decide(t, value, batch)
 
     def get_last_lr(self) -> list[float]:
         """The current lr of every group (like PyTorch schedulers)."""
-        return [_group_lr(g) for g in unwrap_optimizer(self.optimizer).param_groups]
+        return [group_lr(g) for g in unwrap_optimizer(self.optimizer).param_groups]
 
     @property
     def decisions(self) -> list[dict[str, Any]]:
@@ -259,10 +248,10 @@ class CurvatureAwareWarmup:
     def _apply(self, lr: float) -> None:
         self.lr = float(lr)
         for g, r in zip(unwrap_optimizer(self.optimizer).param_groups, self.ratios):
-            _set_lr(g, self.lr * r)
+            set_group_lr(g, self.lr * r)
 
     def _current_lr(self) -> float:
-        return self.lr if self.lr is not None else _group_lr(unwrap_optimizer(self.optimizer).param_groups[0])
+        return self.lr if self.lr is not None else group_lr(unwrap_optimizer(self.optimizer).param_groups[0])
 
     def _is_spike(self, value: float, t: int) -> bool:
         if not math.isfinite(value):
