@@ -103,6 +103,18 @@ def _group_lr(group: dict, index: int = 0) -> float:
     return lr
 
 
+def _fold_reference_lr(opt: torch.optim.Optimizer) -> float:
+    """η₀, the first group's lr, that the other groups' P are folded against (P_g · η₀/η_g).
+
+    η₀ = 0 (the first step of a warm-up from 0) is accepted when every group has lr 0: the fold is then 1 and P
+    is the optimizer's own (the threshold is undefined there, but λ_max(P⁻¹H) is not). Otherwise every lr must
+    be > 0."""
+    lrs = [_scalar(g["lr"]) for g in opt.param_groups]
+    if all(lr == 0.0 for lr in lrs):
+        return 0.0
+    return _group_lr(opt.param_groups[0], 0)
+
+
 def stability_threshold(optimizer: Any) -> float:
     """The largest curvature the optimizer's step is stable on (quadratic model), for its first group's lr.
 
@@ -202,7 +214,7 @@ class PreconditionedHessianOperator(LinearOperator):
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
                  lookahead: bool = False, **operator_options: Any) -> None:
         opt = _require_adam(optimizer, "PreconditionedHessianOperator")
-        lr0 = _group_lr(opt.param_groups[0], 0)
+        lr0 = _fold_reference_lr(opt)
         inner = HessianOperator(model, loss_fn, data, params, **operator_options)
         super().__init__(inner.shape[0], inner.dtype, inner.device)
         self.inner = inner
@@ -229,7 +241,7 @@ class PreconditionedHessianOperator(LinearOperator):
         for name, p, g in zip(self.param_names, self.params, grads):
             gi = owners[id(p)]
             group = opt.param_groups[gi]
-            lr = _group_lr(group, gi)
+            lr = lr0 if lr0 == 0 else _group_lr(group, gi)
             beta1, beta2 = (_scalar(b) for b in group["betas"])
             eps = _scalar(group["eps"])
             amsgrad = bool(group.get("amsgrad", False))
@@ -262,7 +274,7 @@ class PreconditionedHessianOperator(LinearOperator):
                     continue
                 v = read("max_exp_avg_sq") if amsgrad and "max_exp_avg_sq" in state else read("exp_avg_sq")
             bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-            parts.append(bc1 * (v.sqrt() / math.sqrt(bc2) + eps) * (lr0 / lr))
+            parts.append(bc1 * (v.sqrt() / math.sqrt(bc2) + eps) * (1.0 if lr == lr0 else lr0 / lr))
         if no_state or zero_step:
             what = []
             if no_state:
@@ -308,7 +320,7 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     Compare ``eigenvalues[0]`` with :func:`stability_threshold` ``(2+2β₁)/((1−β₁)η)``, or use
     :func:`edge_ratio`. Solver options as in :func:`~curvature.sharpness`; extra keyword options go to the
     inner :class:`HessianOperator`. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead`` and
-    ``threshold``.
+    ``threshold`` (``None`` at lr = 0, where it is undefined).
     """
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
@@ -316,7 +328,7 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,
-                    threshold=stability_threshold(optimizer))
+                    threshold=stability_threshold(optimizer) if op.lr > 0 else None)
     return res
 
 

@@ -581,8 +581,8 @@ class SharpnessTracker:
                 if not res.converged:
                     problems.append(f"λ_max(H) did not converge (residual {row['residual']:.2e} > tol {self.tol:g})")
 
-                # lr = 0 (e.g. the first step of a warm-up from 0): no threshold, and P⁻¹H's lr fold is undefined
-                if opt is not None and row["lr"] and row["lr"] > 0 and self._wants_preconditioned(opt):
+                # lr = 0 (the first step of a warm-up from 0): λ_max(P⁻¹H) is defined, the threshold is not
+                if opt is not None and self._wants_preconditioned(opt):
                     lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
                     row["lookahead"] = bool(lookahead)
                     pres, phvps, _ = self._solve(

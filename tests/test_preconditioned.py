@@ -351,3 +351,18 @@ def test_errors():
         preconditioned_sharpness(model, loss_fn, data, good, tolerance=1e-3)
     with pytest.raises(ValueError, match=r"solver must be one of"):
         preconditioned_sharpness(model, loss_fn, data, good, solver="arnoldi")
+
+
+def test_lr_zero_in_every_group_is_the_start_of_a_warm_up():
+    # P does not depend on η when the groups share it: at η = 0 (a warm-up from 0) λ_max(P⁻¹H) is the same as
+    # at any η, while the threshold is undefined (an error that says so)
+    model, loss_fn, data = mlp_ce()
+    opt = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2)
+    train(model, loss_fn, data, opt, 2)
+    at_lr = PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    at_zero = PreconditionedHessianOperator(model, loss_fn, data, opt).preconditioner
+    assert torch.equal(at_lr, at_zero)
+    with pytest.raises(ValueError, match="lr > 0"):
+        stability_threshold(opt)

@@ -334,4 +334,19 @@ def test_zero_learning_rate_has_no_threshold():
     for opt in (torch.optim.SGD(model.parameters(), lr=0.0), torch.optim.Adam(model.parameters(), lr=0.0)):
         row = SharpnessTracker(loss_fn, every=1).step(model, opt, (X[:16], Y[:16]), step=0)
         assert row["error"] is None and row["sharpness"] > 0
-        assert row["threshold"] is None and row["edge_ratio"] is None and row["preconditioned_sharpness"] is None
+        assert row["threshold"] is None and row["edge_ratio"] is None
+        # λ_max(P⁻¹H) is defined at lr = 0 (the first step of a warm-up from 0); SGD has none
+        assert (row["preconditioned_sharpness"] is None) == isinstance(opt, torch.optim.SGD)
+
+
+def test_adam_at_lr_zero_still_measures_preconditioned_sharpness():
+    # the first row of a warm-up from 0: λ_max(P⁻¹H) is measured (lookahead), threshold and edge ratio are None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 2, (16,))
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    row = SharpnessTracker(F.cross_entropy, every=1).step(model, opt, (x, y), step=0)
+    assert row["error"] is None and row["preconditioned_sharpness"] > 0
+    assert row["threshold"] is None and row["edge_ratio"] is None
+    ref = preconditioned_sharpness(model, F.cross_entropy, (x, y), opt, lookahead=True, tol=1e-8)
+    assert abs(row["preconditioned_sharpness"] - ref.eigenvalue) <= 1e-3 * ref.eigenvalue
