@@ -266,7 +266,9 @@ def test_help_is_there_for_newcomers(capsys):
 def test_compare_and_python_dash_m_curvature(tmp_path):
     # `python -m curvature` is the console script; `compare --quick` runs the harness end to end
     proc = subprocess.run([sys.executable, "-m", "curvature", "compare", "--setup", "digits", "--quick",
-                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600)
+                           "--steps", "12", "--track-every", "6", "--schedules", "none,linear,curvature_aware",
+                           "--threads", "1", "--out", str(tmp_path / "cmp")],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cmp" / "comparison.csv").exists() and (tmp_path / "cmp" / "comparison.png").exists()
     from curvature import read_rows
