@@ -90,8 +90,18 @@ class Table:
         if lam < 0 < self.ref_lam:
             err_s = f"**{err:.1e} WRONG**"
             notes.append("returned the most negative eigenvalue (largest magnitude), not λ_max")
+        elif converged is False:
+            notes.append("hit its iteration cap")
         elif isinstance(tol, float) and err > max(100 * tol, 1e-6):
             err_s = f"**{err:.1e} WRONG**"
+            notes.append("says converged, but λ is off")
+        elif isinstance(tol, float) and tol < 1e-9 + 1e-12:
+            pass
+        elif isinstance(tol, float) and err > 10 * tol:
+            notes.append("λ error > 10×tol although it says converged")
+        if isinstance(tol, float) and converged is not False and res == res and res > 100 * tol \
+                and lam > 0 and "most negative" not in " ".join(notes):
+            notes.append(f"true residual {res:.0e} ≫ tol")
         self.rows.append({"solver": solver, "tol": tol if isinstance(tol, str) else f"{tol:.0e}",
                           "λ_max": f"{lam:.8g}", "rel.err vs ref": err_s,
                           "true residual": f"{res:.1e}", "HVPs": hvps, "seconds": fmt_s(secs),
@@ -105,10 +115,32 @@ class Table:
                           f"`{type(e).__name__}: {msg[:150]}`"})
 
 
+def warm_up(model, loss_fn, batch, peers: list[str]) -> None:
+    """One HVP by every route before anything is timed: first calls pay one-off costs (torch.func
+    dispatch set-up, vmap, allocator growth) that would otherwise land on whichever solver runs first."""
+    v = torch.randn(M.num_params(model), dtype=M.trainable_params(model)[0].dtype,
+                    device=M.trainable_params(model)[0].device)
+    P.reference_hvp_fn(model, loss_fn, batch)(v)
+    cv = _curvature()
+    if cv is not None:
+        for method in ("reverse_over_reverse", "forward_over_reverse"):
+            try:
+                cv.HessianOperator(model, loss_fn, batch, method=method).matmat(torch.stack([v, v], 1))
+            except Exception:  # noqa: BLE001
+                pass
+    for peer in peers:
+        with P.math_sdpa(isinstance(model, M.GPT)):
+            try:
+                P.hvp_fn(peer, model, loss_fn, batch)(v)
+            except Exception:  # noqa: BLE001 - missing or failing peers are reported by the real runs
+                pass
+
+
 def bench_workload(wl: M.Workload, tols: list[float], peers: list[str], power_max_iters: int,
                    seed: int = 0) -> tuple[str, list[dict]]:
     model, loss_fn, batch = wl.as_tuple()
     is_gpt = isinstance(model, M.GPT)
+    warm_up(model, loss_fn, batch, peers)
     lam_ref, v_ref, hv_ref, s_ref, ref_hvp = reference(model, loss_fn, batch, seed=seed)
     t = Table(lam_ref, ref_hvp)
     t.add("scipy eigsh LA on torch double backward (reference)", 1e-12, lam_ref, v_ref, hv_ref, s_ref, True,

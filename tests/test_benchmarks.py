@@ -81,7 +81,8 @@ def test_peer_adapters_on_mlp(peer):
 def test_hvp_script_quick(tmp_path):
     from benchmarks import hvp
     out = tmp_path / "hvp.md"
-    report = hvp.main(["--quick", "--models", "mlp", "gpt", "--ks", "1", "2", "--repeat", "2", "--out", str(out)])
+    report = hvp.main(["--quick", "--models", "mlp", "gpt", "--ks", "1", "2", "--repeat", "1", "--warmup", "0",
+                       "--threads", "1", "--out", str(out)])
     assert out.exists() and "HVP cost" in report and "torch double backward" in report
     assert "### gpt" in report and "### mlp" in report
 
@@ -89,6 +90,6 @@ def test_hvp_script_quick(tmp_path):
 def test_eigensolvers_script_quick(tmp_path):
     from benchmarks import eigensolvers
     out = tmp_path / "eig.md"
-    report = eigensolvers.main(["--quick", "--models", "mlp", "ln_transformer", "--tols", "1e-3",
-                                "--power-max-iters", "50", "--k-scaling", "--out", str(out)])
+    report = eigensolvers.main(["--quick", "--models", "mlp", "--tols", "1e-3", "--power-max-iters", "30",
+                                "--k-scaling", "--threads", "1", "--out", str(out)])
     assert out.exists() and "Reference λ_max" in report and "Scaling with k" in report
