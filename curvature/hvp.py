@@ -307,13 +307,23 @@ class HVPEngine:
     # -- HVPs -----------------------------------------------------------------------------------------
     def hvp_sum(self, tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Σ_b n_b ∇²L_b(θ) V for V given per parameter as ``(k, *shape)`` tensors; same layout out."""
-        k = tangents[0].shape[0]
-        out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
+        if self._graph is not None:
+            # Hot path: one backward through the kept first-order graph. No forward runs, so neither the RNG
+            # nor the second-order context is involved (the graph was built inside it).
+            leaves, grads = self._graph
+            return [h.mul_(self.batches[0].size) for h in self._double_backward(leaves, grads, tangents)]
+        out: list[torch.Tensor] | None = None
         with frozen_rng(self.device), second_order_context(self.model):
             for i, batch in enumerate(self.batches):
                 hv = self._hvp_batch(tangents, i, batch)
-                for acc, h in zip(out, hv):
-                    acc.add_(h, alpha=batch.size)
+                if out is None:
+                    out = [h.mul(batch.size) for h in hv]
+                else:
+                    for acc, h in zip(out, hv):
+                        acc.add_(h, alpha=batch.size)
+        if out is None:  # no batches on this rank (distributed): contributes zero
+            k = tangents[0].shape[0]
+            out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
         return out
 
     def _hvp_batch(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch) -> Sequence[torch.Tensor]:
@@ -324,12 +334,9 @@ class HVPEngine:
                 log.debug("forward-over-reverse failed (%s: %s); falling back to double backward for this "
                           "operator", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self.method = "reverse_over_reverse"
-        if self._graph is not None:
-            leaves, grads = self._graph
-        else:
-            leaves = tuple(p.detach().requires_grad_() for p in self._primals)
-            loss = self._loss(leaves, index, batch)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        leaves = tuple(p.detach().requires_grad_() for p in self._primals)
+        loss = self._loss(leaves, index, batch)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return self._double_backward(leaves, grads, tangents)
 
     def _double_backward(self, leaves: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
@@ -338,29 +345,31 @@ class HVPEngine:
         e.g. an unused parameter) contributes nothing."""
         k = tangents[0].shape[0]
         live = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
-        result = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
-        if not live:
-            return result
         outs = [grads[j] for j in live]
 
         def once(vs: Sequence[torch.Tensor], batched: bool) -> Sequence[torch.Tensor | None]:
+            if not live:
+                return [None] * len(leaves)
             return torch.autograd.grad(outs, leaves, grad_outputs=[vs[j] for j in live], retain_graph=True,
                                        allow_unused=True, is_grads_batched=batched)
 
-        if k > 1 and self._batched_grad_ok:
+        def zeros(j: int) -> torch.Tensor:
+            return torch.zeros((k, *self.shapes[j]), dtype=self.dtype, device=self.device)
+
+        if k == 1:
+            res = once([t[0] for t in tangents], False)
+            return [zeros(j) if r is None else r.detach().unsqueeze(0) for j, r in enumerate(res)]
+        if self._batched_grad_ok:
             try:
                 res = once(tangents, True)
             except RuntimeError as exc:  # e.g. ops without a batching rule for their double backward
                 log.debug("batched double backward failed (%s); looping over the block", str(exc).splitlines()[0])
                 self._batched_grad_ok = False
             else:
-                for j, r in enumerate(res):
-                    if r is not None:
-                        result[j] = r.detach()
-                return result
+                return [zeros(j) if r is None else r.detach() for j, r in enumerate(res)]
+        result = [zeros(j) for j in range(len(self.shapes))]
         for c in range(k):
-            res = once([t[c] for t in tangents], False)
-            for j, r in enumerate(res):
+            for j, r in enumerate(once([t[c] for t in tangents], False)):
                 if r is not None:
                     result[j][c] = r.detach()
         return result
