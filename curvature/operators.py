@@ -17,7 +17,7 @@ import torch
 from .distributed import all_reduce_sum, collective_device, resolve_process_group
 from .hvp import HVPEngine
 
-__all__ = ["LinearOperator", "MatrixOperator", "HessianOperator"]
+__all__ = ["LinearOperator", "MatrixOperator", "ShiftedOperator", "HessianOperator"]
 
 
 class LinearOperator:
@@ -103,6 +103,18 @@ class MatrixOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.matrix @ V
+
+
+class ShiftedOperator(LinearOperator):
+    """``A − σI``: same eigenvectors, eigenvalues shifted by −σ. Counts its own applications (and ``A``'s)."""
+
+    def __init__(self, op: LinearOperator, shift: float) -> None:
+        super().__init__(op.shape[0], op.dtype, op.device)
+        self.op = op
+        self.shift = float(shift)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.op.matmat(V) - self.shift * V
 
 
 class HessianOperator(LinearOperator):
