@@ -130,7 +130,7 @@ class HessianOperator(LinearOperator):
         data: one batch ``(inputs, targets)`` or an iterable of batches (read once, at construction);
             ``inputs`` a tensor, a tuple (positional) or a dict (keyword arguments).
         params: names (or module prefixes) or tensors narrowing θ, for per-layer curvature.
-        method: ``"auto"`` (= ``"reverse_over_reverse"``, fastest per vector in our benchmarks, keeps the
+        method: ``"auto"`` (= ``"reverse_over_reverse"``, the cheapest single HVP in our benchmarks, keeps the
             first-order graph of a single batch), or ``"forward_over_reverse"`` (keeps no graph).
         dtype: compute in this dtype (e.g. ``torch.float64`` for validation) on copies of θ and the inputs.
         device: compute on this device (default: where the parameters are).
