@@ -93,3 +93,10 @@ def test_eigensolvers_script_quick(tmp_path):
     report = eigensolvers.main(["--quick", "--models", "mlp", "--tols", "1e-3", "--power-max-iters", "30",
                                 "--k-scaling", "--threads", "1", "--out", str(out)])
     assert out.exists() and "Reference λ_max" in report and "Scaling with k" in report
+
+
+def test_tracker_benchmark_quick(capsys):
+    from benchmarks import tracker
+    assert tracker.main(["--quick", "--models", "mlp", "--steps", "10", "--warm-steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "every=10" in out and "warm / cold" in out and "fixed probe" in out
