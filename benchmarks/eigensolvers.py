@@ -28,18 +28,10 @@ import torch
 
 from . import models as M
 from . import peers as P
-from ._timing import environment, fmt_s, header_markdown, markdown_table, pin_threads, touch_memory
+from ._timing import (environment, fmt_s, header_markdown, import_curvature, markdown_table, pin_threads,
+                      touch_memory)
 
 COLUMNS = ["solver", "tol", "λ_max", "rel.err vs ref", "true residual", "HVPs", "seconds", "converged", "note"]
-
-
-def _curvature():
-    try:
-        import curvature as cv
-        cv.HessianOperator  # noqa: B018
-        return cv
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def reference(model, loss_fn, batch, tol: float = 1e-12, seed: int = 0):
@@ -121,7 +113,7 @@ def warm_up(model, loss_fn, batch, peers: list[str]) -> None:
     v = torch.randn(M.num_params(model), dtype=M.trainable_params(model)[0].dtype,
                     device=M.trainable_params(model)[0].device)
     P.reference_hvp_fn(model, loss_fn, batch)(v)
-    cv = _curvature()
+    cv = import_curvature()
     if cv is not None:
         for method in ("reverse_over_reverse", "forward_over_reverse"):
             try:
@@ -145,7 +137,7 @@ def bench_workload(wl: M.Workload, tols: list[float], peers: list[str], power_ma
     t = Table(lam_ref, ref_hvp)
     t.add("scipy eigsh LA on torch double backward (reference)", 1e-12, lam_ref, v_ref, hv_ref, s_ref, True,
           "defines the reference λ_max")
-    cv = _curvature()
+    cv = import_curvature()
     for solver in ("lobpcg", "lanczos", "power_iteration"):
         for tol in tols:
             if cv is None:
@@ -208,7 +200,7 @@ def bench_workload(wl: M.Workload, tols: list[float], peers: list[str], power_ma
 
 
 def k_scaling(wl: M.Workload, ks: list[int], tol: float, peers: list[str]) -> str:
-    cv = _curvature()
+    cv = import_curvature()
     model, loss_fn, batch = wl.as_tuple()
     rows = []
     for k in ks:

@@ -26,21 +26,11 @@ import torch
 
 from . import models as M
 from . import peers as P
-from ._timing import (Timing, environment, fmt_num, fmt_s, header_markdown, markdown_table, pin_threads,
-                      time_fn, touch_memory)
+from ._timing import (Timing, environment, fmt_num, fmt_s, header_markdown, import_curvature, markdown_table,
+                      pin_threads, time_fn, touch_memory)
 
 COLUMNS = ["method", "k", "setup", "time/call", "time/vector", "HVP/grad", "rel.err vs ref", "GFLOP/s",
            "peak mem", "note"]
-
-
-def _curvature():
-    """``curvature`` if its HVP engine is importable, else ``None`` (the harness still runs the rest)."""
-    try:
-        import curvature as cv
-        cv.HessianOperator  # noqa: B018
-        return cv
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def count_flops(fn: Callable[[], Any]) -> int | None:
@@ -173,7 +163,7 @@ def bench_workload(wl: M.Workload, device: torch.device, ks: list[int], warmup: 
     b.add("torch double backward (reference)", lambda: P.reference_hvp_fn(model, loss_fn, batch),
           note="forward + create_graph backward + backward per HVP" + (", math SDPA" if is_gpt else ""))
 
-    cv = _curvature()
+    cv = import_curvature()
     if cv is None:
         b.rows.append({"method": "curvature.HessianOperator", "time/call": "skipped",
                        "note": "curvature.HessianOperator not importable yet"})
@@ -236,7 +226,7 @@ def _gpu_variants(b: Bench, wl: M.Workload, cv, compile_: bool, autocast: bool) 
 
 def scaling(device: torch.device, dtype: torch.dtype, quick: bool, warmup: int, repeat: int) -> str:
     """HVP time (ours, reference) as the MLP's width (parameter count) and the batch grow."""
-    cv = _curvature()
+    cv = import_curvature()
     widths = [16, 64] if quick else [32, 128, 512, 1024]
     batches = [32, 128] if quick else [64, 256, 1024, 4096]
     out = ["### Scaling: HVP time vs parameter count (MLP, batch 256) and vs batch size (MLP width 128)\n"]

@@ -187,11 +187,7 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
             fig.suptitle(title)
         else:
             ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    return fig
+    return _finish(fig, path, dpi)
 
 
 def plot_spectrum(rows_or_eigenvalues: Any, path: str | os.PathLike | None = None, ax: Any = None,
@@ -255,6 +251,11 @@ def plot_spectrum(rows_or_eigenvalues: Any, path: str | os.PathLike | None = Non
         ax.text(0.5, 0.5, "no eigenvalues", ha="center", va="center", transform=ax.transAxes)
     if title:
         ax.set_title(title)
+    return _finish(fig, path, dpi)
+
+
+def _finish(fig: Any, path: str | os.PathLike | None, dpi: int) -> Any:
+    """Lay out the figure, save it as ``path`` (folders created) when given, and return it."""
     fig.tight_layout()
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

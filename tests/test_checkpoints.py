@@ -51,15 +51,6 @@ def analyze(path, **kw):
     return analyze_checkpoints(path, make_model, make_data(), F.cross_entropy, **kw)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 problems: one thread is fastest, and avoids thrashing on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Evil:
     """Unpickling this runs code (creates a folder): the kind of checkpoint weights_only=True refuses."""
 

@@ -25,14 +25,6 @@ def tiny_data():
     return X, y
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_default_schedule_runs_and_gets_a_row(tmp_path):
     res = compare_schedules(tiny_model, tiny_data(), None, optimizer="sgd", steps=12, seeds=(0,), lr_target=0.5,
                             track_every=4, batch_size=16, warmup_steps=4)

@@ -18,14 +18,6 @@ from curvature.integrations.lightning import SharpnessCallback  # noqa: E402
 from curvature.optim import preconditioned_sharpness  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Module(L.LightningModule):
     def __init__(self, opt="sgd"):
         super().__init__()

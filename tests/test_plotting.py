@@ -16,14 +16,6 @@ from curvature.tracking import SharpnessTracker  # noqa: E402
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def adam_rows(tmp_path_factory):
     torch.manual_seed(0)

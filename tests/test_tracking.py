@@ -24,15 +24,6 @@ API_KEYS = ("step", "lr", "loss", "sharpness", "preconditioned_sharpness", "thre
             "converged")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one intra-op thread is much faster for these tiny models than two fighting threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def problem(seed=0, task="cls", dropout=0.0):
     torch.manual_seed(seed)
     X = torch.randn(256, 10)

@@ -21,14 +21,6 @@ from curvature.tracking import model_output_loss, read_rows  # noqa: E402
 SEQ = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ByteChunks(torch.utils.data.Dataset):
     def __init__(self, n=48):
         data = torch.tensor(list(inspect.getsource(os).encode()[: n * SEQ]), dtype=torch.long)
