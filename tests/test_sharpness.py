@@ -90,3 +90,17 @@ def test_power_iteration_sharpness_on_a_negative_dominated_model():
     res = cv.sharpness(w.model, w.loss_fn, w.batch, solver="power_iteration", tol=1e-6, max_iters=3000)
     ref = cv.sharpness(w.model, w.loss_fn, w.batch, solver="lanczos", tol=1e-10)
     assert res.eigenvalue > 0 and abs(res.eigenvalue - ref.eigenvalue) <= 1e-5 * ref.eigenvalue
+
+
+def test_lobpcg_converges_on_a_float32_transformer():
+    # float32 HVPs, float64 solver bookkeeping: before, LOBPCG stalled here at residual 2e-4 after 111 HVPs with
+    # λ off by 2e-4 (while float64 converged); the float64 value is the reference
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.models import gpt
+    w = gpt("small")
+    res = cv.sharpness(w.model, w.loss_fn, w.batch, tol=1e-4)
+    ref = cv.sharpness(w.model, w.loss_fn, w.batch, solver="lanczos", tol=1e-8, dtype=torch.float64)
+    assert res.converged and res.num_hvps <= 40 and res.eigenvectors.dtype == torch.float32
+    assert abs(res.eigenvalue - ref.eigenvalue) <= 1e-5 * ref.eigenvalue

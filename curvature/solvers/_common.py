@@ -142,6 +142,18 @@ def orthonormalize(V: torch.Tensor, Q: torch.Tensor | None = None,
     return V, T_total
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a solver's own arithmetic: float64, unless the operator works in a wider type."""
+    return dtype if dtype in (torch.float64, torch.complex128) else torch.float64
+
+
+def rounding_residual(lam: torch.Tensor, scale: float, dtype: torch.dtype, floor: float) -> torch.Tensor:
+    """The relative residual that rounding an exact eigenvector to ``dtype`` alone leaves:
+    ‖(A − λ)δv‖/|λ| ≤ ½·eps(dtype)·(‖A‖ + |λ|)/|λ| for ‖δv‖ ≤ ½·eps (``scale`` ≈ ‖A‖)."""
+    a = lam.abs().clamp_min(floor)
+    return 0.5 * torch.finfo(dtype).eps * (abs(scale) + a) / a
+
+
 def residual_floor(scale: float, dtype: torch.dtype) -> float:
     """Floor for ``|λ|`` in relative residuals: ``eps(dtype) · scale`` (``scale`` ≈ ‖A‖, the largest
     ``|Ritz value|`` seen), and never below the smallest normal number."""
