@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tracking import ROW_KEYS, is_json_lines, read_rows
+from .tracking import ROW_KEYS, is_json_lines, read_rows, warm_started_solve
 
 __all__ = ["analyze_checkpoints", "load_checkpoint", "find_checkpoints", "fit_state_dict", "import_object",
            "resolve_loss", "read_rows", "format_rows", "step_from_name", "infer_optimizer_class", "Checkpoint",
@@ -772,19 +772,6 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
     return allrows
 
 
-def _solve(fn: Callable[..., Any], X0: torch.Tensor | None) -> tuple[Any, int, bool]:
-    """A warm-started solve, retried once from a random start when it does not converge (as the tracker does).
-    Returns (result, operator applications spent, whether the accepted result was warm-started)."""
-    res = fn(X0=X0)
-    hvps, warm = int(res.num_hvps), X0 is not None
-    if warm and not res.converged:
-        cold = fn(X0=None)
-        hvps += int(cold.num_hvps)
-        if cold.converged or float(cold.residuals.max()) < float(res.residuals.max()):
-            res, warm = cold, False
-    return res, hvps, warm
-
-
 def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn: Callable, *, k: int, solver: str, tol: float,
                  max_iters: int | None, trust: bool, optimizer_factory: Callable | None,
                  prev_h: torch.Tensor | None, prev_p: torch.Tensor | None, sharpness_fn: Callable,
@@ -808,7 +795,7 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common = dict(k=k, solver=solver, tol=tol, max_iters=max_iters, **operator_options)
     t0 = time.perf_counter()
-    res, hvps, warm = _solve(lambda X0: sharpness_fn(model, loss_fn, data, X0=X0, **common),
+    res, hvps, warm = warm_started_solve(lambda X0: sharpness_fn(model, loss_fn, data, X0=X0, **common),
                              _warm_start(prev_h, n))
     prev_h = res.eigenvectors.detach().clone()
     values = [float(v) for v in res.eigenvalues]
@@ -828,7 +815,7 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
             # P of the last step taken (as stored); before Adam's first step there is no state: then the P of the
             # step about to be taken, from this data's gradient (as SharpnessTracker does).
             lookahead = not any("exp_avg_sq" in st for st in optimizer.state.values())
-            pres, phvps, _ = _solve(
+            pres, phvps, _ = warm_started_solve(
                 lambda X0: _optim.preconditioned_sharpness(model, loss_fn, data, optimizer, X0=X0,
                                                            lookahead=lookahead, **common),
                 _warm_start(prev_p, n))

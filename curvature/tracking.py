@@ -61,7 +61,8 @@ from .diagnostics import OPERATOR_OPTIONS, SOLVERS, sharpness
 from .optim import edge_ratio, is_adam_like, preconditioned_sharpness, stability_threshold, unwrap_optimizer
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
-           "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows"]
+           "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
+           "warm_started_solve"]
 
 log = logging.getLogger("curvature.tracking")
 
@@ -369,6 +370,27 @@ def make_sink(spec: Any) -> Callable[[dict], Any]:
                     "SummaryWriter or a callable(row)")
 
 
+def warm_started_solve(fn: Callable[..., Any], X0: torch.Tensor | None, *, retry_cold: bool = True
+                       ) -> tuple[Any, int, bool]:
+    """``fn(X0=X0)`` (a solve warm-started from earlier eigenvectors), started cold instead when ``X0`` no longer
+    fits (the parameters changed), and retried once cold when the warm solve does not converge.
+    Returns (the accepted result, operator applications spent in all, whether it was warm-started)."""
+    warm = X0 is not None
+    try:
+        res = fn(X0=X0)
+    except ValueError as exc:
+        if not warm or "X0" not in str(exc):
+            raise
+        res, warm = fn(X0=None), False
+    hvps = int(res.num_hvps)
+    if warm and not res.converged and retry_cold:
+        cold = fn(X0=None)
+        hvps += int(cold.num_hvps)
+        if cold.converged or float(cold.residuals.max()) < float(res.residuals.max()):
+            res, warm = cold, False
+    return res, hvps, warm
+
+
 # ---------------------------------------------------------------------------------------------------
 # The tracker
 # ---------------------------------------------------------------------------------------------------
@@ -530,24 +552,10 @@ class SharpnessTracker:
         return data
 
     def _solve(self, fn: Callable[..., Any], X0: torch.Tensor | None) -> tuple[Any, int, bool]:
-        """One solve, warm-started from X0 when usable; a cold retry when the warm one does not converge.
-        Returns (result, hvps spent, whether the accepted result was warm-started)."""
         common = dict(k=self.k, solver=self.solver, tol=self.tol, max_iters=self.max_iters,
                       solver_seed=self.solver_seed, **self.operator_options)
-        warm = self.warm_start and X0 is not None
-        try:
-            res = fn(X0=X0 if warm else None, **common)
-        except ValueError as exc:  # X0 no longer fits (the parameters changed): start cold
-            if not warm or "X0" not in str(exc):
-                raise
-            res, warm = fn(X0=None, **common), False
-        hvps = int(res.num_hvps)
-        if warm and not res.converged and self.retry_cold:
-            cold = fn(X0=None, **common)
-            hvps += int(cold.num_hvps)
-            if cold.converged or float(cold.residuals.max()) < float(res.residuals.max()):
-                res, warm = cold, False
-        return res, hvps, warm
+        return warm_started_solve(lambda X0: fn(X0=X0, **common), X0 if self.warm_start else None,
+                                  retry_cold=self.retry_cold)
 
     def _measure(self, model: torch.nn.Module, optimizer: Any, batch: Any, step: int) -> dict:
         t0 = time.perf_counter()
