@@ -6,12 +6,15 @@ Sharpness is λ_max(∇²L): gradient descent with step η is stable on a quadra
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._validate import check_optional_positive_int, check_positive_float, check_positive_int, check_seed, check_tol
 from .operators import HessianOperator, LinearOperator, ShiftedOperator
+from .data import CurvatureWarning
 from .solvers import EigenResult, lanczos, lobpcg, power_iteration
 
 __all__ = ["sharpness", "solve", "check_hvp", "HVPCheck", "SOLVERS"]
@@ -20,7 +23,7 @@ SOLVERS = {"lobpcg": lobpcg, "lanczos": lanczos, "power_iteration": power_iterat
 
 # Options of HessianOperator that sharpness() and friends pass through.
 OPERATOR_OPTIONS = ("method", "dtype", "device", "seed", "max_batch_size", "chunk_size", "cache_graph",
-                    "distributed", "process_group")
+                    "distributed", "process_group", "weight_fn", "inputs_as")
 
 
 def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
@@ -33,6 +36,12 @@ def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float = 1
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    k = check_positive_int(k, "k")
+    tol = check_tol(tol)
+    max_iters = check_optional_positive_int(max_iters, "max_iters")
+    seed = check_seed(seed, "solver_seed")
+    if k > op.shape[0]:
+        raise ValueError(f"k={k} eigenpairs asked of an operator of size {op.shape[0]}")
     if solver == "lobpcg":
         return lobpcg(op, k, largest=largest, tol=tol, max_iters=max_iters, X0=X0, seed=seed)
     v0 = None if X0 is None else (X0 if X0.ndim == 1 else X0[:, 0])
@@ -86,6 +95,16 @@ def split_operator_options(options: dict) -> tuple[dict, dict]:
     return op_kw, options
 
 
+def check_solver_options(k: Any, solver: Any, tol: Any, max_iters: Any, seed: Any) -> None:
+    """Validate solver options before any model work is done (raises ``ValueError``/``TypeError``)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    check_positive_int(k, "k")
+    check_tol(tol)
+    check_optional_positive_int(max_iters, "max_iters")
+    check_seed(seed, "solver_seed")
+
+
 def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solver: str = "lobpcg",
               tol: float = 1e-4, max_iters: int | None = None, X0: torch.Tensor | None = None, *,
               params: Any = None, largest: bool = True, solver_seed: int = 0, **operator_options: Any
@@ -101,6 +120,7 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    check_solver_options(k, solver, tol, max_iters, solver_seed)
     op = HessianOperator(model, loss_fn, data, params, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0])
@@ -133,9 +153,15 @@ class HVPCheck:
 
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        return (f"check_hvp {verdict} ({self.dtype}, tol {self.tol:.0e}): max relative error vs finite "
+        text = (f"check_hvp {verdict} ({self.dtype}, tol {self.tol:.0e}): max relative error vs finite "
                 f"differences {self.max_fd_error:.2e}, max asymmetry {self.max_symmetry_error:.2e} "
                 f"over {len(self.fd_errors)} directions")
+        loss_dtype = self.details.get("loss_dtype")
+        if loss_dtype is not None and loss_dtype != self.dtype:
+            text += (f"; the loss is computed in {loss_dtype}, so the step and tolerance are those of {loss_dtype} "
+                     f"and the HVP is only {loss_dtype}-accurate (compute the loss on the logits in {self.dtype} "
+                     "for a full-precision check)")
+        return text
 
 
 def check_hvp(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = None, num_directions: int = 3,
@@ -152,10 +178,23 @@ def check_hvp(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = 
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"check_hvp() got unexpected keyword arguments: {sorted(rest)}")
-    op = HessianOperator(model, loss_fn, data, params, dtype=dtype, **op_kw)
+    num_directions = check_positive_int(num_directions, "num_directions")
+    if num_directions < 2:
+        raise ValueError(f"num_directions must be >= 2 (the symmetry check pairs them), got {num_directions}")
+    tol = None if tol is None else check_tol(tol)
+    eps = None if eps is None else check_positive_float(eps, "eps")
+    seed = check_seed(seed)
+    with warnings.catch_warnings():  # the low-precision-loss warning is folded into the verdict below
+        warnings.filterwarnings("ignore", category=CurvatureWarning, message="the loss is computed in")
+        op = HessianOperator(model, loss_fn, data, params, dtype=dtype, **op_kw)
     work = op.dtype
-    unit = torch.finfo(work).eps
-    tol = tol if tol is not None else (1e-5 if work == torch.float64 else math.sqrt(unit) * 50)
+    # The gradients the finite differences are taken of are only as precise as the loss: a float32 loss under a
+    # float64 operator (HF's logits.float()) needs the float32 step and tolerance.
+    loss_dtype = getattr(op.engine, "loss_dtype", work)
+    precision = loss_dtype if (loss_dtype.is_floating_point
+                               and torch.finfo(loss_dtype).eps > torch.finfo(work).eps) else work
+    unit = torch.finfo(precision).eps
+    tol = tol if tol is not None else (1e-5 if precision == torch.float64 else math.sqrt(unit) * 50)
     gen = torch.Generator().manual_seed(seed)
     theta = op.parameter_vector()
     scale = max(1.0, float(theta.norm()) / math.sqrt(theta.numel()))
@@ -174,7 +213,8 @@ def check_hvp(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = 
         u, Hu = V[:, j], HV[:, j]
         denom = float(u.norm() * HV[:, i].norm() + v.norm() * Hu.norm())
         sym_errors.append(abs(float(u @ HV[:, i] - v @ Hu)) / max(denom, torch.finfo(work).tiny))
-    result = HVPCheck(fd_errors, sym_errors, tol, step, work, {"num_params": op.shape[0], "method": op.method})
+    result = HVPCheck(fd_errors, sym_errors, tol, step, work, {"num_params": op.shape[0], "method": op.method,
+                                                               "loss_dtype": loss_dtype})
     if raise_on_failure and not result.passed:
         raise AssertionError(str(result))
     return result

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from torch.func import functional_call
 
 from ._exact import frozen_rng, has_train_mode_batchnorm, peek_seed, reseed, second_order_context, unwrap_model
 
-__all__ = ["Batch", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
+__all__ = ["Batch", "BatchSource", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
 
 log = logging.getLogger("curvature.hvp")
 
@@ -45,111 +44,13 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: one batch or many, inputs as tensor / tuple (positional) / dict (keyword)
+# Data: batches, weights, losses live in curvature.data (re-exported here)
 # ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Batch:
-    """One batch: the model is called as ``model(*args, **kwargs)`` and the loss as ``loss_fn(out, targets)``."""
-
-    args: tuple
-    kwargs: dict
-    targets: Any
-    size: int
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)`` with the batch convention of this package: a dict is passed as keyword arguments,
-    a tuple/list as positional arguments, anything else as the one argument."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _first_tensor(x: Any) -> torch.Tensor | None:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (tuple, list)):
-        for item in x:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
-
-
-def _is_single_batch(data: Any) -> bool:
-    """``(inputs, targets)`` with inputs a tensor, dict or tuple — as opposed to an iterable of batches."""
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        return False
-    inputs, targets = data
-    if isinstance(inputs, (torch.Tensor, dict)):
-        return True
-    # a tuple of positional inputs, followed by targets that are not themselves a batch
-    return isinstance(inputs, (tuple, list)) and not _looks_like_batch(targets)
-
-
-def _looks_like_batch(x: Any) -> bool:
-    return isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], (torch.Tensor, dict, tuple, list))
-
-
-def _to_batch(raw: Any, index: int) -> Batch:
-    if not isinstance(raw, (tuple, list)) or len(raw) != 2:
-        raise TypeError(f"batch {index} must be a pair (inputs, targets), got {type(raw).__name__}"
-                        + (f" of length {len(raw)}" if isinstance(raw, (tuple, list)) else ""))
-    inputs, targets = raw
-    if isinstance(inputs, dict):
-        args, kwargs = (), dict(inputs)
-    elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(inputs), {}
-    else:
-        args, kwargs = (inputs,), {}
-    ref = targets if isinstance(targets, torch.Tensor) and targets.ndim > 0 else _first_tensor(inputs)
-    if ref is None or ref.ndim == 0:
-        raise TypeError(f"batch {index}: cannot tell its number of samples (no tensor with a batch dimension)")
-    size = int(ref.shape[0])
-    if size == 0:
-        raise ValueError(f"batch {index} is empty (0 samples)")
-    return Batch(args, kwargs, targets, size)
-
-
-def _slice(x: Any, lo: int, hi: int, size: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[lo:hi] if x.ndim > 0 and x.shape[0] == size else x
-    if isinstance(x, dict):
-        return {k: _slice(v, lo, hi, size) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_slice(v, lo, hi, size) for v in x)
-    return x
-
-
-def as_batches(data: Any, max_batch_size: int | None = None) -> list[Batch]:
-    """Read ``data`` once into a list of :class:`Batch` (a DataLoader that shuffles is read once, so the
-    operator stays one matrix). ``max_batch_size`` splits larger batches into micro-batches (weighted by size,
-    so the mean loss is unchanged for models whose samples do not interact)."""
-    if data is None:
-        raise ValueError("data is None: pass one batch (inputs, targets) or an iterable of batches")
-    raws: Iterable = [data] if _is_single_batch(data) else data
-    try:
-        batches = [_to_batch(raw, i) for i, raw in enumerate(raws)]
-    except TypeError as exc:
-        if "not iterable" in str(exc):
-            raise TypeError(f"data must be a batch (inputs, targets) or an iterable of batches, "
-                            f"got {type(data).__name__}") from exc
-        raise
-    if max_batch_size is not None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        split = []
-        for b in batches:
-            for lo in range(0, b.size, max_batch_size):
-                hi = min(lo + max_batch_size, b.size)
-                split.append(Batch(_slice(b.args, lo, hi, b.size), _slice(b.kwargs, lo, hi, b.size),
-                                   _slice(b.targets, lo, hi, b.size), hi - lo))
-        batches = split
-    return batches
+from .data import (  # noqa: E402
+    Batch, BatchSource, as_batches, call_model, is_known_mean_loss, model_output_loss, resolve_loss_fn,
+    warn_if_low_precision_loss, warn_if_sum_reduced,
+)
+from ._validate import check_optional_positive_int, check_seed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,17 +105,18 @@ class HVPEngine:
     ``"reverse_over_reverse"`` and a single batch that pass keeps the first-order graph for every later HVP.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any,
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any,
                  params: Sequence[str | torch.Tensor] | None = None, *, method: str = "auto",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
-                 cache_graph: bool = True, allow_empty: bool = False) -> None:
+                 cache_graph: bool = True, allow_empty: bool = False, weight_fn: Callable[[Any], Any] | None = None,
+                 inputs_as: str = "kwargs") -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
         self.model = unwrap_model(model)
-        self.loss_fn = loss_fn
+        self.loss_fn = resolve_loss_fn(loss_fn)  # None: the model's own loss; sum-reduced loss modules refused
+        seed = None if seed is None else check_seed(seed)
+        chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
         selected = select_parameters(self.model, params)
         self.names = [n for n, _ in selected]
         self.shapes = [p.shape for _, p in selected]
@@ -230,10 +132,11 @@ class HVPEngine:
             raise ValueError("max_batch_size= (micro-batching) would change the function of a model with "
                              "BatchNorm in train mode: its batch statistics couple the samples of a batch. "
                              "Use eval mode, or pass batches of the size you want analysed.")
-        self.batches = as_batches(data, max_batch_size)
-        if not self.batches and not allow_empty:
+        self.batches = as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=self.model,
+                                  own_loss=self.loss_fn is model_output_loss)  # an object with __iter__/__len__ (may stream)
+        if not len(self.batches) and not allow_empty:
             raise ValueError("data is empty: it yielded no batches")
-        self.num_samples = sum(b.size for b in self.batches)
+        self.num_samples = self.batches.total_weight  # Σ_b w_b (samples, or what weight_fn / labels say)
         self.seed = peek_seed(self.device) if seed is None else int(seed)
         self.chunk_size = chunk_size
         self.method = "reverse_over_reverse" if method == "auto" else method
@@ -255,12 +158,14 @@ class HVPEngine:
                 leaves = tuple(p.detach().requires_grad_() for p in self._primals)
                 loss = self._loss(leaves, i, batch)
                 self._check_finite_loss(loss, i)
+                if i == 0:
+                    self._check_loss(loss, batch)
                 grads = torch.autograd.grad(loss, leaves, create_graph=keep, allow_unused=True)
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves))
                 self._check_finite_grad(grads, i)
-                loss_sum += loss.detach().double() * batch.size
+                loss_sum += loss.detach().double() * batch.weight
                 for acc, g in zip(grad_sum, grads):
-                    acc.add_(g.detach(), alpha=batch.size)
+                    acc.add_(g.detach(), alpha=batch.weight)
                 if keep:
                     self._graph = (leaves, grads)
         self.loss_sum = loss_sum
@@ -294,6 +199,14 @@ class HVPEngine:
             raise ValueError(f"loss_fn must return a scalar (mean-reduced) loss, got {shape}")
         return loss.reshape(())
 
+    def _check_loss(self, loss: torch.Tensor, batch: Batch) -> None:
+        """Once per engine: warn on a loss computed below the operator's precision, and on a loss that scales
+        with the batch size (measured on a few samples, for callables whose reduction is not known)."""
+        self.loss_dtype = loss.dtype
+        warn_if_low_precision_loss(loss, self.dtype)
+        if not is_known_mean_loss(self.loss_fn):
+            warn_if_sum_reduced(lambda b: self._loss(self._primals, 0, b), batch)
+
     def _check_finite_loss(self, loss: torch.Tensor, index: int) -> None:
         if not torch.isfinite(loss.detach()).item():
             raise FloatingPointError(f"the loss is {loss.item()} at batch {index} of {len(self.batches)}: "
@@ -312,16 +225,16 @@ class HVPEngine:
             # Hot path: one backward through the kept first-order graph. No forward runs, so neither the RNG
             # nor the second-order context is involved (the graph was built inside it).
             leaves, grads = self._graph
-            return [h.mul_(self.batches[0].size) for h in self._double_backward(leaves, grads, tangents)]
+            return [h.mul_(self.batches[0].weight) for h in self._double_backward(leaves, grads, tangents)]
         out: list[torch.Tensor] | None = None
         with frozen_rng(self.device), second_order_context(self.model):
             for i, batch in enumerate(self.batches):
                 hv = self._hvp_batch(tangents, i, batch)
                 if out is None:
-                    out = [h.mul(batch.size) for h in hv]
+                    out = [h.mul(batch.weight) for h in hv]
                 else:
                     for acc, h in zip(out, hv):
-                        acc.add_(h, alpha=batch.size)
+                        acc.add_(h, alpha=batch.weight)
         if out is None:  # no batches on this rank (distributed): contributes zero
             k = tangents[0].shape[0]
             out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
@@ -409,10 +322,10 @@ class HVPEngine:
                 leaves = tuple(self._cast(p.detach()).requires_grad_() for p in primals)
                 loss = self._loss(leaves, i, batch)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                loss_sum += float(loss.detach()) * batch.size
+                loss_sum += float(loss.detach()) * batch.weight
                 for acc, g in zip(grad_sum, grads):
                     if g is not None:
-                        acc.add_(g, alpha=batch.size)
+                        acc.add_(g, alpha=batch.weight)
         return loss_sum, grad_sum
 
     @property

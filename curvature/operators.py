@@ -126,9 +126,11 @@ class HessianOperator(LinearOperator):
 
     Args:
         model: any ``nn.Module``, analysed in its current mode (train mode = batch statistics for BatchNorm).
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, mean-reduced.
-        data: one batch ``(inputs, targets)`` or an iterable of batches (read once, at construction);
-            ``inputs`` a tensor, a tuple (positional) or a dict (keyword arguments).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, mean-reduced, or ``None`` for the model's own loss
+            (``output.loss``); see :mod:`curvature.data`.
+        data: one batch ``(inputs, targets)``, one dict batch (labels inside), or an iterable of batches (a
+            DataLoader is streamed, same batches every pass); ``inputs`` a tensor, a tuple (positional) or a
+            dict (keyword arguments). Rules in :mod:`curvature.data`.
         params: names (or module prefixes) or tensors narrowing θ, for per-layer curvature.
         method: ``"auto"`` (= ``"reverse_over_reverse"``, the cheapest single HVP in our benchmarks, keeps the
             first-order graph of a single batch), or ``"forward_over_reverse"`` (keeps no graph).
@@ -141,6 +143,10 @@ class HessianOperator(LinearOperator):
         chunk_size: most directions per ``vmap`` call in forward-over-reverse blocks (memory bound).
         distributed: ``None`` = all-reduce when ``torch.distributed`` runs >1 process; ``False`` opts out.
         process_group: the group to all-reduce over (default WORLD).
+        weight_fn: ``weight_fn(batch) -> number``, what a batch weighs in the mean loss (default: its samples;
+            with ``loss_fn=None`` and HF ``labels``, its non-ignored labels).
+        inputs_as: ``"kwargs"`` (a dict is passed as keyword arguments) or ``"argument"`` (as the one positional
+            argument, for ``forward(self, batch)``).
 
     Nothing about the model changes: parameters, buffers, ``.grad``, ``model.training`` and the RNG state
     are the same after every call.
@@ -149,13 +155,15 @@ class HessianOperator(LinearOperator):
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,
                  method: str = "auto", dtype: torch.dtype | None = None, device: Any = None,
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
-                 cache_graph: bool = True, distributed: bool | None = None, process_group: Any = None) -> None:
+                 cache_graph: bool = True, distributed: bool | None = None, process_group: Any = None,
+                 weight_fn: Any = None, inputs_as: str = "kwargs") -> None:
         group = resolve_process_group(distributed, process_group)
         error: Exception | None = None
         try:
             self.engine = HVPEngine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
                                     seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
-                                    cache_graph=cache_graph, allow_empty=group is not None)
+                                    cache_graph=cache_graph, allow_empty=group is not None,
+                                    weight_fn=weight_fn, inputs_as=inputs_as)
         except Exception as exc:  # raising alone would leave the other ranks waiting in the all-reduce below
             if group is None:
                 raise
@@ -176,7 +184,8 @@ class HessianOperator(LinearOperator):
         self.params: list[torch.Tensor] = list(e.params)
         self.param_shapes: list[torch.Size] = list(e.shapes)
         self._numels = [math.prod(s) for s in e.shapes]
-        self.num_samples = int(status[0].item())
+        total = float(status[0].item())  # Σ_b w_b: samples, or tokens / what weight_fn says (maybe fractional)
+        self.num_samples = int(total) if total.is_integer() else total
         if self.num_samples == 0:
             raise ValueError("data is empty on every rank: no samples to take curvature over")
         loss = all_reduce_sum(e.loss_sum.clone().reshape(1), group)

@@ -110,19 +110,7 @@ class TrackingWarning(RuntimeWarning):
 # ---------------------------------------------------------------------------------------------------
 # Loss adapters
 # ---------------------------------------------------------------------------------------------------
-def model_output_loss(outputs: Any, targets: Any = None) -> torch.Tensor:
-    """``loss_fn`` for models that compute their own loss (Hugging Face models given ``labels``): returns
-    ``outputs.loss`` (or ``outputs["loss"]``, or the first element of a tuple). Batches are then
-    ``(inputs_dict, None)``; :class:`SharpnessTracker` with ``loss_fn=None`` does this wrapping itself."""
-    loss = getattr(outputs, "loss", None)
-    if loss is None and isinstance(outputs, dict):
-        loss = outputs.get("loss")
-    if loss is None and isinstance(outputs, (tuple, list)) and outputs:
-        loss = outputs[0]
-    if not isinstance(loss, torch.Tensor):
-        raise ValueError("loss_fn=None uses the model's own loss, but the model's output has no `loss` "
-                         "(pass the labels in the batch, e.g. {'input_ids': ..., 'labels': ...}, or give a loss_fn)")
-    return loss
+from .data import model_output_loss  # noqa: E402  (moved to curvature.data; re-exported here)
 
 
 def _own_loss_batch(batch: Any) -> Any:
