@@ -56,7 +56,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .diagnostics import solve, split_operator_options
+from .data import as_batches, resolve_loss_fn
+from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import frozen_rng, unwrap_model
 from .distributed import all_reduce_sum, resolve_process_group
 from .operators import HessianOperator, LinearOperator
@@ -115,12 +116,18 @@ def _fold_reference_lr(opt: torch.optim.Optimizer) -> float:
     return _group_lr(opt.param_groups[0], 0)
 
 
+def _has_momentum_buffers(opt: torch.optim.Optimizer, group: dict) -> bool:
+    """True once SGD has stored a momentum buffer for some parameter of ``group`` (after its first step)."""
+    return any(opt.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"])
+
+
 def stability_threshold(optimizer: Any) -> float:
     """The largest curvature the optimizer's step is stable on (quadratic model), for its first group's lr.
 
     * SGD: 2/η; with momentum μ (PyTorch form buf ← μ·buf + (1−d)·g): (2+2μ)/((1−d)η), = (2+2μ)/η for the
-      default dampening d = 0; with Nesterov: (2+2μ)/((1+2μ−μd)η) (= (2+2μ)/((1+2μ)η)). Compare with
-      λ_max(H) (plus the weight decay, if any: the optimizer sees H + wd·I).
+      default dampening d = 0; with Nesterov: (2+2μ)/((1+2μ−μd)η) (= (2+2μ)/((1+2μ)η)). Before the first step
+      (no ``momentum_buffer`` in the state yet) the step is plain GD, 2/η (Nesterov: 2/((1+μ)η)). Compare
+      with λ_max(H) (plus the weight decay, if any: the optimizer sees H + wd·I).
     * Adam/AdamW: (2+2β₁)/((1−β₁)η). Compare with λ_max(P⁻¹H) (:func:`preconditioned_sharpness`).
 
     η is ``optimizer.param_groups[0]["lr"]`` as it is now (after any scheduler), β₁/μ/d from that group.
@@ -143,6 +150,10 @@ def stability_threshold(optimizer: Any) -> float:
     if d >= 1:
         raise ValueError(f"SGD with dampening={d} >= 1 never feeds gradients into its momentum buffer after the "
                          "first step: it has no stability threshold")
+    if not _has_momentum_buffers(opt, group):
+        # the first step: PyTorch sets buf = g (no dampening), so the step is θ ← θ − η·g (plain GD), or with
+        # Nesterov θ ← θ − η·(1+μ)·g
+        return 2.0 / ((1 + mu) * lr) if group.get("nesterov", False) else 2.0 / lr
     if group.get("nesterov", False):
         return (2 + 2 * mu) / ((1 + 2 * mu - mu * d) * lr)
     return (2 + 2 * mu) / ((1 - d) * lr)
@@ -202,43 +213,74 @@ class PreconditionedHessianOperator(LinearOperator):
         model, loss_fn, data, params: as for :class:`HessianOperator`; frozen parameters are not in it.
         optimizer: a ``torch.optim.Adam`` / ``AdamW`` that owns every parameter of the operator (for-loop,
             foreach or fused implementation; ``step`` stored as a tensor or a number).
-        lookahead: build the P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = this data's
-            gradient, plus wd·θ for Adam's L2 weight decay); works before the first step (v = (1−β₂)g², t = 1).
-            Without it, P is that of the last step taken, and an optimizer with no state is an error.
+        lookahead: ``True`` (default): the P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, then the
+            running max with amsgrad; g = this data's gradient, computed in float64, plus wd·θ for Adam's L2
+            weight decay); works before the first step (v = (1−β₂)g², t = 1). ``False``: the P of the last step
+            taken (v, t as stored); a parameter with ``step = 0`` is then an error.
+
+    Parameters with no Adam state (never got a gradient: an unused head, a conditional branch) and a zero
+    gradient on this data are left out: their rows of H are zero, P = inf there (``info["left_out"]``). With
+    ``lookahead=False``, one with no state but a gradient now gets the P its first step will have
+    (``info["first_step_preconditioner"]``). ``info["preconditioner"]`` is ``"next_step"`` or ``"last_step"``.
 
     Attributes: ``preconditioner`` (flat diagonal of P, in ``param_names`` order), ``inner``, ``loss``,
-    ``gradient``, ``param_names``, ``params``, ``lr`` (η₀), ``beta1`` (of the first group), ``lookahead``.
+    ``gradient``, ``param_names``, ``params``, ``lr`` (η₀), ``beta1`` (of the first group), ``lookahead``, ``info``.
     The optimizer's state is only read (copies), never modified.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
-                 lookahead: bool = False, **operator_options: Any) -> None:
+                 lookahead: bool = True, **operator_options: Any) -> None:
         opt = _require_adam(optimizer, "PreconditionedHessianOperator")
+        if not isinstance(lookahead, bool):
+            raise TypeError(f"lookahead must be True (P of the step about to be taken) or False (P of the last step "
+                            f"taken), got {lookahead!r}")
         lr0 = _fold_reference_lr(opt)
         inner = HessianOperator(model, loss_fn, data, params, **operator_options)
         super().__init__(inner.shape[0], inner.dtype, inner.device)
         self.inner = inner
         self.optimizer = opt
-        self.lookahead = bool(lookahead)
+        self.lookahead = lookahead
         self.param_names: list[str] = list(inner.param_names)
         self.params: list[torch.Tensor] = list(inner.params)
         self.loss: float = inner.loss
         self.gradient: torch.Tensor = inner.gradient
         self.lr = lr0
         self.beta1 = _scalar(opt.param_groups[0]["betas"][0])
-        self.preconditioner = self._build_preconditioner(opt, lr0)
-        self._scale = self.preconditioner.rsqrt()
+        self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step"}
+        grad64 = self._lookahead_gradient(model, loss_fn, params, operator_options)
+        P64 = self._build_preconditioner(opt, lr0, grad64)
+        self.preconditioner = P64.to(self.dtype)
+        self._scale = P64.rsqrt().to(self.dtype)  # 0 where a parameter is left out (P = inf)
 
-    def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float) -> torch.Tensor:
+    def _lookahead_gradient(self, model: nn.Module, loss_fn: Any, params: Any, options: dict) -> torch.Tensor:
+        """g for the lookahead P, in float64: P ∝ |g| before the first step, so float32 rounding of small gradient
+        entries would show up in λ(P⁻¹H) (~1e-3); one extra float64 gradient pass over the same batches (same
+        frozen randomness) makes P float64-accurate."""
+        g = self.inner.gradient
+        if not self.lookahead or g.dtype == torch.float64:
+            return g.double()
+        e = self.inner.engine
+        opts = dict(options, dtype=torch.float64, cache_graph=False, seed=e.seed)
+        opts.pop("max_batch_size", None)  # the batches are already split
+        ref = HessianOperator(model, loss_fn, e.batches, params, **opts)
+        return ref.gradient
+
+    def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float, grad: torch.Tensor) -> torch.Tensor:
+        """The flat diagonal of P in float64 (``inf`` for parameters left out)."""
         owners = _owners(opt)
         foreign = [n for n, p in zip(self.param_names, self.params) if id(p) not in owners]
         if foreign:
             raise ValueError(f"the optimizer does not own these parameters of the operator: {', '.join(foreign)}; "
                              "narrow the operator with params= or pass the optimizer that trains them")
-        dtype, device = self.dtype, self.device
-        grads = self.inner.unflatten(self.gradient) if self.lookahead else [None] * len(self.params)
-        parts, no_state, zero_step = [], [], []
-        for name, p, g in zip(self.param_names, self.params, grads):
+        dtype, device = torch.float64, self.device
+        grads = self.inner.unflatten(grad.to(device))
+        live = self.inner.unflatten(self.inner.gradient)
+        if not self.lookahead and not any("exp_avg_sq" in opt.state.get(p, {}) for p in self.params):
+            raise ValueError(f"the optimizer has no Adam state (exp_avg_sq, step) for {', '.join(self.param_names)}: "
+                             "P of the last step is undefined. Take an optimizer step first, or pass lookahead=True "
+                             "for the P of the step about to be taken")
+        parts, zero_step, left_out, first_step = [], [], [], []
+        for name, p, g, g_live in zip(self.param_names, self.params, grads, live):
             gi = owners[id(p)]
             group = opt.param_groups[gi]
             lr = lr0 if lr0 == 0 else _group_lr(group, gi)
@@ -248,11 +290,20 @@ class PreconditionedHessianOperator(LinearOperator):
             state = opt.state.get(p, {})
             has_state = "exp_avg_sq" in state and "step" in state
 
-            def read(key: str) -> torch.Tensor | None:  # a detached copy in the operator's dtype/device
+            def read(key: str) -> torch.Tensor | None:  # a detached float64 copy on the operator's device
                 t = state.get(key)
                 return None if t is None else t.detach().to(device=device, dtype=dtype, copy=True)
 
-            if self.lookahead:
+            if not has_state and not bool(g_live.ne(0).any()):
+                # never got a gradient (unused head, conditional branch) and none on this data: its rows of H are
+                # zero, so it is left out of P⁻¹H (P = inf) instead of blocking the whole model
+                left_out.append(name)
+                parts.append(torch.full(p.shape, math.inf, dtype=dtype, device=device))
+                continue
+            if self.lookahead or not has_state:
+                if not has_state and not self.lookahead:
+                    first_step.append(name)  # used now but never stepped: the P its first step will have
+                g = g.to(dtype)
                 wd = _scalar(group.get("weight_decay", 0.0))
                 if wd != 0 and not _is_decoupled(opt, group):
                     g = g + wd * p.detach().to(device=device, dtype=dtype)
@@ -265,9 +316,6 @@ class PreconditionedHessianOperator(LinearOperator):
                 if vmax is not None:
                     v = torch.maximum(vmax, v)
             else:
-                if not has_state:
-                    no_state.append(name)
-                    continue
                 t = _scalar(state["step"])
                 if t <= 0:
                     zero_step.append(name)
@@ -275,20 +323,21 @@ class PreconditionedHessianOperator(LinearOperator):
                 v = read("max_exp_avg_sq") if amsgrad and "max_exp_avg_sq" in state else read("exp_avg_sq")
             bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
             parts.append(bc1 * (v.sqrt() / math.sqrt(bc2) + eps) * (1.0 if lr == lr0 else lr0 / lr))
-        if no_state or zero_step:
-            what = []
-            if no_state:
-                what.append(f"no Adam state (exp_avg_sq, step) for {', '.join(no_state)}")
-            if zero_step:
-                what.append(f"step = 0 for {', '.join(zero_step)}")
-            raise ValueError(f"the optimizer has {'; '.join(what)}: P of the last step is undefined. Take an "
-                             "optimizer step first, or pass lookahead=True for the P of the step about to be taken")
+        if zero_step:
+            raise ValueError(f"the optimizer has step = 0 for {', '.join(zero_step)}: P of the last step is undefined. "
+                             "Take an optimizer step first, or pass lookahead=True for the P of the step about to be "
+                             "taken")
+        self.info["left_out"] = left_out
+        self.info["first_step_preconditioner"] = first_step
         P = torch.cat([x.reshape(-1) for x in parts])
-        bad = ~(torch.isfinite(P) & (P > 0))
+        bad = ~((torch.isfinite(P) & (P > 0)) | (P == math.inf))
         if bad.any():
             names = sorted({self.param_names[i] for i in self._param_index(bad.nonzero().flatten().tolist())})
             raise ValueError(f"the pre-conditioner is not positive and finite in {', '.join(names)} "
                              "(eps = 0 with exp_avg_sq = 0, or a non-finite state)")
+        if bool((P == math.inf).all()):
+            raise ValueError("every parameter of the operator is left out (no Adam state and a zero gradient on "
+                             "this data): P⁻¹H is zero")
         return P
 
     def _param_index(self, flat_indices: Sequence[int]) -> list[int]:
@@ -312,21 +361,26 @@ class PreconditionedHessianOperator(LinearOperator):
 
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
                              solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
-                             X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = False,
+                             X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = True,
                              largest: bool = True, solver_seed: int = 0, **operator_options: Any) -> EigenResult:
     """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
     those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
 
     Compare ``eigenvalues[0]`` with :func:`stability_threshold` ``(2+2β₁)/((1−β₁)η)``, or use
     :func:`edge_ratio`. Solver options as in :func:`~curvature.sharpness`; extra keyword options go to the
-    inner :class:`HessianOperator`. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead`` and
-    ``threshold`` (``None`` at lr = 0, where it is undefined).
+    inner :class:`HessianOperator`. ``lookahead=True`` (default) uses the P of the step about to be taken,
+    ``False`` that of the last step taken. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead``,
+    ``preconditioner`` (``"next_step"`` / ``"last_step"``), ``left_out`` (parameters without Adam state and
+    without gradient, whose zero rows of H are left out) and ``threshold`` (``None`` at lr = 0, where it is
+    undefined).
     """
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    check_solver_options(k, solver, tol, max_iters, solver_seed)
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
+    res.info.update(op.info)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,
                     threshold=stability_threshold(optimizer) if op.lr > 0 else None)
     return res
@@ -372,19 +426,16 @@ def _write_gi_state(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, g:
         state["max_exp_avg_sq"] = sq.clone(memory_format=torch.preserve_format)
 
 
-def _as_batches(batch: Any) -> list:
-    from .hvp import as_batches
-    return as_batches(batch)
-
-
 def _first_order_gradient(model: nn.Module, loss_fn: Any, batch: Any, wanted: Sequence[str],
                           group: Any) -> tuple[float, list[torch.Tensor]]:
     """Mean loss and ∂L/∂θ for the named parameters, by plain autograd on detached parameters and cloned buffers
     (the values ``loss.backward()`` would leave in ``.grad`` for one batch); RNG state restored."""
     named = dict(model.named_parameters())
-    batches = _as_batches(batch)
+    own = loss_fn is None
+    loss_fn = resolve_loss_fn(loss_fn)
+    batches = as_batches(batch, model=model, own_loss=own)
     device = named[wanted[0]].device
-    total = sum(b.size for b in batches)
+    total = batches.total_weight
     single = len(batches) == 1 and group is None
     grads: list[torch.Tensor] = [torch.zeros_like(named[n]) for n in wanted]
     loss_sum = 0.0
@@ -399,14 +450,14 @@ def _first_order_gradient(model: nn.Module, loss_fn: Any, batch: Any, wanted: Se
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar (mean-reduced) loss")
             gs = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
-            loss_sum += float(loss.detach()) * b.size
+            loss_sum += float(loss.detach()) * b.weight
             for i, gr in enumerate(gs):
                 if gr is None:
                     continue
                 if single:
                     grads[i] = gr
                 else:
-                    grads[i].add_(gr, alpha=b.size)
+                    grads[i].add_(gr, alpha=b.weight)
     if single:
         return loss_sum / total, grads
     count = all_reduce_sum(torch.tensor([float(total), loss_sum], dtype=torch.float64, device=device), group)

@@ -17,14 +17,28 @@ def _opt(cls, lr=0.1, **kw):
     return cls([torch.zeros(1, requires_grad=True)], lr=lr, **kw)
 
 
+def _stepped(opt):
+    """``opt`` after one step on a zero gradient (momentum buffers exist; nothing moves)."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    return opt
+
+
 # --------------------------------------------------------------------------------------------------
 # thresholds
 # --------------------------------------------------------------------------------------------------
 def test_threshold_formulas():
     assert stability_threshold(_opt(torch.optim.SGD, 0.1)) == pytest.approx(20.0)
-    assert stability_threshold(_opt(torch.optim.SGD, 0.1, momentum=0.9)) == pytest.approx(38.0)
-    assert stability_threshold(_opt(torch.optim.SGD, 0.1, momentum=0.9, dampening=0.5)) == pytest.approx(76.0)
-    assert stability_threshold(_opt(torch.optim.SGD, 0.1, momentum=0.9, nesterov=True)) == pytest.approx(3.8 / 2.8 / 0.1)
+    assert stability_threshold(_stepped(_opt(torch.optim.SGD, 0.1, momentum=0.9))) == pytest.approx(38.0)
+    assert stability_threshold(_stepped(_opt(torch.optim.SGD, 0.1, momentum=0.9, dampening=0.5))) == pytest.approx(76.0)
+    assert stability_threshold(_stepped(_opt(torch.optim.SGD, 0.1, momentum=0.9, nesterov=True))) == pytest.approx(
+        3.8 / 2.8 / 0.1)
+    # before the first step the momentum buffer is empty: the step is plain GD (Nesterov: η(1+μ)g)
+    assert stability_threshold(_opt(torch.optim.SGD, 0.1, momentum=0.9)) == pytest.approx(20.0)
+    assert stability_threshold(_opt(torch.optim.SGD, 0.1, momentum=0.9, dampening=0.5)) == pytest.approx(20.0)
+    assert stability_threshold(_opt(torch.optim.SGD, 0.1, momentum=0.9, nesterov=True)) == pytest.approx(20.0 / 1.9)
     assert stability_threshold(_opt(torch.optim.SGD, 0.1, dampening=0.5)) == pytest.approx(20.0)  # no momentum
     assert stability_threshold(_opt(torch.optim.Adam, 1e-3)) == pytest.approx(38_000.0)
     assert stability_threshold(_opt(torch.optim.AdamW, 1e-3, betas=(0.5, 0.9))) == pytest.approx(3.0 / 0.5 / 1e-3)
@@ -34,9 +48,9 @@ def test_threshold_formulas():
 def test_threshold_uses_first_group_and_current_lr():
     a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([{"params": [a], "lr": 0.2}, {"params": [b], "lr": 5.0}], lr=1.0, momentum=0.5)
-    assert stability_threshold(opt) == pytest.approx(3.0 / 0.2)
+    assert stability_threshold(opt) == pytest.approx(2.0 / 0.2)  # empty momentum buffer: plain GD
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.1 * (t + 1))  # warm-up factor
-    assert stability_threshold(opt) == pytest.approx(3.0 / 0.02)
+    assert stability_threshold(opt) == pytest.approx(2.0 / 0.02)
     a.grad = b.grad = torch.zeros(1)
     opt.step()
     sched.step()
@@ -60,13 +74,33 @@ def _run_quadratic(lam, make, steps, x0=1.0):
                                 {"momentum": 0.9, "nesterov": True}, {"momentum": 0.3, "nesterov": True}],
                          ids=["gd", "mom0.9", "mom0.5", "mom-damp", "nesterov0.9", "nesterov0.3"])
 def test_sgd_thresholds_on_a_quadratic(kw):
-    """Just below the threshold PyTorch's SGD contracts, just above it diverges."""
+    """Just below the threshold PyTorch's SGD contracts, just above it diverges (the threshold of a run, read
+    once the momentum buffer exists)."""
     make = lambda p: torch.optim.SGD(p, lr=0.1, **kw)  # noqa: E731
-    thr = stability_threshold(make([torch.zeros(1, requires_grad=True)]))
+    thr = stability_threshold(_stepped(make([torch.zeros(1, requires_grad=True)])))
     below = _run_quadratic(0.97 * thr, make, 400)
     above = _run_quadratic(1.03 * thr, make, 400)
     assert below[-1] < 1e-3
     assert above[-1] > 1e3
+
+
+@pytest.mark.parametrize("kw", [{"momentum": 0.9}, {"momentum": 0.5, "dampening": 0.5},
+                                {"momentum": 0.9, "nesterov": True}], ids=["mom0.9", "mom-damp", "nesterov0.9"])
+def test_sgd_momentum_threshold_of_the_first_step(kw):
+    """#12.14: the first step of SGD with momentum (empty buffer: buf = g) is plain GD (Nesterov: η(1+μ)g), so
+    its threshold is 2/η (2/((1+μ)η)), not (2+2μ)/η: torch's own first step contracts |x| on L = λx²/2 just below
+    it and expands it just above; once the buffer exists the run's threshold is returned."""
+    make = lambda p: torch.optim.SGD(p, lr=0.1, **kw)  # noqa: E731
+    thr0 = stability_threshold(make([torch.zeros(1, requires_grad=True)]))
+    expected = 2.0 / ((1 + kw["momentum"]) * 0.1) if kw.get("nesterov") else 2.0 / 0.1
+    assert thr0 == pytest.approx(expected)
+    assert _run_quadratic(0.97 * thr0, make, 1)[0] < 1.0
+    assert _run_quadratic(1.03 * thr0, make, 1)[0] > 1.0
+    x = torch.tensor([1.0], dtype=DT, requires_grad=True)
+    opt = make([x])
+    (0.5 * x ** 2).sum().backward()
+    opt.step()
+    assert stability_threshold(opt) > 1.25 * thr0  # (2+2μ)/((1−d)η) etc. once momentum builds up
 
 
 @pytest.mark.parametrize("beta1", [0.9, 0.5])
@@ -208,7 +242,7 @@ def test_gi_adam_cuts_preconditioned_sharpness():
     gi = torch.optim.Adam(model.parameters(), lr=1e-3)
     gi_adam_init(gi, model, loss_fn, data)
     with pytest.raises(ValueError, match=r"step = 0 for 0\.weight.*pass lookahead=True"):
-        PreconditionedHessianOperator(model, loss_fn, data, gi)
+        PreconditionedHessianOperator(model, loss_fn, data, gi, lookahead=False)
     lam_plain = preconditioned_sharpness(model, loss_fn, data, plain, tol=1e-10, lookahead=True)
     lam_gi = preconditioned_sharpness(model, loss_fn, data, gi, tol=1e-10, lookahead=True)
     # dense reference for both
