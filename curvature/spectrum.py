@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import _validate as _v
 from .operators import HessianOperator
 from .solvers import lanczos_tridiagonal
 from .solvers._common import as_operator
@@ -148,6 +149,12 @@ def hutchinson_trace(op: Any, *, num_samples: int | None = None, tol: float = 1e
     Returns:
         :class:`TraceEstimate` with ``estimate``, ``stderr``, ``num_hvps``, ``samples``, ``converged``.
     """
+    _v.check_optional_positive_int(num_samples, "num_samples")
+    _v.check_tol(tol)
+    _v.check_positive_int(max_samples, "max_samples")
+    _v.check_positive_int(block, "block")
+    _v.check_seed(seed)
+    _v.check_positive_int(min_samples, "min_samples")
     op = as_operator(op)
     distribution = _check_distribution(distribution)
     n = op.shape[0]
@@ -194,6 +201,8 @@ def hutchpp_trace(op: Any, num_hvps: int, seed: int = 0, *, distribution: str = 
     ``1/m`` (instead of ``1/√m``) when the spectrum decays, and it is exact for ``rank(A) <= num_hvps // 3``.
     ``stderr`` is the standard error of the deflated Hutchinson part (the only random part given ``Q``).
     """
+    _v.check_positive_int(num_hvps, "num_hvps")
+    _v.check_seed(seed)
     op = as_operator(op)
     distribution = _check_distribution(distribution)
     n = op.shape[0]
@@ -223,6 +232,7 @@ def hutchpp_trace(op: Any, num_hvps: int, seed: int = 0, *, distribution: str = 
 
 def exact_trace(op: Any, *, block: int = 64) -> TraceEstimate:
     """``tr A = Σ_i e_iᵀ A e_i`` with ``n`` applications in blocks (small operators, references)."""
+    _v.check_positive_int(block, "block")
     op = as_operator(op)
     n = op.shape[0]
     diag = []
@@ -353,6 +363,9 @@ def spectral_density(op: Any, *, num_probes: int = 8, num_steps: int = 40, seed:
     tridiagonal eigenvectors are the nodes and weights. Costs ``num_probes · num_steps`` applications and
     keeps ``n × num_steps`` Lanczos vectors in memory at a time.
     """
+    _v.check_positive_int(num_probes, "num_probes")
+    _v.check_positive_int(num_steps, "num_steps")
+    _v.check_seed(seed)
     op = as_operator(op)
     distribution = _check_distribution(distribution)
     if num_probes < 1:
@@ -460,6 +473,14 @@ def layer_curvature(model: torch.nn.Module, loss_fn: Any, data: Any, *, k: int =
         **operator_options: :class:`HessianOperator` options (``dtype``, ``max_batch_size``,
             ``distributed``, ...).
     """
+    _v.check_positive_int(k, "k")
+    _v.check_tol(tol)
+    _v.check_optional_positive_int(max_iters, "max_iters")
+    _v.check_seed(solver_seed, "solver_seed")
+    _v.check_tol(trace_tol, "trace_tol")
+    _v.check_positive_int(trace_max_samples, "trace_max_samples")
+    _v.check_seed(trace_seed, "trace_seed")
+    _v.check_nonneg_int(dense_below, "dense_below")
     from .diagnostics import solve, split_operator_options
 
     op_kw, rest = split_operator_options(dict(operator_options))
@@ -518,6 +539,12 @@ def hessian_trace(model: torch.nn.Module, loss_fn: Any, data: Any, *, method: st
     """``tr ∇²L`` of a model's mean loss: ``method="hutchinson"`` (adaptive to ``tol`` unless
     ``num_samples``), ``"hutchpp"`` (``num_hvps`` applications, default 99) or ``"exact"`` (``n``
     applications). Extra options go to :class:`HessianOperator`; ``info["loss"]`` is the mean loss."""
+    _v.check_optional_positive_int(num_samples, "num_samples")
+    _v.check_tol(tol)
+    _v.check_positive_int(max_samples, "max_samples")
+    _v.check_positive_int(block, "block")
+    _v.check_optional_positive_int(num_hvps, "num_hvps")
+    _v.check_seed(seed)
     from .diagnostics import split_operator_options
 
     op_kw, rest = split_operator_options(dict(operator_options))
@@ -541,6 +568,9 @@ def hessian_spectral_density(model: torch.nn.Module, loss_fn: Any, data: Any, *,
                              num_steps: int = 40, seed: int = 0, params: Any = None,
                              **operator_options: Any) -> SpectralDensity:
     """Spectral density of ``∇²L`` by stochastic Lanczos quadrature (see :func:`spectral_density`)."""
+    _v.check_positive_int(num_probes, "num_probes")
+    _v.check_positive_int(num_steps, "num_steps")
+    _v.check_seed(seed)
     from .diagnostics import split_operator_options
 
     op_kw, rest = split_operator_options(dict(operator_options))
