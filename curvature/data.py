@@ -397,17 +397,31 @@ class BatchSource:
         self._stream = reiterable if stream is None else bool(stream) and reiterable
         self._data = raws
         self._rng = None if held else _LoaderRNG(raws)
-        batches = list(self._read())  # the construction pass: one batch held at a time when streaming
-        self._count = len(batches)
-        self.total_weight = float(sum(b.weight for b in batches))
-        self.num_samples = int(sum(b.size for b in batches))
-        self._warn_unweighted_tokens(batches)
+        # the construction pass: count, weigh and fingerprint; when streaming only the first batch is kept
+        held_batches: list[Batch] = []
+        fingerprints: list[tuple] = []
+        self.total_weight, self.num_samples, token_warning = 0.0, 0, False
+        for b in self._read():
+            if not self._stream or not held_batches:
+                held_batches.append(b)
+            if self._stream:
+                fingerprints.append(_fingerprint(b))
+            self.total_weight += b.weight
+            self.num_samples += b.size
+            token_warning = token_warning or self._has_ignored_labels(b)
+        self._count = len(fingerprints) if self._stream else len(held_batches)
+        if token_warning and self.weight_fn is None and not self.own_loss and self._count > 1:
+            warnings.warn("targets contain ignored labels (-100) and there are several (micro-)batches, each "
+                          "weighted by its number of samples; a token-mean loss weighs a batch by its "
+                          "non-ignored tokens: pass weight_fn=lambda b: curvature.data.token_count(b[1]) (add "
+                          "shift=True if your loss shifts labels) so batches are weighted as the loss averages",
+                          CurvatureWarning, stacklevel=4)
         if self._stream and self._count > 1:
-            self._fingerprints = [_fingerprint(b) for b in batches]
+            self._fingerprints: list[tuple] | None = fingerprints
             self._batches: list[Batch] | None = None
         else:
             self._fingerprints = None
-            self._batches = batches
+            self._batches = held_batches
             self._stream = False
 
     @property
@@ -432,19 +446,11 @@ class BatchSource:
                     continue  # e.g. every label ignored: weighs nothing (and its mean loss would be 0/0)
                 yield b
 
-    def _warn_unweighted_tokens(self, batches: Sequence[Batch]) -> None:
-        if self.weight_fn is not None or self.own_loss or len(batches) < 2:
-            return
-        for b in batches:
-            t = b.targets
-            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.ndim >= 2 \
-                    and bool((t == IGNORE_INDEX).any()):
-                warnings.warn("targets contain ignored labels (-100) and there are several (micro-)batches, each "
-                              "weighted by its number of samples; a token-mean loss weighs a batch by its "
-                              "non-ignored tokens: pass weight_fn=lambda b: curvature.data.token_count(b[1]) (add "
-                              "shift=True if your loss shifts labels) so batches are weighted as the loss averages",
-                              CurvatureWarning, stacklevel=4)
-                return
+    @staticmethod
+    def _has_ignored_labels(b: Batch) -> bool:
+        t = b.targets
+        return (isinstance(t, torch.Tensor) and not t.is_floating_point() and t.ndim >= 2
+                and bool((t == IGNORE_INDEX).any()))
 
     def __len__(self) -> int:
         return self._count

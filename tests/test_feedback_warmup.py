@@ -75,7 +75,11 @@ def test_reaches_target_when_curvature_allows_and_stops_measuring():
 
 def test_momentum_and_adam_numerators():
     p = [nn.Parameter(torch.zeros(2))]
-    assert threshold_numerator(torch.optim.SGD(p, lr=0.3, momentum=0.9)) == pytest.approx(3.8)
+    sgd = torch.optim.SGD(p, lr=0.3, momentum=0.9)
+    assert threshold_numerator(sgd) == pytest.approx(2.0)  # empty momentum buffer: the first step is plain GD
+    p[0].grad = torch.zeros(2)
+    sgd.step()
+    assert threshold_numerator(sgd) == pytest.approx(3.8)
     assert threshold_numerator(torch.optim.Adam(p, lr=0.3)) == pytest.approx(38.0)
 
 

@@ -67,7 +67,9 @@ def test_rows_match_direct_sharpness_sgd():
         ref = direct[row["step"]]
         assert row["sharpness"] == pytest.approx(ref.eigenvalue, rel=1e-6)
         assert row["loss"] == pytest.approx(ref.info["loss"], rel=1e-6)
-        assert row["lr"] == 0.3 and row["threshold"] == pytest.approx((2 + 2 * 0.9) / 0.3)
+        # step 0: the momentum buffer is empty, the first step is plain GD (2/η; #12.14)
+        expected = 2 / 0.3 if row["step"] == 0 else (2 + 2 * 0.9) / 0.3
+        assert row["lr"] == 0.3 and row["threshold"] == pytest.approx(expected)
         assert row["edge_ratio"] == pytest.approx(row["sharpness"] / row["threshold"])
         assert row["preconditioned_sharpness"] is None and row["converged"] and row["error"] is None
         assert row["num_hvps"] > 0 and row["seconds"] > 0 and row["eigenvalues"] == [row["sharpness"]]
