@@ -74,3 +74,8 @@ __all__ = [
     # schedule comparison
     "compare_schedules", "ComparisonResult", "find_required_warmup",
 ]
+
+# inputs: batches, weights, the model's own loss (curvature.data)
+from .data import CurvatureWarning, resolve_loss_fn, token_count  # noqa: E402
+
+__all__ += ["CurvatureWarning", "resolve_loss_fn", "token_count"]

@@ -49,6 +49,7 @@ optimizer's state (only :func:`gi_adam_init` and :class:`GIAdam` write it, by de
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +57,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .data import as_batches, resolve_loss_fn
+from .data import CurvatureWarning, as_batches, resolve_loss_fn
 from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import frozen_rng, unwrap_model
 from .distributed import all_reduce_sum, resolve_process_group
@@ -262,7 +263,9 @@ class PreconditionedHessianOperator(LinearOperator):
         e = self.inner.engine
         opts = dict(options, dtype=torch.float64, cache_graph=False, seed=e.seed)
         opts.pop("max_batch_size", None)  # the batches are already split
-        ref = HessianOperator(model, loss_fn, e.batches, params, **opts)
+        with warnings.catch_warnings():  # the inner operator has already said what it had to about the loss
+            warnings.simplefilter("ignore", CurvatureWarning)
+            ref = HessianOperator(model, loss_fn, e.batches, params, **opts)
         return ref.gradient
 
     def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float, grad: torch.Tensor) -> torch.Tensor:
