@@ -301,3 +301,14 @@ def test_float32_loss_under_float64_operator_warns_and_check_hvp_explains():
     assert check.details["loss_dtype"] == torch.float32
     assert check.passed, str(check)
     assert "the loss is computed in torch.float32" in str(check)
+
+
+def test_ignored_labels_without_weight_fn_warn_when_batches_are_combined():
+    model, x, y = _tiny_lm()
+    token_mean = lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten())  # noqa: E731
+    with pytest.warns(CurvatureWarning, match=r"ignored labels \(-100\).*weight_fn"):
+        cv.HessianOperator(model, token_mean, (x, y), max_batch_size=2)
+    whole = cv.sharpness(model, token_mean, (x, y), tol=1e-12).eigenvalue
+    weighted = cv.sharpness(model, token_mean, (x, y), tol=1e-12, max_batch_size=1,
+                            weight_fn=lambda b: token_count(b[1])).eigenvalue
+    assert weighted == pytest.approx(whole, rel=1e-10)
