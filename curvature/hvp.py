@@ -132,8 +132,9 @@ class HVPEngine:
             raise ValueError("max_batch_size= (micro-batching) would change the function of a model with "
                              "BatchNorm in train mode: its batch statistics couple the samples of a batch. "
                              "Use eval mode, or pass batches of the size you want analysed.")
+        # an object with __iter__/__len__; a DataLoader is streamed (read again on every pass)
         self.batches = as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=self.model,
-                                  own_loss=self.loss_fn is model_output_loss)  # an object with __iter__/__len__ (may stream)
+                                  own_loss=self.loss_fn is model_output_loss)
         if not len(self.batches) and not allow_empty:
             raise ValueError("data is empty: it yielded no batches")
         self.num_samples = self.batches.total_weight  # Σ_b w_b (samples, or what weight_fn / labels say)

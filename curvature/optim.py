@@ -17,10 +17,12 @@ v = ``state["exp_avg_sq"]`` (``state["max_exp_avg_sq"]`` with ``amsgrad``), and 
 of group g is divided by η_g/η₀ (η₀ = the first group's lr), so the one threshold (2+2β₁)/((1−β₁)η₀) applies to
 every block. With different β₁ per group, the threshold uses the first group's β₁ (the fold covers only lr).
 
-``lookahead=True`` builds instead the P of the step about to be taken from the current batch gradient g:
-v ← β₂v + (1−β₂)g² (then the running max with ``amsgrad``), t ← t+1; before the first step (no state) this is
-v = (1−β₂)g², t = 1. For Adam with L2 ``weight_decay`` (not AdamW) g includes the decay term wd·θ, as in the
-optimizer's own update of v. The Hessian H is always that of the loss alone (no decay term).
+By default (``lookahead=True``, the convention of Kalra & Barkeshli) P is that of the step about to be taken,
+built from the current batch gradient g (computed in float64): v ← β₂v + (1−β₂)g² (then the running max with
+``amsgrad``), t ← t+1; before the first step (no state) this is v = (1−β₂)g², t = 1. For Adam with L2
+``weight_decay`` (not AdamW) g includes the decay term wd·θ, as in the optimizer's own update of v.
+``lookahead=False`` reads the P of the last step taken (v, t as stored). ``info["preconditioner"]`` says which
+(``"next_step"`` / ``"last_step"``). The Hessian H is always that of the loss alone (no decay term).
 
 **Stability thresholds** (:func:`stability_threshold`, derived on a quadratic with curvature λ, for PyTorch's
 update rules; η = the first group's current lr, i.e. whatever a scheduler set):
