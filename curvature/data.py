@@ -101,10 +101,13 @@ def resolve_loss_fn(loss_fn: LossFn | None) -> LossFn:
     return loss_fn
 
 
-def is_known_mean_loss(loss_fn: LossFn) -> bool:
-    """Losses whose reduction is known to be a mean without measuring: the model's own loss, loss modules
-    (checked by :func:`resolve_loss_fn`) and ``torch.nn.functional`` losses called with their defaults."""
-    if loss_fn is model_output_loss or isinstance(loss_fn, nn.modules.loss._Loss):
+def is_known_mean_loss(loss_fn: LossFn, model: nn.Module | None = None) -> bool:
+    """Losses whose reduction is known to be a mean without measuring: a Hugging Face model's own loss (mean over
+    non-ignored labels by construction), loss modules (checked by :func:`resolve_loss_fn`) and
+    ``torch.nn.functional`` losses called with their defaults. Another model's own loss is measured."""
+    if loss_fn is model_output_loss:
+        return model is not None and hasattr(model, "config") and hasattr(model, "loss_type")
+    if isinstance(loss_fn, nn.modules.loss._Loss):
         return True
     return getattr(loss_fn, "__module__", None) == "torch.nn.functional"
 

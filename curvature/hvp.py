@@ -205,7 +205,7 @@ class HVPEngine:
         with the batch size (measured on a few samples, for callables whose reduction is not known)."""
         self.loss_dtype = loss.dtype
         warn_if_low_precision_loss(loss, self.dtype)
-        if not is_known_mean_loss(self.loss_fn):
+        if not is_known_mean_loss(self.loss_fn, self.model):
             warn_if_sum_reduced(lambda b: self._loss(self._primals, 0, b), batch)
 
     def _check_finite_loss(self, loss: torch.Tensor, index: int) -> None:

@@ -312,3 +312,27 @@ def test_ignored_labels_without_weight_fn_warn_when_batches_are_combined():
     weighted = cv.sharpness(model, token_mean, (x, y), tol=1e-12, max_batch_size=1,
                             weight_fn=lambda b: token_count(b[1])).eigenvalue
     assert weighted == pytest.approx(whole, rel=1e-10)
+
+
+class OwnSumLoss(OwnLoss):
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        out["loss"] = out["loss"] * len(labels)  # a model that sums its own loss
+        return out
+
+
+def test_own_loss_of_a_non_hf_model_is_measured():
+    torch.manual_seed(0)
+    model = OwnSumLoss().to(DT)
+    batch = {"x": torch.randn(6, 4, dtype=DT), "labels": torch.randint(0, 3, (6,))}
+    with pytest.warns(CurvatureWarning, match=r"sum-reduced.*2\.000x"):
+        cv.sharpness(model, None, batch)
+
+
+def test_tracker_with_the_models_own_loss_weights_tokens():
+    model, batch = _gpt2(float64_loss=True)
+    whole = cv.sharpness(model, None, batch, tol=1e-12, max_iters=400).eigenvalue
+    tracker = cv.SharpnessTracker(None, every=1, tol=1e-12, max_iters=400, max_batch_size=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    row = tracker.step(model, opt, batch)
+    assert row["error"] is None and abs(row["sharpness"] - whole) / whole < 1e-10
