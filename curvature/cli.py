@@ -210,8 +210,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise CLIError(f"--k must be at least 1, got {args.k}")
-    if args.tol <= 0:
-        raise CLIError(f"--tol must be positive, got {args.tol}")
+    if not (math.isfinite(args.tol) and args.tol > 0):  # inf would accept the start vector; nan never converges
+        raise CLIError(f"--tol must be a finite number > 0, got {args.tol}")
     options: dict[str, Any] = {}
     if args.dtype:
         options["dtype"] = _dtype(args.dtype)

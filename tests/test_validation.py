@@ -103,3 +103,21 @@ def test_cli_check_hvp_refuses_bad_tol(tmp_path, monkeypatch, capsys, tol):
     err = capsys.readouterr().err
     assert code != 0 and "tol must be" in err and "Traceback" not in err
     sys.modules.pop("valfactories", None)
+
+
+@pytest.mark.parametrize("tol", ["inf", "nan"])
+def test_cli_analyze_refuses_bad_tol_before_any_work(tmp_path, monkeypatch, capsys, tol):
+    from curvature.cli import main
+
+    (tmp_path / "valfactories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import valfactories
+
+    (tmp_path / "ck").mkdir()
+    torch.save(valfactories.model().state_dict(), tmp_path / "ck" / "step_1.pt")
+    out = tmp_path / "rows.csv"
+    code = main(["analyze", str(tmp_path / "ck"), "--model", "valfactories:model", "--data", "valfactories:data",
+                 "--tol", tol, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--tol must be a finite number > 0" in err and not out.exists()
+    sys.modules.pop("valfactories", None)
