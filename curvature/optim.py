@@ -220,6 +220,9 @@ class PreconditionedHessianOperator(LinearOperator):
             running max with amsgrad; g = this data's gradient, computed in float64, plus wd·θ for Adam's L2
             weight decay); works before the first step (v = (1−β₂)g², t = 1). ``False``: the P of the last step
             taken (v, t as stored); a parameter with ``step = 0`` is then an error.
+        lookahead_dtype: dtype of the gradient the lookahead P is built from (default float64: one extra
+            gradient pass when the operator's dtype is lower, on a float64 copy of the parameters); ``None`` = the
+            operator's own gradient (no extra pass, e.g. for models whose float64 copy would not fit).
 
     Parameters with no Adam state (never got a gradient: an unused head, a conditional branch) and a zero
     gradient on this data are left out: their rows of H are zero, P = inf there (``info["left_out"]``). With
@@ -232,7 +235,8 @@ class PreconditionedHessianOperator(LinearOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
-                 lookahead: bool = True, **operator_options: Any) -> None:
+                 lookahead: bool = True, lookahead_dtype: torch.dtype | None = torch.float64,
+                 **operator_options: Any) -> None:
         opt = _require_adam(optimizer, "PreconditionedHessianOperator")
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be True (P of the step about to be taken) or False (P of the last step "
@@ -250,6 +254,7 @@ class PreconditionedHessianOperator(LinearOperator):
         self.lr = lr0
         self.beta1 = _scalar(opt.param_groups[0]["betas"][0])
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step"}
+        self.lookahead_dtype = lookahead_dtype
         grad64 = self._lookahead_gradient(model, loss_fn, params, operator_options)
         P64 = self._build_preconditioner(opt, lr0, grad64)
         self.preconditioner = P64.to(self.dtype)
@@ -260,15 +265,16 @@ class PreconditionedHessianOperator(LinearOperator):
         entries would show up in λ(P⁻¹H) (~1e-3); one extra float64 gradient pass over the same batches (same
         frozen randomness) makes P float64-accurate."""
         g = self.inner.gradient
-        if not self.lookahead or g.dtype == torch.float64:
+        want = self.lookahead_dtype
+        if not self.lookahead or want is None or torch.finfo(want).eps >= torch.finfo(g.dtype).eps:
             return g.double()
         e = self.inner.engine
-        opts = dict(options, dtype=torch.float64, cache_graph=False, seed=e.seed)
+        opts = dict(options, dtype=want, cache_graph=False, seed=e.seed)
         opts.pop("max_batch_size", None)  # the batches are already split
         with warnings.catch_warnings():  # the inner operator has already said what it had to about the loss
             warnings.simplefilter("ignore", CurvatureWarning)
             ref = HessianOperator(model, loss_fn, e.batches, params, **opts)
-        return ref.gradient
+        return ref.gradient.double()
 
     def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float, grad: torch.Tensor) -> torch.Tensor:
         """The flat diagonal of P in float64 (``inf`` for parameters left out)."""
@@ -367,6 +373,7 @@ class PreconditionedHessianOperator(LinearOperator):
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
                              solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
                              X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = True,
+                             lookahead_dtype: torch.dtype | None = torch.float64,
                              largest: bool = True, solver_seed: int = 0, **operator_options: Any) -> EigenResult:
     """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
     those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
@@ -383,7 +390,8 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     if rest:
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
     check_solver_options(k, solver, tol, max_iters, solver_seed)
-    op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead, **op_kw)
+    op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead,
+                                       lookahead_dtype=lookahead_dtype, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
     res.info.update(op.info)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,

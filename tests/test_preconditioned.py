@@ -418,6 +418,9 @@ def test_lookahead_before_the_first_step_is_float32_accurate():
     print(f"\nfloat32 lookahead λ(P⁻¹H) before the first step: {float(res.eigenvalues[0]):.6g} vs float64 "
           f"{float(ev[0]):.6g}, relative error {err:.1e}")
     assert err <= 1e-5
+    # lookahead_dtype=None: P from the operator's own float32 gradient (no extra pass), float32-accurate only
+    cheap = preconditioned_sharpness(model, loss_fn, data, opt, tol=1e-7, max_iters=500, lookahead_dtype=None)
+    assert abs(float(cheap.eigenvalues[0]) - float(ev[0])) / float(ev[0]) < 1e-3
 
 
 class UnusedHead(nn.Module):
