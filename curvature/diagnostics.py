@@ -37,7 +37,7 @@ def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float = 1
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
     k = check_positive_int(k, "k")
-    tol = check_tol(tol)
+    tol = None if tol is None else check_tol(tol)  # None: the solver's default
     max_iters = check_optional_positive_int(max_iters, "max_iters")
     seed = check_seed(seed, "solver_seed")
     if k > op.shape[0]:
@@ -100,7 +100,8 @@ def check_solver_options(k: Any, solver: Any, tol: Any, max_iters: Any, seed: An
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
     check_positive_int(k, "k")
-    check_tol(tol)
+    if tol is not None:
+        check_tol(tol)
     check_optional_positive_int(max_iters, "max_iters")
     check_seed(seed, "solver_seed")
 

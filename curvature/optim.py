@@ -255,12 +255,12 @@ class PreconditionedHessianOperator(LinearOperator):
         self.beta1 = _scalar(opt.param_groups[0]["betas"][0])
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step"}
         self.lookahead_dtype = lookahead_dtype
-        grad64 = self._lookahead_gradient(model, loss_fn, params, operator_options)
+        grad64 = self._lookahead_gradient(operator_options)
         P64 = self._build_preconditioner(opt, lr0, grad64)
         self.preconditioner = P64.to(self.dtype)
         self._scale = P64.rsqrt().to(self.dtype)  # 0 where a parameter is left out (P = inf)
 
-    def _lookahead_gradient(self, model: nn.Module, loss_fn: Any, params: Any, options: dict) -> torch.Tensor:
+    def _lookahead_gradient(self, options: dict) -> torch.Tensor:
         """g for the lookahead P, in float64: P ∝ |g| before the first step, so float32 rounding of small gradient
         entries would show up in λ(P⁻¹H) (~1e-3); one extra float64 gradient pass over the same batches (same
         frozen randomness) makes P float64-accurate."""
@@ -268,12 +268,14 @@ class PreconditionedHessianOperator(LinearOperator):
         want = self.lookahead_dtype
         if not self.lookahead or want is None or torch.finfo(want).eps >= torch.finfo(g.dtype).eps:
             return g.double()
+        # everything from the inner engine (same model, loss, parameters, batches, frozen randomness, group)
         e = self.inner.engine
-        opts = dict(options, dtype=want, cache_graph=False, seed=e.seed)
-        opts.pop("max_batch_size", None)  # the batches are already split
+        group = getattr(self.inner, "process_group", None)
+        opts = {k: options[k] for k in ("method", "device", "chunk_size") if k in options}
         with warnings.catch_warnings():  # the inner operator has already said what it had to about the loss
             warnings.simplefilter("ignore", CurvatureWarning)
-            ref = HessianOperator(model, loss_fn, e.batches, params, **opts)
+            ref = HessianOperator(e.model, e.loss_fn, e.batches, list(e.names), dtype=want, cache_graph=False,
+                                  seed=e.seed, distributed=group is not None, process_group=group, **opts)
         return ref.gradient.double()
 
     def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float, grad: torch.Tensor) -> torch.Tensor:
