@@ -109,7 +109,9 @@ def test_adam_preconditioned_sharpness_and_inference(tmp_path):
     for name, m, o in (("adam.pt", model, opt), ("adamw.pt", mw, ow)):
         row = by_name[name]
         assert row["error"] is None
-        want = preconditioned_sharpness(m, F.cross_entropy, make_data(), o, tol=TOL).eigenvalue
+        # the P of the step about to be taken (lookahead contract): preconditioner "next_step"
+        want = preconditioned_sharpness(m, F.cross_entropy, make_data(), o, tol=TOL, lookahead=True).eigenvalue
+        assert row["preconditioner"] == "next_step"
         assert row["preconditioned_sharpness"] == pytest.approx(want, rel=1e-6)
         assert row["sharpness"] == pytest.approx(direct(m), rel=1e-6)
         assert row["threshold"] == pytest.approx(stability_threshold(o))
