@@ -190,11 +190,14 @@ def read_row_file(path: str | os.PathLike, json_lines: bool | None = None) -> Ro
         return out
     header, body = records[0], records[1:]
     out.columns = header
-    for cells in body:
+    for i, cells in enumerate(body):
         if not cells:
             continue
         if len(cells) != len(header):
-            out.bad += 1
+            if i == len(body) - 1:  # cut inside a quoted multi-line cell: still the torn last record
+                out.torn = True
+            else:
+                out.bad += 1
             continue
         out.rows.append({k: parse_value(k, v) for k, v in zip(header, cells)})
         out.raw.append(cells)
