@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._own_loss import own_loss_data, own_loss_fn
 from .rows import append_rows, is_json_lines, read_row_file, read_rows, write_rows
 from .tracking import ROW_KEYS, warm_started_solve
 
@@ -179,23 +180,12 @@ def _loss_by_name() -> dict[str, Callable]:
             "bce_with_logits": F.binary_cross_entropy_with_logits}
 
 
-def _model_own_loss() -> Callable:
-    """The loss of a model that computes its own (``outputs.loss``)."""
-    try:
-        from .data import resolve_loss_fn  # the "inputs" helper's public resolver, once it exists
-    except ImportError:
-        from .tracking import model_output_loss  # until then: the tracker's adapter (same meaning)
-
-        return model_output_loss
-    return resolve_loss_fn(None)
-
-
 def resolve_loss(loss: Any) -> Callable:
     """A loss function from ``None`` / ``"model"`` (the model computes its own loss from ``labels`` in the batch),
     a callable, a short name (``"cross_entropy"``, ``"mse"``, ``"nll"``, ``"l1"``,
     ``"huber"``, ``"bce"``, ``"bce_with_logits"``) or ``"pkg.module:function"``."""
     if loss is None or (isinstance(loss, str) and loss.strip().lower() in ("model", "none", "own")):
-        return _model_own_loss()
+        return own_loss_fn(None)
     if callable(loss):
         return loss
     if isinstance(loss, str):
@@ -916,17 +906,6 @@ def _scan(path: Path, trust: bool) -> tuple[int | None, str | None, Checkpoint |
     return (step if step is not None else step_from_name(path)), None, ck
 
 
-def _own_loss_data(data: Any) -> Any:
-    """With the model's own loss: a dict batch (keyword inputs with ``labels``) → ``(batch, None)``; lists too."""
-    def one(b: Any) -> Any:
-        if isinstance(b, dict) or (hasattr(b, "keys") and hasattr(b, "__getitem__") and not isinstance(b, (tuple, list))):
-            return ({k: b[k] for k in b.keys() if isinstance(b[k], torch.Tensor)}, None)
-        return b
-    if isinstance(data, list):
-        return [one(b) for b in data]
-    return one(data)
-
-
 def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_fn: Any, *, k: int = 1,
                         solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
                         device: Any = None, trust_checkpoints: bool = False, optimizer_factory: Any = None,
@@ -998,7 +977,7 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
     data_spec = data
     data = resolve_data(data)
     if own_loss:
-        data = _own_loss_data(data)
+        data = own_loss_data(data)
     options = _options_text(k=k, solver=solver, tol=tol, max_iters=max_iters, loss=_callable_name(loss_spec),
                             data=_data_fingerprint(data_spec, data), preconditioner="next_step",
                             optimizer=None if optimizer_spec is None else _callable_name(optimizer_spec),

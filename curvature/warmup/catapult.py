@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from .._exact import unwrap_model
+from .._own_loss import own_loss_batch as _own_loss_batch
+from .._own_loss import own_loss_fn
 from ..distributed import all_reduce_sum, collective_device, resolve_process_group
 from ..hvp import as_batches, call_model
 from .param_groups import group_lr, set_group_lr
@@ -128,26 +130,6 @@ class _ModelState:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def own_loss_fn(loss_fn: LossFn | None) -> LossFn:
-    """``loss_fn``, or for ``None`` the model's own loss (``outputs.loss``; batches ``(inputs_dict, None)``)."""
-    if loss_fn is not None:
-        return loss_fn
-    try:
-        from ..data import resolve_loss_fn  # the public resolver of curvature.data, once it exists
-    except ImportError:
-        from ..tracking import model_output_loss  # until then: the same meaning, from the tracker
-
-        return model_output_loss
-    return resolve_loss_fn(None)
-
-
-def _own_loss_batch(batch: Any) -> Any:
-    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")
-                                   and not isinstance(batch, (tuple, list))):
-        return ({k: batch[k] for k in batch.keys() if isinstance(batch[k], torch.Tensor)}, None)
-    return batch
-
-
 def global_mean(value: float, weight: float, group: Any) -> float:
     """``Σ_r w_r·v_r / Σ_r w_r`` over the ranks of ``group`` (float64, one all-reduce); ``value`` for ``None``.
     A non-finite value on any rank makes the result non-finite on every rank, so all ranks decide alike."""
