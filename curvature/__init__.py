@@ -80,3 +80,8 @@ __all__ = [
     # schedule comparison
     "compare_schedules", "ComparisonResult", "find_required_warmup",
 ]
+
+# experiment-tracker sinks (wandb / mlflow are imported only when used)
+from .sinks import MLflowSink, WandbSink  # noqa: E402
+
+__all__ += ["WandbSink", "MLflowSink"]

@@ -85,31 +85,22 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         out["lr_c"], out["bracket"], out["loss0"] = res.lr_c, res.bracket, res.loss0
 
         # (3) the warm-ups, fed each rank's own loss
-        model, loss_fn, X, Y = problem()
-        x, y = shard(rank, X, Y)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        sched = PersistentCatapultWarmup(opt, model, loss_fn, lr_target=50.0)
-        lrs = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            lrs.append(sched.step(loss, (x, y)))
-            opt.step()
-        out["persistent_lrs"] = lrs
+        def warm_up(make, steps):
+            model, loss_fn, X, Y = problem()
+            x, y = shard(rank, X, Y)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            sched, lrs = make(opt, model, loss_fn), []
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                lrs.append(sched.step(loss, (x, y)))
+                opt.step()
+            return sched, lrs
 
-        model, loss_fn, X, Y = problem()
-        x, y = shard(rank, X, Y)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        ctrl = CurvatureAwareWarmup(opt, model, loss_fn, lr_target=5.0, every=1, tol=1e-6)
-        lrs = []
-        for _ in range(4):
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            lrs.append(ctrl.step(loss, (x, y)))
-            opt.step()
-        out["aware_lrs"] = lrs
+        _, out["persistent_lrs"] = warm_up(lambda o, m, f: PersistentCatapultWarmup(o, m, f, lr_target=50.0), 3)
+        ctrl, out["aware_lrs"] = warm_up(
+            lambda o, m, f: CurvatureAwareWarmup(o, m, f, lr_target=5.0, every=1, tol=1e-6), 4)
         out["aware_reference"] = ctrl.reference
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:

@@ -10,40 +10,22 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dist_faults_worker as W  # noqa: E402
+from test_distributed import _spawn  # noqa: E402 - the one spawn-with-timeout helper
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
 
-def _spawn(tmp_path, timeout: float = 240.0) -> list[dict]:
-    ctx = mp.start_processes(W.run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers did not finish within {timeout:.0f} s (hang?)")
-    except Exception:
-        details = "\n".join(open(tmp_path / p).read() for p in os.listdir(tmp_path) if p.startswith("error"))
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-        raise AssertionError(f"distributed run failed:\n{details}") from None
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist_faults")
-    return path, _spawn(path)
+    return path, _spawn(path, timeout=240.0, fn=W.run)
 
 
 def test_file_tensorboard_and_logging_sinks_write_on_rank_zero_only(ranks):

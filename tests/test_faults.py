@@ -261,7 +261,7 @@ def test_cli_killed_at_random_points_then_rerun_gives_one_correct_row_each(tmp_p
            "--data", f"{trusted}/factories.py:data", "--k", "2", "--tol", "1e-8", "--out", str(out),
            "--no-progress"]
     rng = random.Random(0)
-    landed = 0
+    landed = torn = 0
     for _ in range(kills):
         proc = subprocess.Popen(cmd, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         size0 = out.stat().st_size if out.exists() else 0
@@ -275,6 +275,7 @@ def test_cli_killed_at_random_points_then_rerun_gives_one_correct_row_each(tmp_p
             proc.send_signal(signal.SIGKILL)
             landed += 1
         proc.wait(timeout=60)
+        torn += bool(out.exists() and read_row_file(out).torn)
     proc = subprocess.run(cmd, env=env_for(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(out)
@@ -284,8 +285,8 @@ def test_cli_killed_at_random_points_then_rerun_gives_one_correct_row_each(tmp_p
     for r in rows[:: max(1, n // 6)]:
         want = sharpness(make_model(100 + r["step"]), F.cross_entropy, data, k=2, tol=1e-8).eigenvalues
         assert r["eigenvalues"] == pytest.approx([float(v) for v in want], rel=1e-6)
-    print(f"\nkill -9 test: {landed} of {kills} kills landed while the CLI ran; final rerun: {len(rows)} rows "
-          f"for {n} checkpoints")
+    print(f"\nkill -9 test: {landed} of {kills} kills landed while the CLI ran, {torn} left a torn last row; "
+          f"final rerun: {len(rows)} rows for {n} checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------------
