@@ -242,8 +242,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"{PROG}: resumed: {len(rows) - len(fresh)} checkpoint(s) already in {args.out} were skipped, "
               f"{len(fresh)} analysed now (--no-resume redoes them)", file=sys.stderr)
     if args.json and args.out is None:
+        from .rows import encode_json_row
+
         for r in rows:
-            print(json.dumps(r))
+            print(encode_json_row(r), end="")  # valid JSON (NaN / inf as strings), like --out
     else:
         print(format_rows(rows))
         if args.out:

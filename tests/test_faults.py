@@ -395,3 +395,22 @@ def test_path_sink_refuses_a_foreign_file(tmp_path):
     with pytest.raises(ValueError, match="not a rows file"):
         CSVSink(path)({"step": 0})
     assert path.read_text() == "name,score\nalice,3\n"
+
+
+def test_cli_refuses_a_foreign_out_unless_overwrite_and_json_stdout_is_valid(tmp_path):
+    write_checkpoints(tmp_path / "c", 1)
+    (tmp_path / "f.py").write_text(FACTORIES)
+    mine = tmp_path / "results.csv"
+    mine.write_text("name,score\nalice,3\n")
+    base = [sys.executable, "-m", "curvature", "analyze", str(tmp_path / "c"), "--model", f"{tmp_path}/f.py:model",
+            "--data", f"{tmp_path}/f.py:data", "--no-progress"]
+    proc = subprocess.run(base + ["--out", str(mine)], env=env_for(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert mine.read_text() == "name,score\nalice,3\n"
+    proc = subprocess.run(base + ["--out", str(mine), "--overwrite"], env=env_for(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and len(read_rows(mine)) == 1, proc.stderr
+    proc = subprocess.run(base + ["--json"], env=env_for(), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert proc.returncode == 0 and len(lines) == 1
+    json.loads(lines[0], parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
