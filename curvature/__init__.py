@@ -3,6 +3,12 @@
 Sharpness λ_max(H), Adam's pre-conditioned sharpness λ_max(P⁻¹H), stability thresholds, trace and spectral
 density, training callbacks, offline checkpoint analysis and learning-rate warm-up tools.
 """
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # `python -m curvature`: the cwd is first on sys.path while this imports (#15.5)
+    from ._safepath import drop_cwd_from_sys_path as _drop_cwd
+
+    _drop_cwd()
 # HVP engine and operators
 from .hvp import HVPEngine
 from .operators import HessianOperator, LinearOperator, MatrixOperator
@@ -79,3 +85,8 @@ __all__ = [
 from .data import CurvatureWarning, resolve_loss_fn, token_count  # noqa: E402
 
 __all__ += ["CurvatureWarning", "resolve_loss_fn", "token_count"]
+
+# experiment-tracker sinks (wandb / mlflow are imported only when used)
+from .sinks import MLflowSink, WandbSink  # noqa: E402
+
+__all__ += ["WandbSink", "MLflowSink"]

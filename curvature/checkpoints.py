@@ -43,21 +43,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tracking import ROW_KEYS, is_json_lines, read_rows, warm_started_solve
+from ._own_loss import own_loss_data, own_loss_fn
+from .rows import append_rows, is_json_lines, read_row_file, read_rows, write_rows
+from .tracking import ROW_KEYS, warm_started_solve
 
 __all__ = ["analyze_checkpoints", "load_checkpoint", "find_checkpoints", "fit_state_dict", "import_object",
            "resolve_loss", "read_rows", "format_rows", "step_from_name", "infer_optimizer_class", "Checkpoint",
-           "CheckpointError", "UnsafeCheckpointError", "ROW_COLUMNS", "CHECKPOINT_SUFFIXES"]
+           "CheckpointError", "UnsafeCheckpointError", "ROW_COLUMNS", "CHECKPOINT_SUFFIXES", "add_search_path"]
 
 #: File endings recognised as checkpoints when a directory is given.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 
 #: Columns of an analysis row, in output order: ``file``, then the tracker's row keys (``eigenvalues`` columns hold
 #: JSON lists in CSV).
-ROW_COLUMNS: tuple[str, ...] = ("file",) + tuple(k for k in ROW_KEYS if k != "when")
+#: ``preconditioner`` says which P a λ(P⁻¹H) uses (always ``"next_step"`` here: the P of the step about to be taken);
+#: ``file_id`` (size:mtime of the checkpoint) and ``options`` (what the row was computed with) let a resumed run tell
+#: a row it can reuse from a stale or foreign one.
+ROW_COLUMNS: tuple[str, ...] = ("file",) + tuple(k for k in ROW_KEYS if k != "when") + \
+    tuple(k for k in ("preconditioner",) if k not in ROW_KEYS) + ("file_id", "options")
 
 # Files that training frameworks write next to the weights (Hugging Face Trainer folders): skipped in directories.
 _NOT_MODEL_FILES = ("optimizer.", "scheduler.", "rng_state", "training_args.", "scaler.")
+_HF_DIR = re.compile(r"checkpoint-\d+")
+_HF_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
 _MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module", "net", "network", "model_state")
 _OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states", "optim", "optimizer_state", "opt")
 _STEP_KEYS = ("step", "global_step", "iteration", "iter", "steps")
@@ -74,9 +82,53 @@ class UnsafeCheckpointError(CheckpointError):
 # ---------------------------------------------------------------------------------------------------
 # Factories given as strings ("pkg.module:function")
 # ---------------------------------------------------------------------------------------------------
-def import_object(spec: str, what: str = "factory") -> Any:
-    """The object named by ``"package.module:name"`` (or ``"package.module.name"``).
+def add_search_path(dirs: Iterable[str | os.PathLike]) -> list[str]:
+    """Append folders to ``sys.path`` (after the installed packages, so a module in them never shadows an installed
+    one) for ``--model`` / ``--data`` / ``--loss`` modules; returns the folders added. This is the only place
+    user folders join the path: the current directory is never searched unless it is named here (``--path .``)
+    or on ``PYTHONPATH``."""
+    added = []
+    for d in dirs:
+        folder = os.path.abspath(os.fspath(d))
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"--path {os.fspath(d)!r}: no such folder")
+        if folder not in sys.path:
+            sys.path.append(folder)
+            added.append(folder)
+    return added
 
+
+def _import_file(file: str, what: str, spec: str) -> Any:
+    """The module of a Python file, by its path (``sys.path`` is not changed)."""
+    import hashlib
+    import importlib.util
+
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{what} {spec!r}: no such file '{path}'")
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_curvature_user_{stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise CheckpointError(f"{what} {spec!r}: cannot load '{path}' as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - a user module that fails while importing
+        del sys.modules[name]
+        raise CheckpointError(f"{what} {spec!r}: running '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def import_object(spec: str, what: str = "factory", search_path: Iterable[str | os.PathLike] = ()) -> Any:
+    """The object named by ``"package.module:name"`` (or ``"package.module.name"``, or ``"path/to/file.py:name"``).
+
+    Modules are imported from the installed packages and ``PYTHONPATH``, then the folders of ``search_path``
+    (appended to ``sys.path``, see :func:`add_search_path`); the current directory is not searched (a checkpoint
+    folder must not be able to shadow a module). A ``.py`` file path before the colon is loaded from that file.
     ``what`` names the option in error messages (e.g. ``"--model"``). Raises :class:`CheckpointError`
     with the reason when the module does not import or has no such attribute.
     """
@@ -84,7 +136,9 @@ def import_object(spec: str, what: str = "factory") -> Any:
         raise CheckpointError(f"{what}: expected 'package.module:function', got {spec!r}")
     spec = spec.strip()
     if ":" in spec:
-        mod_name, _, attr = spec.partition(":")
+        drive = 2 if re.match(r"^[A-Za-z]:[\\/]", spec) else 0  # C:\\models\\m.py:build
+        head, _, attr = spec[drive:].partition(":")
+        mod_name = spec[:drive] + head
     elif "." in spec:
         mod_name, _, attr = spec.rpartition(".")
     else:
@@ -92,17 +146,20 @@ def import_object(spec: str, what: str = "factory") -> Any:
                               f"then the name of a function in it)")
     if not mod_name or not attr:
         raise CheckpointError(f"{what} {spec!r}: expected 'package.module:function'")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: modules in the cwd import
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except ModuleNotFoundError as exc:
-        hint = "" if exc.name != mod_name.split(".")[0] else \
-            " (is it installed, or is its folder on PYTHONPATH / the current directory?)"
-        raise CheckpointError(f"{what} {spec!r}: cannot import module '{mod_name}': {exc}{hint}") from exc
-    except Exception as exc:  # noqa: BLE001 - a user module that fails while importing
-        raise CheckpointError(f"{what} {spec!r}: importing module '{mod_name}' failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
+    add_search_path(search_path)
+    if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+        module = _import_file(mod_name, what, spec)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            hint = "" if exc.name != mod_name.split(".")[0] else \
+                (" (is it installed or on PYTHONPATH? The current directory is not searched: pass --path DIR "
+                 "(CLI) / search_path= , or name the file: path/to/file.py:function)")
+            raise CheckpointError(f"{what} {spec!r}: cannot import module '{mod_name}': {exc}{hint}") from exc
+        except Exception as exc:  # noqa: BLE001 - a user module that fails while importing
+            raise CheckpointError(f"{what} {spec!r}: importing module '{mod_name}' failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -124,8 +181,11 @@ def _loss_by_name() -> dict[str, Callable]:
 
 
 def resolve_loss(loss: Any) -> Callable:
-    """A loss function from a callable, a short name (``"cross_entropy"``, ``"mse"``, ``"nll"``, ``"l1"``,
+    """A loss function from ``None`` / ``"model"`` (the model computes its own loss from ``labels`` in the batch),
+    a callable, a short name (``"cross_entropy"``, ``"mse"``, ``"nll"``, ``"l1"``,
     ``"huber"``, ``"bce"``, ``"bce_with_logits"``) or ``"pkg.module:function"``."""
+    if loss is None or (isinstance(loss, str) and loss.strip().lower() in ("model", "none", "own")):
+        return own_loss_fn(None)
     if callable(loss):
         return loss
     if isinstance(loss, str):
@@ -223,12 +283,19 @@ def find_checkpoints(paths_or_dir: Any, recursive: bool = False) -> list[Path]:
             pattern = "**/*" if recursive else "*"
             found = sorted((f for f in p.glob(pattern) if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES)
                             and not f.name.startswith(_NOT_MODEL_FILES)), key=_natural_key)
+            if not found and not recursive:  # a Hugging Face Trainer output_dir: checkpoint-N/ sub-folders
+                found = sorted((f for sub in p.iterdir() if sub.is_dir() and _HF_DIR.fullmatch(sub.name)
+                                for f in sub.iterdir() if f.is_file() and f.name in _HF_MODEL_FILES),
+                               key=_natural_key)
             if not found:
                 others = sorted(f.name for f in p.iterdir())[:8]
                 seen = f" (it holds: {', '.join(others)}{', ...' if len(others) == 8 else ''})" if others else \
                     " (it is empty)"
+                subdirs = [] if recursive else [f.name for f in p.iterdir() if f.is_dir()]
+                hint = f"; it has sub-folders ({_short_list(sorted(subdirs), 4)}): pass --recursive " \
+                    f"(recursive=True) to look inside them" if subdirs else ""
                 raise CheckpointError(f"no checkpoint files ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in "
-                                      f"directory '{p}'{seen}")
+                                      f"directory '{p}'{seen}{hint}")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -394,7 +461,8 @@ def load_checkpoint(path: str | os.PathLike, trust_checkpoints: bool = False, *,
             lr = float(meta["lr"]) if "lr" in meta else None
         if not tensors:
             raise CheckpointError(f"{path}: the safetensors file holds no tensors")
-        return Checkpoint(path, tensors, None, step, epoch, lr, "safetensors", {"metadata": meta})
+        return _with_hf_trainer_files(Checkpoint(path, tensors, None, step, epoch, lr, "safetensors",
+                                                 {"metadata": meta}), trust_checkpoints)
     obj, mapped = _torch_load(path, trust_checkpoints, mmap)
     state, fmt = _unwrap_model_state(obj, path)
     opt_state = step = epoch = lr = None
@@ -418,7 +486,49 @@ def load_checkpoint(path: str | os.PathLike, trust_checkpoints: bool = False, *,
         if isinstance(groups[0].get("lr"), (int, float, torch.Tensor)):
             lr = float(groups[0]["lr"])
     extra["mmap"] = mapped
-    return Checkpoint(path, state, opt_state, step, epoch, lr, fmt, extra)
+    return _with_hf_trainer_files(Checkpoint(path, state, opt_state, step, epoch, lr, fmt, extra), trust_checkpoints)
+
+
+def _hf_trainer_folder(path: Path) -> bool:
+    """``path`` is the weights file of a Hugging Face Trainer checkpoint folder (``checkpoint-N/model.safetensors``
+    with ``trainer_state.json`` / ``optimizer.pt`` beside it)."""
+    folder = path.parent
+    return path.name in _HF_MODEL_FILES and ((folder / "trainer_state.json").is_file()
+                                             or (folder / "optimizer.pt").is_file())
+
+
+def _hf_step(path: Path) -> int | None:
+    """``global_step`` of the ``trainer_state.json`` beside an HF Trainer weights file (``None`` if absent)."""
+    state_file = path.parent / "trainer_state.json"
+    if path.name not in _HF_MODEL_FILES or not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{state_file}: cannot read the Trainer state ({_first_line(exc)})") from exc
+    return _as_int(state.get("global_step")) if isinstance(state, dict) else None
+
+
+def _with_hf_trainer_files(ck: Checkpoint, trust: bool) -> Checkpoint:
+    """Add what a Hugging Face Trainer saves beside the weights: the step (``trainer_state.json``'s
+    ``global_step``) and the optimizer (``optimizer.pt``, the torch optimizer's ``state_dict``; loaded with
+    ``weights_only=True`` unless trusted). The lr is the optimizer's ``param_groups[0]["lr"]``: the Trainer saves
+    after the scheduler's step, so it is the lr of the step about to be taken."""
+    if not _hf_trainer_folder(ck.path):
+        return ck
+    ck.format = "hf_trainer"
+    step = _hf_step(ck.path)
+    if step is not None:
+        ck.step = step
+    opt_file = ck.path.parent / "optimizer.pt"
+    if ck.optimizer_state is None and opt_file.is_file():
+        obj, _ = _torch_load(opt_file, trust, False)
+        if isinstance(obj, dict) and "param_groups" in obj and "state" in obj:
+            ck.optimizer_state = obj
+            groups = obj.get("param_groups") or [{}]
+            if isinstance(groups[0].get("lr"), (int, float, torch.Tensor)):
+                ck.lr = float(groups[0]["lr"])
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,6 +550,9 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Any =
         fitted = dict(state)
     else:
         fitted = _strip_prefix(state, wanted)
+    for key, source in _tied_sources(model).items():  # tied weights left out of the file (HF: lm_head.weight)
+        if key not in fitted and source in fitted:
+            fitted[key] = fitted[source]
     missing = [k for k in want if k not in fitted]
     unexpected = [k for k in fitted if k not in wanted]
     if missing or unexpected:
@@ -454,7 +567,32 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Any =
            if tuple(fitted[k].shape) != tuple(want[k].shape)]
     if bad:
         raise CheckpointError(f"{path}: shapes differ from the model's: {_short_list(bad, 4)}")
+    kinds = [f"'{k}' is {fitted[k].dtype} in the checkpoint, {want[k].dtype} in the model" for k in want
+             if _is_real(want[k]) != _is_real(fitted[k])]
+    if kinds:
+        raise CheckpointError(f"{path}: tensor dtypes cannot be the model's (an integer or bool tensor is never a "
+                              f"floating-point parameter, nor the reverse; wrong file or a quantized checkpoint?): "
+                              f"{_short_list(kinds, 3)}")
     return fitted
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _tied_sources(model: nn.Module) -> dict[str, str]:
+    """For each parameter reachable under several names (tied weights: the same tensor object, e.g.
+    ``lm_head.weight is transformer.wte.weight``), its other names → the first name (``named_parameters`` order)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied: dict[str, str] = {}
+    for group in names.values():
+        for alias in group:
+            for other in group:
+                if other != alias:
+                    tied.setdefault(alias, other)
+    return tied
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
@@ -493,8 +631,45 @@ def infer_optimizer_class(opt_state: dict) -> type[torch.optim.Optimizer] | None
     return None
 
 
+_NO_DECAY_NAMES = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def _hf_param_order(model: nn.Module, counts: Sequence[int]) -> list[nn.Parameter] | None:
+    """The parameters in the order of a Hugging Face Trainer's default optimizer: group 0 = parameters with weight
+    decay, group 1 = without (biases, LayerNorm/RMSNorm weights, names with "norm"), each in ``named_parameters``
+    order (tied weights once). This is the documented assumption for ``optimizer.pt``; it is checked against the
+    saved state's shapes. ``None`` when the group sizes do not match."""
+    if len(counts) != 2:
+        return None
+    in_norm = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = id(p) in in_norm or any(re.search(pat, name.lower()) for pat in _NO_DECAY_NAMES)
+        (rest if no_decay else decay).append(p)
+    return decay + rest if [len(decay), len(rest)] == list(counts) else None
+
+
+def _state_fits(opt_state: dict, order: Sequence[torch.Tensor]) -> bool:
+    """Every saved per-parameter tensor (``exp_avg``, ``momentum_buffer``, ...) has its parameter's shape when the
+    saved integer ids are mapped to ``order`` group by group."""
+    state = opt_state.get("state") or {}
+    start = 0
+    for g in opt_state.get("param_groups") or []:
+        for j, pid in enumerate(g.get("params", [])):
+            if start + j >= len(order):
+                return False
+            shape = tuple(order[start + j].shape)
+            for value in (state.get(pid) or {}).values():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != shape:
+                    return False
+        start += len(g.get("params", []))
+    return start == len(order)
+
+
 def _restore_optimizer(model: nn.Module, opt_state: dict, optimizer_factory: Callable | None,
-                       path: Path) -> torch.optim.Optimizer | None:
+                       path: Path, hf: bool = False) -> torch.optim.Optimizer | None:
     if optimizer_factory is not None:
         optimizer = optimizer_factory(model.parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -515,6 +690,14 @@ def _restore_optimizer(model: nn.Module, opt_state: dict, optimizer_factory: Cal
             raise CheckpointError(f"{path}: the saved optimizer holds {sum(counts)} parameters in "
                                   f"{len(groups)} group(s), the model has {len(params)}; pass optimizer_factory= "
                                   f"(--optimizer) to rebuild it as in training")
+        orders = ([_hf_param_order(model, counts)] if hf else []) + [params]
+        fitting = [o for o in orders if o is not None and _state_fits(opt_state, o)]
+        if not fitting:
+            raise CheckpointError(f"{path}: the saved optimizer state does not fit the model's parameters in "
+                                  f"{'the Trainer order (decay, no-decay) nor ' if hf else ''}model.parameters() "
+                                  f"order (state shapes differ); pass optimizer_factory= (--optimizer) to rebuild "
+                                  f"the optimizer as in training")
+        params = fitting[0]
         param_groups, start = [], 0
         for g, c in zip(groups, counts):
             options = {k: v for k, v in g.items() if k != "params"}
@@ -536,59 +719,145 @@ def _restore_optimizer(model: nn.Module, opt_state: dict, optimizer_factory: Cal
 
 
 # ---------------------------------------------------------------------------------------------------
-# Output sinks (CSV / JSON lines), resume
+# Output file (CSV / JSON lines), row identity, resume
 # ---------------------------------------------------------------------------------------------------
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-class _RowSink:
-    """Appends rows to a CSV or JSON-lines file, flushed after each row."""
-
-    def __init__(self, path: Path, json_lines: bool, columns: Sequence[str]) -> None:
-        self.path, self.json_lines, self.columns = path, json_lines, list(columns)
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def rewrite(self, rows: Sequence[dict]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            self._write(f, rows, header=True)
-        tmp.replace(self.path)
-
-    def append(self, row: dict) -> None:
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as f:
-            self._write(f, [row], header=new)
-            f.flush()
-            with contextlib.suppress(OSError):
-                os.fsync(f.fileno())
-
-    def _write(self, f: Any, rows: Sequence[dict], header: bool) -> None:
-        if self.json_lines:
-            for row in rows:
-                f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
-            return
-        writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-        if header:
-            writer.writeheader()
-        for row in rows:
-            out = {}
-            for k in self.columns:
-                v = _plain(row.get(k))
-                out[k] = "" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else v)
-            writer.writerow(out)
-
-
 def _same_file(a: str, b: Path) -> bool:
     if a == str(b):
         return True
     with contextlib.suppress(OSError):
         return Path(a).resolve() == b.resolve()
     return False
+
+
+def file_id(path: Path) -> str | None:
+    """What identifies a checkpoint file's content cheaply: ``"size:mtime_ns"`` (``None`` if unreadable). A file
+    overwritten in place (``last.ckpt``) gets a new id, so its old row is recomputed on resume."""
+    with contextlib.suppress(OSError):
+        st = Path(path).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    return None
+
+
+def _callable_name(obj: Any) -> str:
+    if isinstance(obj, str):
+        return obj
+    if obj is None:
+        return "model"
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{module}:{name}"
+
+
+def _data_fingerprint(spec: Any, data: Any) -> str:
+    """A short hash of the data's tensors (shapes, dtypes and bytes) when it is a batch or a list of batches held in
+    memory; for other iterables (a DataLoader) only its type and the spec can be compared."""
+    import hashlib
+
+    h = hashlib.sha1()
+    budget = [512 * 2**20]
+
+    def visit(x: Any) -> bool:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            nbytes = t.numel() * t.element_size()
+            budget[0] -= nbytes
+            if budget[0] < 0:
+                return False
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            return True
+        if isinstance(x, dict):
+            return all(visit(k) and visit(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0])))
+        if isinstance(x, (list, tuple)):
+            h.update(f"[{len(x)}".encode())
+            return all(visit(v) for v in x)
+        if isinstance(x, (int, float, str, bool, type(None))):
+            h.update(repr(x).encode())
+            return True
+        return False
+
+    label = spec if isinstance(spec, str) else type(data).__name__
+    return f"{label}#{h.hexdigest()[:12]}" if visit(data) else f"{label}#{type(data).__name__}"
+
+
+def _options_text(**options: Any) -> str:
+    return json.dumps({k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
+                       for k, v in sorted(options.items())}, sort_keys=True, separators=(",", ":"))
+
+
+def _options_diff(old: str, new: str) -> str:
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except ValueError:
+        return "unreadable options"
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k))
+
+
+def _ours(found: Any, jl: bool, text_start: str) -> bool:
+    """Whether a rows file was written by analyze_checkpoints (a ``file`` column), or is an empty/torn start of one."""
+    if jl:
+        if found.rows:
+            return all("file" in r for r in found.rows)
+        return found.bad == 0 and (text_start == "" or '{"file"'.startswith(text_start[:7]))
+    if found.columns is not None:
+        return "file" in found.columns
+    header = ",".join(ROW_COLUMNS)
+    return found.bad == 0 and header.startswith(text_start.rstrip("\n"))
+
+
+def _open_output(out_path: Path, jl: bool, *, resume: bool, overwrite: bool, options: str,
+                 files: list[Path]) -> tuple[list[dict], list[str], list[str]]:
+    """Read, check and repair an existing ``out``; returns (rows kept, columns to write, notes for the user).
+
+    Kept: rows of this analysis (``file`` column), without error, computed with the same ``options`` and on a
+    checkpoint whose ``file_id`` is unchanged. Dropped (and so recomputed): a torn last record, malformed records,
+    error rows, rows of overwritten checkpoints. Refused: a file that is not an analysis output (unless
+    ``overwrite``), rows computed with other options (unless ``resume=False``, which starts afresh)."""
+    columns = list(ROW_COLUMNS)
+    if not out_path.exists() or out_path.stat().st_size == 0:
+        return [], columns, []
+    found = read_row_file(out_path, jl)
+    with out_path.open(encoding="utf-8", errors="replace") as f:
+        start = f.read(4096)
+    if not _ours(found, jl, start):
+        if not overwrite:
+            raise CheckpointError(f"--out {out_path}: the file exists and is not an analysis output (no 'file' "
+                                  f"column); refusing to overwrite it. Choose another --out, or pass --overwrite "
+                                  f"(overwrite=True) to replace it")
+        write_rows(out_path, [], columns, jl)
+        return [], columns, [f"{out_path}: replaced (--overwrite)"]
+    notes = []
+    if found.torn:
+        notes.append(f"{out_path}: dropped a torn last row (a write cut short); that checkpoint is analysed again")
+    if found.bad:
+        notes.append(f"{out_path}: dropped {found.bad} malformed row(s); their checkpoints are analysed again")
+    if not resume:
+        write_rows(out_path, [], columns, jl)
+        return [], columns, notes
+    previous = found.rows
+    other = [r for r in previous if r.get("options") not in (None, options)]
+    if other:
+        raise CheckpointError(f"--out {out_path} holds rows computed with other options ("
+                              f"{_options_diff(str(other[0]['options']), options)}); reusing them would mix "
+                              f"results: use another --out, or --no-resume (resume=False) to recompute every "
+                              f"checkpoint into this one")
+    kept, stale = [], 0
+    for r in previous:
+        if r.get("error") or not r.get("file"):
+            continue
+        match = next((f for f in files if _same_file(str(r["file"]), f)), None)
+        if r.get("options") is None or r.get("file_id") is None or \
+                (match is not None and r.get("file_id") != file_id(match)):
+            stale += 1
+            continue
+        kept.append(r)
+    if stale:
+        notes.append(f"{out_path}: {stale} row(s) are stale (the checkpoint changed since, or the row has no "
+                     f"identity from an older version) and are recomputed")
+    if found.damaged or len(kept) != len(previous) or (found.columns is not None and found.columns != columns):
+        write_rows(out_path, kept, columns, jl)  # atomic: the kept rows, nothing else
+    return kept, columns, notes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -606,13 +875,13 @@ def _warm_start(prev: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return prev
 
 
-_KEEP_LOADED_BYTES = 256 * 2**20  # checkpoints read into memory (not memory-mapped) are re-read above this size
-
-
 def _scan(path: Path, trust: bool) -> tuple[int | None, str | None, Checkpoint | None]:
-    """(step, error, checkpoint) of one file. The step is the checkpoint's own (safetensors metadata, or the file
-    loaded with ``mmap=True``: tensors stay on disk until used), else the file name's. The loaded checkpoint is
-    kept for the analysis, so each file is unpickled once (with trust_checkpoints, its code runs once)."""
+    """(step, error, checkpoint) of one file. The step is the checkpoint's own (safetensors metadata, an HF
+    Trainer's ``trainer_state.json``, or the file loaded with ``mmap=True``: tensors stay on disk until used), else
+    the file name's. A memory-mapped checkpoint is kept for the analysis (each zip-format file is unpickled once);
+    one that had to be read into memory (the legacy non-zip ``torch.save`` format cannot be memory-mapped) is
+    dropped and read again when its turn comes, so at most one such checkpoint is held at a time (with
+    ``trust_checkpoints``, its unpickling code then runs twice)."""
     ck = None
     try:
         if path.name.endswith(".safetensors"):
@@ -620,13 +889,15 @@ def _scan(path: Path, trust: bool) -> tuple[int | None, str | None, Checkpoint |
 
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-            step = _as_int(meta.get("step", meta.get("global_step")))
+            step = _hf_step(path)
+            if step is None:
+                step = _as_int(meta.get("step", meta.get("global_step")))
         else:
             ck = load_checkpoint(path, trust, mmap=True)
             step = ck.step
             if step is None and ck.epoch is not None and step_from_name(path) is None:
                 step = ck.epoch
-            if not ck.extra.get("mmap") and path.stat().st_size > _KEEP_LOADED_BYTES:
+            if not ck.extra.get("mmap"):
                 ck = None
     except CheckpointError as exc:
         return step_from_name(path), str(exc), None
@@ -640,17 +911,21 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
                         device: Any = None, trust_checkpoints: bool = False, optimizer_factory: Any = None,
                         progress: bool = False, out: str | os.PathLike | None = None, resume: bool = True,
                         json_lines: bool | None = None, recursive: bool = False, errors: str = "report",
-                        callback: Callable[[dict], Any] | None = None, **operator_options: Any) -> list[dict]:
+                        callback: Callable[[dict], Any] | None = None, overwrite: bool = False,
+                        search_path: Iterable[str | os.PathLike] = (), **operator_options: Any) -> list[dict]:
     """Sharpness (and Adam's pre-conditioned sharpness) of every checkpoint in a folder, one row each.
 
     Args:
-        paths_or_dir: a directory (its ``*.pt, *.pth, *.ckpt, *.bin, *.safetensors, *.tar`` files), a file,
-            or a list of them.
-        model_factory: ``() -> nn.Module`` building the architecture (or ``"pkg.module:function"``); the
-            checkpoint's weights are loaded into it (dtype of the factory's model is kept).
+        paths_or_dir: a directory (its ``*.pt, *.pth, *.ckpt, *.bin, *.safetensors, *.tar`` files, or the
+            ``checkpoint-N/`` folders of a Hugging Face Trainer ``output_dir``), a file, or a list of them.
+        model_factory: ``() -> nn.Module`` building the architecture (or ``"pkg.module:function"`` /
+            ``"path/to/file.py:function"``); the checkpoint's weights are loaded into it (dtype of the factory's
+            model is kept). Tied weights missing from the file (HF's ``lm_head.weight``) are filled from the
+            parameter they are tied to in the built model.
         data: one batch ``(inputs, targets)`` or an iterable of batches (or a factory / ``"pkg.module:fn"``
             returning one); the same data is used for every checkpoint.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar``, or ``"cross_entropy"``, ``"mse"``, ``"pkg.mod:fn"``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, or ``"cross_entropy"``, ``"mse"``, ``"pkg.mod:fn"``;
+            ``None`` (or ``"model"``): the model computes its own loss (dict batches with ``labels``).
         k, solver, tol, max_iters: as in :func:`curvature.sharpness`. Each solve is warm-started from the
             previous checkpoint's eigenvectors.
         device: move the model here first (e.g. ``"cuda"``).
@@ -659,9 +934,14 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
         optimizer_factory: ``params -> Optimizer`` to rebuild the optimizer whose saved state is loaded;
             default: inferred (Adam / AdamW / SGD) from the saved ``param_groups``.
         progress: show a tqdm bar (stderr) over the checkpoints.
-        out: CSV file (or JSON lines for ``.jsonl`` / ``.json``, or ``json_lines=True``); each row is appended
-            and flushed as soon as it is measured.
-        resume: with ``out`` existing, skip the files already analysed there (rows with an error are redone).
+        out: CSV file (or JSON lines for ``.jsonl`` / ``.json``, or ``json_lines=True``); each row is appended,
+            flushed and fsync-ed as soon as it is measured.
+        resume: with ``out`` existing, skip the checkpoints already analysed there: rows with the same options
+            (k, solver, tol, loss, data, dtype, ...) on an unchanged file (size and mtime); error rows, a torn last
+            row and rows of changed files are recomputed; rows computed with other options are refused
+            (:class:`CheckpointError`). ``resume=False`` recomputes everything into ``out``.
+        overwrite: replace an existing ``out`` that is not an analysis output (else :class:`CheckpointError`).
+        search_path: folders to import ``"pkg.module:fn"`` specs from (after the installed packages).
         errors: ``"report"`` (a failing checkpoint gets a row with ``error`` set; the rest are analysed) or
             ``"raise"``.
         callback: called with each new row.
@@ -670,11 +950,14 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
     Returns:
         The rows, sorted by step (files without a step: natural order of names), including rows read back
         from ``out`` when resuming. ``preconditioned_sharpness`` is set when the checkpoint holds Adam/AdamW
-        state; ``threshold`` (:func:`curvature.optim.stability_threshold`) and ``lr`` when it holds any
-        optimizer state that could be restored.
+        state: λ_max(P⁻¹H) with the P of the step about to be taken (``preconditioner="next_step"``: the saved
+        second moments updated with this data's gradient); ``threshold``
+        (:func:`curvature.optim.stability_threshold`) and ``lr`` when it holds any optimizer state that could be
+        restored.
 
     Raises:
-        CheckpointError: missing path, no checkpoint files, a factory string that does not import.
+        CheckpointError: missing path, no checkpoint files, a factory string that does not import, an ``out``
+            that is not an analysis output or holds rows of other options.
     """
     if errors not in ("report", "raise"):
         raise ValueError(f"errors must be 'report' or 'raise', got {errors!r}")
@@ -682,35 +965,39 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
         raise ValueError(f"k must be >= 1, got {k}")
     from .diagnostics import sharpness
 
+    add_search_path(search_path)
     files = find_checkpoints(paths_or_dir, recursive=recursive)
     factory = resolve_model_factory(model_factory)
+    loss_spec = loss_fn
+    own_loss = loss_fn is None or (isinstance(loss_fn, str) and loss_fn.strip().lower() in ("model", "none", "own"))
     loss_fn = resolve_loss(loss_fn)
+    optimizer_spec = optimizer_factory
     if isinstance(optimizer_factory, str):
         optimizer_factory = import_object(optimizer_factory, "--optimizer")
+    data_spec = data
     data = resolve_data(data)
+    if own_loss:
+        data = own_loss_data(data)
+    options = _options_text(k=k, solver=solver, tol=tol, max_iters=max_iters, loss=_callable_name(loss_spec),
+                            data=_data_fingerprint(data_spec, data), preconditioner="next_step",
+                            optimizer=None if optimizer_spec is None else _callable_name(optimizer_spec),
+                            **{key: value for key, value in operator_options.items()})
     model = build_model(factory)
     if device is not None:
         model = model.to(device)
 
-    sink = None
+    out_path: Path | None = None
+    jl = False
+    columns: list[str] = list(ROW_COLUMNS)
     done: list[dict] = []
     if out is not None:
         out_path = Path(out)
         jl = is_json_lines(out_path, json_lines)
-        previous = read_rows(out_path, jl, missing_ok=True)
-        columns = list(ROW_COLUMNS)
-        if previous and not jl:
-            with out_path.open(newline="") as f:
-                header = next(csv.reader(f), None) or []
-            columns = header if set(ROW_COLUMNS) <= set(header) else columns
-        sink = _RowSink(out_path, jl, columns)
-        if resume and previous:
-            done = [r for r in previous if not r.get("error") and r.get("file")]
-            if len(done) != len(previous):
-                sink.rewrite(done)  # rows that failed before are retried
-            files = [f for f in files if not any(_same_file(str(r["file"]), f) for r in done)]
-        elif previous:
-            out_path.write_text("")
+        done, columns, notes = _open_output(out_path, jl, resume=resume, overwrite=overwrite, options=options,
+                                            files=files)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        files = [f for f in files if not any(_same_file(str(r["file"]), f) for r in done)]
 
     # Order by step (read from each checkpoint; file name as fallback), then natural order of names.
     scanned = [(f, *_scan(f, trust_checkpoints)) for f in files]
@@ -732,6 +1019,7 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
         for index, (path, step, scan_error, loaded) in enumerate(scanned):
             scanned[index] = (path, step, scan_error, None)  # release the memory-mapped file after this row
             row = _empty_row(path, step)
+            row.update(file_id=file_id(path), options=options)
             t0 = time.perf_counter()
             try:
                 if scan_error is not None:
@@ -740,6 +1028,7 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
                     loaded or path, model, data, loss_fn, k=k, solver=solver, tol=tol, max_iters=max_iters,
                     trust=trust_checkpoints, optimizer_factory=optimizer_factory, prev_h=prev_h, prev_p=prev_p,
                     sharpness_fn=sharpness, operator_options=operator_options)
+                del loaded
                 row.update(row_extra)
                 if row["step"] is None and row_extra.get("step") is None:
                     row["step"] = step_from_name(path)
@@ -753,8 +1042,8 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
                 row["error"] = f"{path}: {type(exc).__name__}: {_first_line(exc)}"
             row["seconds"] = round(time.perf_counter() - t0, 4) if row["error"] else row["seconds"]
             rows.append(row)
-            if sink is not None:
-                sink.append(row)
+            if out_path is not None:
+                append_rows(out_path, [row], columns, jl)
             if callback is not None:
                 callback(row)
             if bar is not None:
@@ -790,7 +1079,8 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
 
     optimizer = None
     if ck.optimizer_state is not None:
-        optimizer = _restore_optimizer(model, ck.optimizer_state, optimizer_factory, path)
+        optimizer = _restore_optimizer(model, ck.optimizer_state, optimizer_factory, path,
+                                       hf=ck.format == "hf_trainer")
 
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     common = dict(k=k, solver=solver, tol=tol, max_iters=max_iters, **operator_options)
@@ -812,9 +1102,9 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
             row["threshold"] = float(_optim.stability_threshold(optimizer))
         top = values[0]
         if _optim.is_adam_like(optimizer):
-            # P of the last step taken (as stored); before Adam's first step there is no state: then the P of the
-            # step about to be taken, from this data's gradient (as SharpnessTracker does).
-            lookahead = not any("exp_avg_sq" in st for st in optimizer.state.values())
+            # The P of the step about to be taken (#12.4 lookahead contract): the saved second moments updated
+            # with this data's gradient, as that step would; the same for a checkpoint saved before Adam's first step.
+            lookahead = True
             pres, phvps, _ = warm_started_solve(
                 lambda X0: _optim.preconditioned_sharpness(model, loss_fn, data, optimizer, X0=X0,
                                                            lookahead=lookahead, **common),
@@ -823,7 +1113,7 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
             pvalues = [float(v) for v in pres.eigenvalues]
             row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
                        preconditioned_residual=float(pres.residuals.max()), preconditioned_num_hvps=phvps,
-                       lookahead=lookahead)
+                       lookahead=lookahead, preconditioner="next_step")
             row["num_hvps"] += phvps
             row["converged"] = row["converged"] and bool(pres.converged)
             if not pres.converged:

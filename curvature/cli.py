@@ -35,15 +35,21 @@ def _add_debug(p: argparse.ArgumentParser) -> None:
 
 def _add_model_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MOD:FACTORY",
-                   help="function that builds the model, as 'package.module:function' (called with no "
-                        "arguments, returns a torch.nn.Module). The module is imported from PYTHONPATH or the "
-                        "current directory.")
+                   help="function that builds the model, as 'package.module:function' or "
+                        "'path/to/file.py:function' (called with no arguments, returns a torch.nn.Module). Modules "
+                        "are imported from the installed packages, PYTHONPATH and --path folders, never from the "
+                        "current directory (a checkpoint folder must not run code).")
     p.add_argument("--data", required=True, metavar="MOD:FACTORY",
                    help="function that returns the data: one batch (inputs, targets) or an iterable of batches "
                         "(a list, a DataLoader). Several batches = the Hessian of the mean loss over all of them.")
-    p.add_argument("--loss", default="cross_entropy", metavar="NAME|MOD:FN",
+    p.add_argument("--path", action="append", default=[], metavar="DIR",
+                   help="folder to import the --model/--data/--loss modules from (repeatable; searched after the "
+                        "installed packages). The current directory is never searched unless named here; a file "
+                        "also works directly: path/to/file.py:function")
+    p.add_argument("--loss", default="cross_entropy", metavar="NAME|MOD:FN|model",
                    help="loss(outputs, targets) -> scalar: cross_entropy, mse, nll, l1, huber, bce, "
-                        "bce_with_logits, or 'package.module:function'")
+                        "bce_with_logits, 'package.module:function', or model (the model computes its own loss "
+                        "from the labels in a dict batch, as Hugging Face models do)")
     p.add_argument("--dtype", choices=_DTYPES, default=None,
                    help="compute curvature in this dtype (on copies of the weights); default: the model's own")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model is built)")
@@ -151,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "unpickling can run arbitrary code: only for files you trust")
     analyze.add_argument("--recursive", action="store_true", help="also look in sub-folders of CKPT_DIR")
     analyze.add_argument("--no-resume", action="store_true", help="redo every checkpoint, overwriting --out")
+    analyze.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --out that is not an analysis output (refused otherwise)")
     analyze.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_debug(analyze)
 
@@ -206,7 +214,7 @@ def _progress_enabled(args: argparse.Namespace) -> bool:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .checkpoints import analyze_checkpoints, format_rows, import_object
+    from .checkpoints import add_search_path, analyze_checkpoints, format_rows, import_object
 
     if args.k < 1:
         raise CLIError(f"--k must be at least 1, got {args.k}")
@@ -221,19 +229,23 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         _check_device(args.device)
     json_lines = True if args.json else None
     ckpts = args.ckpt[0] if len(args.ckpt) == 1 else args.ckpt
+    add_search_path(args.path)
     optimizer_factory = import_object(args.optimizer, "--optimizer") if args.optimizer else None
     fresh: list[dict] = []
     rows = analyze_checkpoints(ckpts, args.model, args.data, args.loss, k=args.k, solver=args.solver, tol=args.tol,
                                max_iters=args.max_iters, device=args.device,
                                trust_checkpoints=args.trust_checkpoints, optimizer_factory=optimizer_factory,
                                progress=_progress_enabled(args), out=args.out, resume=not args.no_resume,
-                               json_lines=json_lines, recursive=args.recursive, callback=fresh.append, **options)
+                               json_lines=json_lines, recursive=args.recursive, callback=fresh.append,
+                               overwrite=args.overwrite, **options)
     if len(rows) > len(fresh):
         print(f"{PROG}: resumed: {len(rows) - len(fresh)} checkpoint(s) already in {args.out} were skipped, "
               f"{len(fresh)} analysed now (--no-resume redoes them)", file=sys.stderr)
     if args.json and args.out is None:
+        from .rows import encode_json_row
+
         for r in rows:
-            print(json.dumps(r))
+            print(encode_json_row(r), end="")  # valid JSON (NaN / inf as strings), like --out
     else:
         print(format_rows(rows))
         if args.out:
@@ -274,8 +286,10 @@ def _check_device(device: str) -> None:
 
 
 def _cmd_check_hvp(args: argparse.Namespace) -> int:
-    from .checkpoints import build_model, resolve_data, resolve_model_factory, resolve_loss
+    from .checkpoints import add_search_path, build_model, resolve_data, resolve_model_factory, resolve_loss
     from .diagnostics import check_hvp
+
+    add_search_path(args.path)
 
     if args.directions < 2:
         raise CLIError(f"--directions must be at least 2 (the symmetry check pairs them), got {args.directions}")
@@ -312,6 +326,9 @@ def _one_line(text: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvature`` console script; returns the exit status."""
+    from ._safepath import drop_cwd_from_sys_path
+
+    drop_cwd_from_sys_path()  # nothing in the current directory may shadow a module imported later (#15.5)
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

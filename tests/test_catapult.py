@@ -304,3 +304,28 @@ def test_result_type():
     assert isinstance(res, CriticalLR)
     lower, upper = res.bracket
     assert isinstance(lower, float) and isinstance(upper, float) and isinstance(res.forward_passes, int)
+
+
+def test_loss_fn_none_uses_the_models_own_loss():
+    """``loss_fn=None``: a model that returns ``outputs.loss`` (HF style, dict batch with labels) gives the same
+    search as the explicit loss."""
+    import types
+
+    import torch.nn.functional as F
+
+    class OwnLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return types.SimpleNamespace(logits=logits, loss=F.cross_entropy(logits, labels))
+
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 4, dtype=torch.float64) * 3, torch.randint(0, 3, (16,))
+    model = OwnLoss()
+    own = find_critical_lr(model, None, {"x": x, "labels": y}, sgd, lr_target=50.0)
+    explicit = find_critical_lr(model.net, F.cross_entropy, (x, y), sgd, lr_target=50.0)
+    assert own.found and own.lr_c == explicit.lr_c and own.history == explicit.history

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,7 +110,9 @@ def test_adam_preconditioned_sharpness_and_inference(tmp_path):
     for name, m, o in (("adam.pt", model, opt), ("adamw.pt", mw, ow)):
         row = by_name[name]
         assert row["error"] is None
-        want = preconditioned_sharpness(m, F.cross_entropy, make_data(), o, tol=TOL).eigenvalue
+        # the P of the step about to be taken (lookahead contract): preconditioner "next_step"
+        want = preconditioned_sharpness(m, F.cross_entropy, make_data(), o, tol=TOL, lookahead=True).eigenvalue
+        assert row["preconditioner"] == "next_step"
         assert row["preconditioned_sharpness"] == pytest.approx(want, rel=1e-6)
         assert row["sharpness"] == pytest.approx(direct(m), rel=1e-6)
         assert row["threshold"] == pytest.approx(stability_threshold(o))
@@ -268,3 +271,70 @@ def test_not_converged_is_flagged_not_an_error(tmp_path):
         row = analyze(tmp_path, tol=1e-14, max_iters=2, solver="power_iteration")[0]
     assert row["error"] is None and row["converged"] is False
     assert any("did not converge" in str(w.message) for w in caught)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face Trainer output (issue #14.5): a real Trainer run, then its output_dir analysed
+# ---------------------------------------------------------------------------------------------------
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    return GPT2LMHeadModel(config).to(torch.float64)
+
+
+def _stdlib_bytes_batches(n: int, seq: int = 16) -> list[dict]:
+    text = open(os.__file__, "rb").read()[: n * seq]
+    ids = torch.tensor(list(text), dtype=torch.long).reshape(n, seq)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def test_hf_trainer_output_dir_analyses_with_adam_state_lr_step_and_threshold(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    from curvature.optim import preconditioned_sharpness
+    from curvature.tracking import model_output_loss
+
+    train = _stdlib_bytes_batches(16)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, save_steps=2, save_strategy="steps",
+                             per_device_train_batch_size=4, learning_rate=3e-3, warmup_steps=1, use_cpu=True,
+                             lr_scheduler_type="constant_with_warmup",
+                             report_to=[], logging_steps=100, disable_tqdm=True, seed=0, weight_decay=0.01)
+    Trainer(model=_tiny_gpt2(), args=args, train_dataset=train).train()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2",
+                                                                                       "checkpoint-4"]
+    probe = {k: torch.stack([b[k] for b in train[:4]]) for k in ("input_ids", "labels")}
+    rows = analyze_checkpoints(out, _tiny_gpt2, probe, None, tol=1e-8, max_iters=200)  # no --recursive needed
+    assert [r["step"] for r in rows] == [2, 4]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        folder = Path(row["file"]).parent
+        assert Path(row["file"]).name == "model.safetensors"
+        # the same state by hand: HF's own loading (ties lm_head), the optimizer in the Trainer's group order
+        model = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float64)
+        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+        decay = [p for n, p in model.named_parameters() if "bias" not in n and ".ln_" not in n and "ln_f" not in n]
+        rest = [p for n, p in model.named_parameters() if not ("bias" not in n and ".ln_" not in n and "ln_f" not in n)]
+        opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+        opt.load_state_dict(saved)
+        assert row["lr"] == pytest.approx(saved["param_groups"][0]["lr"]) and row["lr"] > 0
+        assert row["threshold"] == pytest.approx(stability_threshold(opt))
+        batch = (probe, None)
+        want_h = sharpness(model, model_output_loss, batch, tol=1e-8, max_iters=200).eigenvalue
+        want_p = preconditioned_sharpness(model, model_output_loss, batch, opt, tol=1e-8, max_iters=200,
+                                          lookahead=True).eigenvalue
+        assert row["sharpness"] == pytest.approx(want_h, rel=1e-6)
+        assert row["preconditioned_sharpness"] == pytest.approx(want_p, rel=1e-6)
+        assert row["preconditioner"] == "next_step" and row["optimizer"] == "AdamW"
+
+
+def test_folder_of_subfolders_suggests_recursive(tmp_path):
+    (tmp_path / "run1").mkdir()
+    torch.save(make_model().state_dict(), tmp_path / "run1" / "a.pt")
+    with pytest.raises(CheckpointError, match=r"sub-folders \(run1\): pass --recursive"):
+        find_checkpoints(tmp_path)
+    assert len(find_checkpoints(tmp_path, recursive=True)) == 1

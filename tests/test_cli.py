@@ -143,7 +143,8 @@ def test_analyze_every_format_matches_direct_calls_then_resume_with_a_bad_file(e
     sgd, adam = rows[1], rows[3]
     assert sgd["threshold"] == pytest.approx(stability_threshold(env["opts"][20])) == pytest.approx(38.0)
     assert sgd["lr"] == 0.1 and sgd["preconditioned_sharpness"] is None
-    want = preconditioned_sharpness(env["models"][40], F.cross_entropy, data, env["opts"][40], tol=float(TOL))
+    want = preconditioned_sharpness(env["models"][40], F.cross_entropy, data, env["opts"][40], tol=float(TOL),
+                                    lookahead=True)  # rows use the P of the step about to be taken
     assert adam["preconditioned_sharpness"] == pytest.approx(want.eigenvalue, rel=1e-6)
     assert adam["threshold"] == pytest.approx(3800.0)  # (2 + 2·0.9) / (0.1 · 0.01)
     assert rows[0]["threshold"] is None  # a plain state_dict has no optimizer: no lr, no threshold

@@ -35,11 +35,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..hvp import call_model
+from .._exact import unwrap_model
+from .._own_loss import own_loss_batch as _own_loss_batch
+from .._own_loss import own_loss_fn
+from ..distributed import all_reduce_sum, collective_device, resolve_process_group
+from ..hvp import as_batches, call_model
 from .param_groups import group_lr, set_group_lr
 from .schedules import CatapultWarmup
 
-__all__ = ["CriticalLR", "find_critical_lr", "catapult_warmup", "PersistentCatapultWarmup"]
+__all__ = ["CriticalLR", "find_critical_lr", "catapult_warmup", "PersistentCatapultWarmup", "global_mean"]
 
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -126,6 +130,17 @@ class _ModelState:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+def global_mean(value: float, weight: float, group: Any) -> float:
+    """``Σ_r w_r·v_r / Σ_r w_r`` over the ranks of ``group`` (float64, one all-reduce); ``value`` for ``None``.
+    A non-finite value on any rank makes the result non-finite on every rank, so all ranks decide alike."""
+    if group is None:
+        return float(value)
+    t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64,
+                     device=collective_device(group))
+    all_reduce_sum(t, group)
+    return float(t[0] / t[1]) if float(t[1]) > 0 else math.nan
+
+
 def _split_batch(batch: Any) -> tuple[Any, Any]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(f"batch must be a pair (inputs, targets), got {type(batch).__name__}")
@@ -172,6 +187,9 @@ def find_critical_lr(
     max_forward_passes: int = 64,
     optimizer: torch.optim.Optimizer | None = None,
     lr_ratios: Sequence[float] | None = None,
+    *,
+    distributed: bool | None = None,
+    process_group: Any = None,
 ) -> CriticalLR:
     r"""Critical learning rate ``η_c`` from loss catapults (Kalra & Barkeshli, arXiv 2406.09405), forward passes only.
 
@@ -209,6 +227,14 @@ def find_critical_lr(
             parameters it holds; the real optimizer and its state are never modified.
         lr_ratios: with ``optimizer``, per-group lr multipliers; default: each group's current lr divided by the
             first group's (all ones if that is 0).
+        distributed: ``None`` (auto: when ``torch.distributed`` is initialised with several processes), ``True``
+            or ``False``. Distributed, each rank holds a shard of the data: every loss is the global
+            sample-weighted mean ``Σ_r n_r L_r / Σ_r n_r`` and the gradient the global ``Σ_r n_r g_r / N`` (one
+            all-reduce each), so every rank takes the same decisions and returns the same ``η_c``, equal to the
+            single-process result on the concatenated shards. Every rank must call it.
+        process_group: the group to reduce over (default: the world).
+
+    ``loss_fn=None`` uses the model's own loss (``outputs.loss``; ``batch`` a dict with ``labels``).
 
     Returns:
         :class:`CriticalLR` (``lr_c``, ``bracket``, ``forward_passes``, ``lr_init``, ``found``, ``history``, …).
@@ -249,7 +275,13 @@ def find_critical_lr(
     if not params:
         raise ValueError("no trainable parameters to step")
 
+    group = resolve_process_group(distributed, process_group)
+    if loss_fn is None:
+        batch = _own_loss_batch(batch)
+    loss_fn = own_loss_fn(loss_fn)
+    model_net = unwrap_model(model)  # DDP: call the inner module (no reducer hooks, no gradient sync)
     inputs, targets = _split_batch(batch)
+    n_local = float(as_batches(batch)[0].size) if group is not None else 1.0
     state = _ModelState(model, [*params, *frozen])
     rng = _RNGState()
     forward_passes = 0
@@ -258,16 +290,28 @@ def find_critical_lr(
     try:
         # θ_0: loss and gradient (the only backward pass). autograd.grad leaves .grad untouched.
         with torch.enable_grad():
-            loss0_t = _scalar(loss_fn(call_model(model, inputs), targets))
+            loss0_t = _scalar(loss_fn(call_model(model_net, inputs), targets))
         forward_passes += 1
-        loss0 = float(loss0_t.detach())
+        loss0 = global_mean(float(loss0_t.detach()), n_local, group)
         if not math.isfinite(loss0):
             raise ValueError(f"the loss at θ_0 is not finite ({loss0}); cannot search for a catapult")
-        if not loss0_t.requires_grad:
+        if not loss0_t.requires_grad:  # the same on every rank (same model)
             raise ValueError("the loss does not depend on any trainable parameter")
         grads0 = torch.autograd.grad(loss0_t, params, allow_unused=True)
         grads0 = [None if g is None else g.detach() for g in grads0]
         del loss0_t
+        if group is not None:  # global gradient Σ_r n_r g_r / N: one flat all-reduce (unused params: zero)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(torch.float64) * n_local
+                              for p, g in zip(params, grads0)] +
+                             [torch.tensor([n_local], dtype=torch.float64, device=params[0].device)])
+            flat = flat.to(collective_device(group, flat.device if flat.device.type != "cpu" else None))
+            all_reduce_sum(flat, group)
+            total, offset, reduced = flat[-1], 0, []
+            for p, g in zip(params, grads0):
+                part = (flat[offset:offset + p.numel()] / total).reshape(p.shape).to(p.device, p.dtype)
+                reduced.append(None if g is None else part)  # a parameter the loss does not use stays unused
+                offset += p.numel()
+            grads0 = reduced
         state.restore_values()  # e.g. BatchNorm running stats updated by the forward pass
         threshold = loss0 + delta * abs(loss0)
 
@@ -286,7 +330,8 @@ def find_critical_lr(
             opt.step()
             rng.restore()  # same dropout masks as at θ_0
             with torch.no_grad():
-                loss1 = float(_scalar(loss_fn(call_model(model, inputs), targets)))
+                loss1 = float(_scalar(loss_fn(call_model(model_net, inputs), targets)))
+            loss1 = global_mean(loss1 if math.isfinite(loss1) else math.inf, n_local, group)
             forward_passes += 1
             state.restore()
             rng.restore()
@@ -402,6 +447,8 @@ class PersistentCatapultWarmup:
       the warm-up is :attr:`done` and later calls do nothing.
 
     Every group's lr is ``η`` times its ratio to the first group's lr at construction (all ones if that was 0).
+    Under ``torch.distributed`` (``distributed=None``: auto) the fed loss is the global sample-weighted mean over
+    the ranks and the search is :func:`find_critical_lr`'s distributed one, so every rank sets the same ``η``.
     Each search is appended to :attr:`history` as a dict (``step``, ``loss`` (the new reference),
     ``previous_reference``, ``lr`` (now set),
     ``lr_c``, ``bracket``, ``forward_passes``, ``done``).
@@ -416,6 +463,9 @@ class PersistentCatapultWarmup:
         delta: float = 0.1,
         lr_start: float | None = None,
         max_forward_passes: int = 64,
+        *,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         if not (math.isfinite(lr_target) and lr_target > 0):
             raise ValueError(f"lr_target must be a finite number > 0, got {lr_target!r}")
@@ -426,6 +476,7 @@ class PersistentCatapultWarmup:
         self.delta = float(delta)
         self.lr_start = lr_start
         self.max_forward_passes = int(max_forward_passes)
+        self.distributed, self.process_group = distributed, process_group
         self.ratios = _ratios(optimizer)
         self.lr: float | None = None
         self.reference: float | None = None
@@ -441,6 +492,10 @@ class PersistentCatapultWarmup:
     def step(self, loss: float | torch.Tensor, batch: Any) -> float:
         """Feed the current training loss and batch; returns the learning rate (of the first group) now set."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        group = resolve_process_group(self.distributed, self.process_group)
+        if group is not None and not self.done:  # the global loss: every rank takes the same decision
+            own = batch if self.loss_fn is not None else _own_loss_batch(batch)
+            value = global_mean(value, float(as_batches(own)[0].size), group)
         step = self.step_count
         self.step_count += 1
         if self.done:
@@ -463,6 +518,8 @@ class PersistentCatapultWarmup:
             max_forward_passes=self.max_forward_passes,
             optimizer=self.optimizer,
             lr_ratios=self.ratios,
+            distributed=self.distributed,
+            process_group=self.process_group,
         )
         new_lr = result.lr_c if result.found else self.lr_target
         new_lr = min(max(new_lr, self.lr or 0.0), self.lr_target)

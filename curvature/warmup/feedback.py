@@ -201,6 +201,7 @@ class CurvatureAwareWarmup:
         t = self.step_count if step is None else int(step)
         self.step_count += 1
         value = _value(loss)
+        value = self._global_loss(value, batch)
         # 1. loss spike (cheap, every step; also after done when watch_after_done)
         if value is not None and (not self.done or self.watch_after_done):
             if self._is_spike(value, t):
@@ -245,6 +246,31 @@ class CurvatureAwareWarmup:
                 f"lr={self.lr}, done={self.done}, decisions={len(self.history)}, hvps={self.num_hvps})")
 
     # -- internals ------------------------------------------------------------------------------------
+    def _global_loss(self, value: float | None, batch: Any) -> float | None:
+        """Under ``torch.distributed`` (the tracker's ``distributed`` option, auto by default) the training loss
+        fed on each rank is replaced by the global sample-weighted mean over the ranks, so spike checks and
+        decisions, and so the lr, are the same on every rank (λ is already global: the tracker's operator
+        all-reduces). Every rank must feed a loss, or none, on the same steps."""
+        from .._own_loss import own_loss_batch
+        from ..distributed import resolve_process_group
+        from ..hvp import as_batches
+        from .catapult import global_mean
+
+        if value is None:
+            return None
+        options = getattr(self.tracker, "operator_options", {}) or {}
+        group = resolve_process_group(options.get("distributed"), options.get("process_group"))
+        if group is None:
+            return value
+        weight = 1.0
+        if batch is not None:
+            try:
+                data = batch if self.loss_fn is not None else own_loss_batch(batch)
+                weight = float(sum(b.size for b in as_batches(data)))
+            except (TypeError, ValueError):
+                weight = 1.0
+        return global_mean(value, weight, group)
+
     def _apply(self, lr: float) -> None:
         self.lr = float(lr)
         for g, r in zip(unwrap_optimizer(self.optimizer).param_groups, self.ratios):
