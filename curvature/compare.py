@@ -347,8 +347,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
                       batch_size: int | None = None, *, loss_fn: Callable | None = None,
                       warmup_steps: int | None = None, divergence_factor: float = 10.0,
                       eval_data: tuple[Any, torch.Tensor] | None = None, classification: bool | None = None,
-                      controller_every: int = 5, tracker_tol: float = 1e-3, verbose: bool = False
-                      ) -> ComparisonResult:
+                      controller_every: int = 5, tracker_tol: float = 1e-3, verbose: bool = False,
+                      on_row: Callable[[dict, int, int], Any] | None = None) -> ComparisonResult:
     """Train ``make_model`` under each schedule and compare (see the module docs).
 
     Args:
@@ -370,7 +370,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
             (integer targets or one-hot float targets, or ``classification=True``).
         controller_every: the curvature-aware controller's ``every`` unless its spec sets one.
         tracker_tol: the tracker's eigensolver tolerance.
-        verbose: print one line per run.
+        verbose: print one line per run as it finishes (with the time left, estimated from the runs so far).
+        on_row: ``on_row(row, done, total)`` after each run (e.g. to save partial results).
     """
     from .optim import is_adam_like
     from .tracking import SharpnessTracker
@@ -397,6 +398,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
         xs = {k: v[idx] for k, v in X.items()} if isinstance(X, Mapping) else X[idx]
         return xs, Y[idx]
 
+    total = len(seeds) * len(schedules)
+    t_all = time.perf_counter()
     for seed in seeds:
         order = _batch_indices(n, batch_size, steps, int(seed))
         for name, spec in schedules.items():
@@ -486,8 +489,14 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
             rows.append(row)
             if verbose:
                 status = "DIVERGED" if row["diverged"] else ("FAILED" if row["failure"] else "ok")
-                print(f"  {name:<22} seed {seed}: {status:<8} final loss {row['final_loss']!s:.8} reached "
-                      f"lr_target at step {row['steps_to_target']}  ({row['seconds']:.1f} s)", flush=True)
+                done = len(rows)
+                left = (time.perf_counter() - t_all) / done * (total - done)
+                final = "-" if row["final_loss"] is None else f"{row['final_loss']:.4g}"
+                print(f"  [{done}/{total}] {name:<16} seed {seed}: {status:<8} final loss {final:<9} lr_target "
+                      f"reached at step {row['steps_to_target']}  ({row['seconds']:.1f} s"
+                      + (f"; about {left:.0f} s left)" if done < total else ")"), flush=True)
+            if on_row is not None:
+                on_row(row, len(rows), total)
     config = dict(optimizer=optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
                   steps=steps, seeds=list(seeds), lr_target=float(lr_target), track_every=track_every,
                   batch_size=batch_size, warmup_steps=warmup_steps, divergence_factor=divergence_factor,
@@ -666,29 +675,20 @@ def run_setup(name: str, quick: bool = False, schedules: Mapping[str, Any] | Non
 # ---------------------------------------------------------------------------------------------------
 def add_compare_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``compare`` to an ``argparse`` sub-parser set; the parser's default ``func`` is :func:`run_compare`."""
-    p = subparsers.add_parser(
-        "compare", help="compare warm-up schedules on a bundled setup",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train the same model under several learning-rate warm-up schedules (no warm-up, linear, "
-                    "exponential, cosine, WSD, catapult η_init, loss-adaptive, curvature-aware) and compare loss, "
-                    "accuracy, sharpness and divergence. Setups: 'digits' (tanh FCN on scikit-learn's digits, "
-                    "full-batch SGD) and 'lm' (byte-level Transformer LM on Python stdlib sources, Adam). Writes "
-                    "DIR/comparison.csv and DIR/comparison.png.")
-    p.add_argument("--setup", choices=sorted(SETUPS), default="digits", help="which bundled setup")
-    p.add_argument("--schedules", default=None,
-                   help=f"comma-separated subset of {','.join(DEFAULT_SCHEDULES)} (default: all)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the setup's)")
-    p.add_argument("--lr-target", type=float, default=None, help="η_trgt (default: the setup's)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps of the fixed schedules")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--track-every", type=int, default=None, help="measure sharpness every N steps (0: never)")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: the setup's)")
-    p.add_argument("--safety", type=float, default=None, help="safety fraction of the curvature-aware warm-up")
-    p.add_argument("--out", default="compare-out", metavar="DIR", help="output folder")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
-    p.add_argument("--quick", action="store_true", help="a short run (tests, a first look)")
+    from ._cli_defaults import add_compare_arguments
+
+    p = add_compare_arguments(subparsers)
     p.set_defaults(func=run_compare)
     return p
+
+
+#: Measured wall time per training step of one run (tracking and the schedules' own measurements included,
+#: averaged over the default schedules, one thread on a shared 2-core CPU); for the runtime estimate.
+_SECONDS_PER_STEP = {"digits": 0.015, "lm": 0.2}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -724,19 +724,35 @@ def run_compare(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
-    try:
-        print(f"curvature compare: {cfg['description']}; η_trgt = {overrides.get('lr_target', cfg['lr_target'])}, "
-              f"{overrides.get('steps', cfg['steps'])} steps, schedules: {', '.join(schedules)}", flush=True)
-        res = run_setup(args.setup, bool(args.quick), schedules, verbose=True, **overrides)
-    finally:
-        torch.set_num_threads(threads)
+    quiet = bool(getattr(args, "quiet", False))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "comparison.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(SUMMARY_KEYS))
-        w.writeheader()
-        for r in res.rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_KEYS})
+    csv_path = out / "comparison.csv"
+    finished: list[dict] = []
+
+    def save(row: dict, done: int, total: int) -> None:  # rewritten after every run: partial results survive
+        finished.append(row)
+        tmp = csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(SUMMARY_KEYS))
+            w.writeheader()
+            for r in finished:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_KEYS})
+        os.replace(tmp, csv_path)
+
+    steps = int(overrides.get("steps", cfg["steps"]))
+    runs = len(schedules) * len(overrides["seeds"])
+    per_step = _SECONDS_PER_STEP.get(args.setup, 0.05)
+    if not quiet:
+        print(f"curvature compare: {cfg['description']}; η_trgt = {overrides.get('lr_target', cfg['lr_target'])}, "
+              f"{steps} steps, {runs} run(s): {', '.join(schedules)}", flush=True)
+        print(f"  expected runtime: about {_duration(per_step * steps * runs)} on one CPU thread "
+              f"(measured: {per_step * 1e3:.0f} ms per step with tracking); {csv_path} is rewritten after each run",
+              flush=True)
+    try:
+        res = run_setup(args.setup, bool(args.quick), schedules, verbose=not quiet, on_row=save, **overrides)
+    finally:
+        torch.set_num_threads(threads)
     png = out / "comparison.png"
     try:
         import matplotlib
@@ -749,7 +765,7 @@ def run_compare(args: argparse.Namespace) -> int:
     except ImportError as exc:
         png = None
         print(f"(no figure: {exc})")
-    print()
-    print(res.table())
-    print(f"\nwrote {out / 'comparison.csv'}" + (f" and {png}" if png else ""))
+    print(("" if quiet else "\n") + res.table())
+    if not quiet:
+        print(f"\nwrote {csv_path}" + (f" and {png}" if png else ""))
     return 0

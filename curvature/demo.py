@@ -43,12 +43,9 @@ __all__ = ["digits_model", "digits_data", "digits_loss", "run_demo", "DEMO_DEFAU
 
 NUM_TRAIN = 1437  # 80% of the 1,797 images; the rest is held out
 
-#: Default settings per optimizer (``quick`` overrides steps / warm-up / checkpoints).
-DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 5.0, "steps": 200, "warmup": 60, "every": 5},
-    "adam": {"lr": 0.03, "steps": 200, "warmup": 60, "every": 5},
-}
-_QUICK = {"steps": 60, "warmup": 25, "every": 5}
+# Default settings per optimizer (``quick`` overrides steps / warm-up / every); one source with `curvature demo --help`.
+from ._cli_defaults import DEMO_DEFAULTS  # noqa: E402
+from ._cli_defaults import DEMO_QUICK as _QUICK  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
