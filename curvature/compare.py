@@ -684,7 +684,7 @@ def add_compare_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 #: Measured wall time per training step of one run (tracking and the schedules' own measurements included,
 #: averaged over the default schedules, one thread on a shared 2-core CPU); for the runtime estimate.
-_SECONDS_PER_STEP = {"digits": 0.015, "lm": 0.2}
+_SECONDS_PER_STEP = {"digits": 0.015, "lm": 0.05}
 
 
 def _duration(seconds: float) -> str:
