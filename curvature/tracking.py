@@ -533,12 +533,14 @@ class SharpnessTracker:
         if model is None:
             return
         net = unwrap_model(model)
-        n = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        device = next(iter(net.parameters()), torch.empty(0)).device
-        fits = [x for x in (state.get("warm_start_h"), state.get("warm_start_p"))
-                if isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[0] == n]
-        if "params" in self.operator_options or len(fits) == 0:
+        chosen = self.operator_options.get("params")
+        if chosen is None:
+            n = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        elif all(isinstance(t, torch.Tensor) for t in chosen):
+            n = sum(t.numel() for t in {id(t): t for t in chosen}.values())
+        else:  # names / prefixes: the dimension is not known here; start cold
             return
+        device = next(iter(net.parameters()), torch.empty(0)).device
         h, p = state.get("warm_start_h"), state.get("warm_start_p")
         self._X_h = h.to(device) if isinstance(h, torch.Tensor) and h.ndim == 2 and h.shape[0] == n else None
         self._X_p = p.to(device) if isinstance(p, torch.Tensor) and p.ndim == 2 and p.shape[0] == n else None
