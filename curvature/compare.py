@@ -131,42 +131,63 @@ class ComparisonResult:
         a new figure). Saves to ``path`` when given; returns the figure."""
         import matplotlib.pyplot as plt
 
+        from .plotting import log_scale
+
         seeds = sorted({s for _, s in self.curves})
         seed = seeds[0] if seed is None and seeds else seed
         if axes is None:
-            fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
         else:
             fig = axes[0].figure
         adam = self.config.get("preconditioned", False)
         cmap = plt.get_cmap("tab10")
+        losses: list[float] = []
+        lams: list[float] = []
+        styles = ["-", "--", "-.", ":"]
         for i, (name, s) in enumerate(k for k in self.curves if k[1] == seed):
             c = self.curves[(name, s)]
-            color = cmap(i % 10)
+            color, ls = cmap(i % 10), styles[(i // 10) % 4]
             steps, loss = c["step"], c["loss"]
             finite = [(t, v) for t, v in zip(steps, loss) if v is not None and math.isfinite(v) and v > 0]
-            if finite:
-                axes[0].plot(*zip(*finite), color=color, label=name, lw=1.3)
             row = self.row(name, s)
+            label = name + (" (diverged)" if row["diverged"] else "")
+            if finite:
+                axes[0].plot(*zip(*finite), color=color, ls=ls, label=label, lw=1.3)
+                losses += [v for _, v in finite]
             if row["diverged"] and finite:
                 axes[0].plot(finite[-1][0], finite[-1][1], "x", color=color, ms=9, mew=2)
             key = "preconditioned_sharpness" if adam else "sharpness"
             tr = [(r["step"], r[key]) for r in c["tracked"] if r.get(key) is not None and math.isfinite(r[key])
                   and r[key] > 0]
             if tr:
-                axes[1].plot(*zip(*tr), "-", color=color, label=name, lw=1.3, marker=".", ms=3)
-            axes[2].plot(steps, c["lr"], color=color, label=name, lw=1.3)
+                axes[1].plot(*zip(*tr), ls=ls, color=color, label=name, lw=1.3, marker=".", ms=3)
+                lams += [v for _, v in tr]
+            axes[2].plot(steps, c["lr"], color=color, ls=ls, label=label, lw=1.3)
         lr_target = self.config.get("lr_target")
+        numerator = self.config.get("threshold_numerator")
         if lr_target:
-            axes[2].axhline(lr_target, color="k", ls=":", lw=1, label="η_trgt")
-        axes[0].set(yscale="log", xlabel="step", ylabel="training loss", title="loss")
-        axes[1].set(yscale="log", xlabel="step", ylabel="λ_max(P⁻¹H)" if adam else "λ_max(H)",
+            axes[2].axhline(lr_target, color="k", ls=":", lw=1, label=r"$\eta_{\mathrm{trgt}}$")
+            if numerator and math.isfinite(numerator):  # the threshold every schedule ends at
+                thr = numerator / lr_target
+                name = (rf"${numerator:g}/\eta_{{\mathrm{{trgt}}}}$ (threshold at the target lr)" if not adam else
+                        rf"${numerator:g}/\eta_{{\mathrm{{trgt}}}}$ (Adam threshold at the target lr)")
+                axes[1].axhline(thr, color="k", ls="--", lw=1.1, label=name)
+                lams.append(thr)
+        if losses:
+            log_scale(axes[0], losses)
+        if lams:
+            log_scale(axes[1], lams)
+        axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
+        axes[1].set(xlabel="step", ylabel=r"$\lambda_{\max}(P^{-1}H)$" if adam else r"$\lambda_{\max}(H)$",
                     title="pre-conditioned sharpness" if adam else "sharpness")
-        axes[2].set(xlabel="step", ylabel="learning rate", title="learning rate")
-        axes[2].legend(fontsize=7, loc="best")
+        axes[2].set(xlabel="step", ylabel=r"learning rate $\eta$", title="learning rate")
+        axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+        if lr_target and numerator:
+            axes[1].legend(handles=axes[1].get_lines()[-1:], fontsize=7, loc="upper right")
         for ax in axes:
             ax.grid(alpha=0.3)
         if title:
-            axes[0].set_title(f"{title}\nloss", fontsize=9)
+            fig.suptitle(title)
         fig.tight_layout()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +412,7 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
     rows: list[dict] = []
     curves: dict[tuple[str, int], dict[str, Any]] = {}
     preconditioned = False
+    numerator_seen: float | None = None
 
     def take(idx: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
         if idx is None:
@@ -421,9 +443,10 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
                            warmup_steps=warmup_steps, model=model, loss_fn=loss_fn, first_batch=take(order[0]),
                            adam=adam_run, controller_every=controller_every)
                 driver = _build_driver(spec, ctx)
+                numerator = _numerator(opt)
+                numerator_seen = numerator if numerator_seen is None else numerator_seen
                 if track_every:
                     tracker = SharpnessTracker(loss_fn, every=int(track_every), k=1, tol=tracker_tol)
-                    numerator = _numerator(opt)
                 l0 = None
                 for t in range(steps):
                     batch = take(order[t])
@@ -500,7 +523,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
     config = dict(optimizer=optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
                   steps=steps, seeds=list(seeds), lr_target=float(lr_target), track_every=track_every,
                   batch_size=batch_size, warmup_steps=warmup_steps, divergence_factor=divergence_factor,
-                  preconditioned=preconditioned, schedules={k: _describe(v) for k, v in schedules.items()})
+                  preconditioned=preconditioned, schedules={k: _describe(v) for k, v in schedules.items()},
+                  threshold_numerator=numerator_seen)
     return ComparisonResult(rows, curves, config)
 
 

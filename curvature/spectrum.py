@@ -330,8 +330,12 @@ class SpectralDensity:
         if log:
             ax.set_yscale("log")
             ax.set_ylim(bottom=max(float(vals.max()) * 1e-8, 1e-300))
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
+        ax.set_xlabel("eigenvalue of $H$")
+        used = self.default_sigma() if sigma is None else sigma
+        ax.set_ylabel(f"density (Gaussian σ = {used:.2g})")
+        ax.set_title(f"spectral density (SLQ: {self.num_probes} probes × {self.info.get('num_steps')} steps)",
+                     fontsize=9)
+        ax.grid(True, alpha=0.3)
         if path is not None:
             ax.figure.tight_layout()
             ax.figure.savefig(path, dpi=120)
