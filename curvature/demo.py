@@ -56,7 +56,7 @@ def _digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - scikit-learn is in the demo extra
-        raise ImportError("the demo needs scikit-learn (bundled digits data): pip install 'curvature[demo]'") from exc
+        raise ImportError("the demo needs scikit-learn (bundled digits data): pip install 'torch-curvature[demo]'") from exc
     X, y = load_digits(return_X_y=True)
     X = torch.as_tensor(X, dtype=torch.float64) / 16.0
     y = torch.as_tensor(y, dtype=torch.long)

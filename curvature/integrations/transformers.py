@@ -57,7 +57,7 @@ try:
     from transformers.trainer_callback import ExportableState
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("curvature.integrations.transformers needs transformers (and accelerate for the Trainer): "
-                      "pip install 'curvature[transformers]'") from exc
+                      "pip install 'torch-curvature[transformers]'") from exc
 
 from ..tracking import SCALAR_KEYS, SharpnessTracker
 
