@@ -218,3 +218,4 @@ def test_sinks_only_on_global_rank_zero(tmp_path):
 
     cb.on_train_start(Rank1(), None)
     assert cb.tracker.sinks == []
+

@@ -166,8 +166,12 @@ def test_missing_pre_optimizer_hook_raises_instead_of_recording_nothing():
     check_hook_support(transformers.TrainerCallback, "before_step")
 
 
-@pytest.mark.parametrize("restore_flag", [False, True])
-def test_resume_continues_history_and_warm_starts(tmp_path, restore_flag):
+@pytest.mark.parametrize("restore_flag,vectors_in_file", [(False, False), (True, False), (False, True)])
+def test_resume_continues_history_and_warm_starts(tmp_path, monkeypatch, restore_flag, vectors_in_file):
+    if vectors_in_file:  # large models: the warm-start vectors go to a file in the checkpoint folder
+        import curvature.integrations.transformers as hf
+
+        monkeypatch.setattr(hf, "_INLINE_LIMIT", 0)
     def run(cb, steps, resume=None):
         args = _args(tmp_path, steps, save_strategy="steps", save_steps=2,
                      restore_callback_states_from_checkpoint=restore_flag)
@@ -187,6 +191,7 @@ def test_resume_continues_history_and_warm_starts(tmp_path, restore_flag):
     assert [r["step"] for r in again.history] == [0, 2, 4]  # history continues
     assert again.history[1]["sharpness"] == pytest.approx(first.history[1]["sharpness"])
     assert again.history[2]["warm_start"] is True  # first row after the resume starts from the saved vectors
+    assert (tmp_path / "out" / "checkpoint-4" / "curvature_warm_start.pt").exists() == vectors_in_file
     cold = SharpnessCallback(every=2, tol=1e-4, warm_start=False)
     run(cold, 6, resume=str(tmp_path / "out" / "checkpoint-4"))
     assert again.history[2]["num_hvps"] < cold.history[-1]["num_hvps"]
