@@ -100,6 +100,11 @@ class _SharpnessCallbackMixin:
         return self._rows if self._multi else self.tracker.history
 
     # -- state (saved in Lightning checkpoints) ------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """Distinct per configuration, so several of these callbacks in one Trainer keep separate states."""
+        return f"{type(self).__qualname__}{{prefix={self.prefix!r}, every={self.tracker.every}}}"
+
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "multi": self._multi, "last": dict(self._last),
                 "trackers": {i: t.state_dict() for i, t in self.trackers.items()}, "rows": list(self._rows)}
