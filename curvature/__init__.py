@@ -9,49 +9,159 @@ if _sys.argv[:1] == ["-m"]:  # `python -m curvature`: the cwd is first on sys.pa
     from ._safepath import drop_cwd_from_sys_path as _drop_cwd
 
     _drop_cwd()
-# HVP engine and operators
-from .hvp import HVPEngine
-from .operators import HessianOperator, LinearOperator, MatrixOperator
+# Names are imported on first use (PEP 562), so that `import curvature` and `curvature --help` / `--version` do
+# not import torch. Static type checkers and IDEs read the imports below; at run time `_LAZY` maps each public
+# name to the module that defines it. A new public name: add it to `_LAZY` (and to `__all__`).
+from typing import TYPE_CHECKING
 
-# eigensolvers
-from .solvers import EigenResult, lanczos, lanczos_tridiagonal, lobpcg, power_iteration
+if TYPE_CHECKING:
+    # HVP engine and operators
+    from .hvp import HVPEngine
+    from .operators import HessianOperator, LinearOperator, MatrixOperator
 
-# diagnostics
-from .diagnostics import HVPCheck, check_hvp, sharpness
+    # eigensolvers
+    from .solvers import EigenResult, lanczos, lanczos_tridiagonal, lobpcg, power_iteration
 
-# optimizer-aware curvature
-from .optim import (
-    GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, is_adam_like, preconditioned_sharpness,
-    stability_threshold, unwrap_optimizer,
-)
+    # diagnostics
+    from .diagnostics import HVPCheck, check_hvp, sharpness
 
-# training callbacks and plots (matplotlib, TensorBoard, Lightning, transformers are imported lazily)
-from .plotting import plot_sharpness, plot_spectrum
-from .tracking import (
-    ROW_KEYS, CallableSink, CSVSink, JSONLinesSink, LoggingSink, SharpnessTracker, TensorBoardSink, TrackingError,
-    TrackingWarning, model_output_loss, read_rows,
-)
+    # optimizer-aware curvature
+    from .optim import (
+        GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, is_adam_like, preconditioned_sharpness,
+        stability_threshold, unwrap_optimizer,
+    )
 
-# trace, spectral density, per-layer curvature
-from .spectrum import (
-    LayerCurvature, SpectralDensity, TraceEstimate, exact_trace, hessian_spectral_density, hessian_trace,
-    hutchinson_trace, hutchpp_trace, layer_curvature, spectral_density,
-)
+    # training callbacks and plots (matplotlib, TensorBoard, Lightning, transformers are imported lazily)
+    from .plotting import plot_sharpness, plot_spectrum
+    from .tracking import (
+        ROW_KEYS, CallableSink, CSVSink, JSONLinesSink, LoggingSink, SharpnessTracker, TensorBoardSink, TrackingError,
+        TrackingWarning, model_output_loss, read_rows,
+    )
 
-# warm-up
-from .warmup import (
-    CatapultWarmup, Constant, CosineDecay, CriticalLR, CurvatureAwareWarmup, Decay, ExponentialWarmup, LambdaFactor, LinearWarmup,
-    LossAdaptiveWarmup, PersistentCatapultWarmup, Schedule, SequentialSchedule, WarmupStableDecay,
-    catapult_warmup, find_critical_lr, join, loss_adaptive_lr, warmup_cosine,
-)
+    # trace, spectral density, per-layer curvature
+    from .spectrum import (
+        LayerCurvature, SpectralDensity, TraceEstimate, exact_trace, hessian_spectral_density, hessian_trace,
+        hutchinson_trace, hutchpp_trace, layer_curvature, spectral_density,
+    )
 
-# offline analysis of checkpoints
-from .checkpoints import Checkpoint, CheckpointError, UnsafeCheckpointError, analyze_checkpoints, load_checkpoint
+    # warm-up
+    from .warmup import (
+        CatapultWarmup, Constant, CosineDecay, CriticalLR, CurvatureAwareWarmup, Decay, ExponentialWarmup, LambdaFactor, LinearWarmup,
+        LossAdaptiveWarmup, PersistentCatapultWarmup, Schedule, SequentialSchedule, WarmupStableDecay,
+        catapult_warmup, find_critical_lr, join, loss_adaptive_lr, warmup_cosine,
+    )
 
-# schedule comparison harness
-from .compare import ComparisonResult, compare_schedules, find_required_warmup
+    # offline analysis of checkpoints
+    from .checkpoints import Checkpoint, CheckpointError, UnsafeCheckpointError, analyze_checkpoints, load_checkpoint
 
-__version__ = "0.1.0"
+    # schedule comparison harness
+    from .compare import ComparisonResult, compare_schedules, find_required_warmup
+
+    # batches, weights, the model's own loss; experiment-tracker sinks
+    from .data import CurvatureWarning, resolve_loss_fn, token_count
+    from .sinks import MLflowSink, WandbSink
+
+_LAZY: dict[str, str] = {
+    "HVPEngine": ".hvp",
+    "HessianOperator": ".operators",
+    "LinearOperator": ".operators",
+    "MatrixOperator": ".operators",
+    "EigenResult": ".solvers",
+    "lanczos": ".solvers",
+    "lanczos_tridiagonal": ".solvers",
+    "lobpcg": ".solvers",
+    "power_iteration": ".solvers",
+    "HVPCheck": ".diagnostics",
+    "check_hvp": ".diagnostics",
+    "sharpness": ".diagnostics",
+    "GIAdam": ".optim",
+    "PreconditionedHessianOperator": ".optim",
+    "edge_ratio": ".optim",
+    "gi_adam_init": ".optim",
+    "is_adam_like": ".optim",
+    "preconditioned_sharpness": ".optim",
+    "stability_threshold": ".optim",
+    "unwrap_optimizer": ".optim",
+    "plot_sharpness": ".plotting",
+    "plot_spectrum": ".plotting",
+    "ROW_KEYS": ".tracking",
+    "CallableSink": ".tracking",
+    "CSVSink": ".tracking",
+    "JSONLinesSink": ".tracking",
+    "LoggingSink": ".tracking",
+    "SharpnessTracker": ".tracking",
+    "TensorBoardSink": ".tracking",
+    "TrackingError": ".tracking",
+    "TrackingWarning": ".tracking",
+    "model_output_loss": ".tracking",
+    "read_rows": ".tracking",
+    "LayerCurvature": ".spectrum",
+    "SpectralDensity": ".spectrum",
+    "TraceEstimate": ".spectrum",
+    "exact_trace": ".spectrum",
+    "hessian_spectral_density": ".spectrum",
+    "hessian_trace": ".spectrum",
+    "hutchinson_trace": ".spectrum",
+    "hutchpp_trace": ".spectrum",
+    "layer_curvature": ".spectrum",
+    "spectral_density": ".spectrum",
+    "CatapultWarmup": ".warmup",
+    "Constant": ".warmup",
+    "CosineDecay": ".warmup",
+    "CriticalLR": ".warmup",
+    "CurvatureAwareWarmup": ".warmup",
+    "Decay": ".warmup",
+    "ExponentialWarmup": ".warmup",
+    "LambdaFactor": ".warmup",
+    "LinearWarmup": ".warmup",
+    "LossAdaptiveWarmup": ".warmup",
+    "PersistentCatapultWarmup": ".warmup",
+    "Schedule": ".warmup",
+    "SequentialSchedule": ".warmup",
+    "WarmupStableDecay": ".warmup",
+    "catapult_warmup": ".warmup",
+    "find_critical_lr": ".warmup",
+    "join": ".warmup",
+    "loss_adaptive_lr": ".warmup",
+    "warmup_cosine": ".warmup",
+    "Checkpoint": ".checkpoints",
+    "CheckpointError": ".checkpoints",
+    "UnsafeCheckpointError": ".checkpoints",
+    "analyze_checkpoints": ".checkpoints",
+    "load_checkpoint": ".checkpoints",
+    "ComparisonResult": ".compare",
+    "compare_schedules": ".compare",
+    "find_required_warmup": ".compare",
+    "CurvatureWarning": ".data",
+    "resolve_loss_fn": ".data",
+    "token_count": ".data",
+    "MLflowSink": ".sinks",
+    "WandbSink": ".sinks",
+}
+
+
+def __getattr__(name: str) -> object:
+    import importlib
+
+    module = _LAZY.get(name)
+    if module is None:
+        if not name.startswith("_"):  # a submodule (curvature.tracking, ...), as when everything was imported eagerly
+            try:
+                return importlib.import_module(f"{__name__}.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
+        raise AttributeError(f"module 'curvature' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+from ._version import __version__  # noqa: E402  (one source: curvature/_version.py)
 
 __all__ = [
     # operators
@@ -79,14 +189,8 @@ __all__ = [
     "analyze_checkpoints", "load_checkpoint", "Checkpoint", "CheckpointError", "UnsafeCheckpointError",
     # schedule comparison
     "compare_schedules", "ComparisonResult", "find_required_warmup",
+    # batches and losses
+    "CurvatureWarning", "resolve_loss_fn", "token_count",
+    # experiment-tracker sinks (wandb / mlflow are imported only when used)
+    "WandbSink", "MLflowSink",
 ]
-
-# inputs: batches, weights, the model's own loss (curvature.data)
-from .data import CurvatureWarning, resolve_loss_fn, token_count  # noqa: E402
-
-__all__ += ["CurvatureWarning", "resolve_loss_fn", "token_count"]
-
-# experiment-tracker sinks (wandb / mlflow are imported only when used)
-from .sinks import MLflowSink, WandbSink  # noqa: E402
-
-__all__ += ["WandbSink", "MLflowSink"]

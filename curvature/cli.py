@@ -13,6 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+# Only the standard library at import time: `curvature --help` and `--version` never import torch (instant).
+from ._cli_defaults import DEMO_DEFAULTS, DEMO_QUICK, HelpFormatter, add_compare_arguments
+from ._version import __version__
+
 __all__ = ["main", "build_parser"]
 
 PROG = "curvature"
@@ -24,8 +28,7 @@ class CLIError(Exception):
     """An error the user can fix; printed as one line, exit status 2."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+_Formatter = HelpFormatter
 
 
 def _add_debug(p: argparse.ArgumentParser) -> None:
@@ -58,7 +61,7 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter,
-        description="Curvature diagnostics for PyTorch: the sharpness λ_max of the loss Hessian (and of Adam's "
+        description="torch-curvature (import curvature): curvature diagnostics for PyTorch: the sharpness λ_max of the loss Hessian (and of Adam's "
                     "pre-conditioned Hessian) against the stability threshold 2/η of the learning rate.",
         epilog="commands:\n"
                "  demo        train a small MLP on scikit-learn's digits and watch it reach the edge of stability\n"
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  curvature compare --setup digits --out compare-out\n\n"
                "Run 'curvature COMMAND --help' for the options of a command.")
     _add_debug(parser)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (distribution torch-curvature)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # -- demo ---------------------------------------------------------------------------------------
@@ -92,19 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
                "examples:\n"
                "  curvature demo\n"
                "  curvature demo --out /tmp/demo --optimizer adam\n"
-               "  curvature demo --quick             # a few seconds, fewer steps")
+               "  curvature demo --quick             # 60 steps instead of 200")
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="output folder")
     demo.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                       help="sgd: plain SGD (full batch), threshold 2/η; adam: Adam, pre-conditioned sharpness "
                            "λ_max(P⁻¹H) against 38/η")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 400; --quick: 80)")
+    sgd, adam = DEMO_DEFAULTS["sgd"], DEMO_DEFAULTS["adam"]
+    demo.add_argument("--steps", type=int, default=None,
+                      help=f"training steps (default: {sgd['steps']}; --quick: {DEMO_QUICK['steps']})")
     demo.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up "
-                      "(default: 4.0 for sgd, 0.01 for adam)")
-    demo.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: a third of --steps)")
-    demo.add_argument("--every", type=int, default=None, help="measure sharpness every N steps")
+                      f"(default: {sgd['lr']:g} for sgd, {adam['lr']:g} for adam)")
+    demo.add_argument("--warmup", type=int, default=None,
+                      help=f"warm-up steps (default: {sgd['warmup']}; --quick: {DEMO_QUICK['warmup']}; with "
+                           "another --steps: 30%% of it)")
+    demo.add_argument("--every", type=int, default=None,
+                      help=f"measure sharpness every N steps (default: {sgd['every']})")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initialisation")
     demo.add_argument("--quick", action="store_true", help="a short run (tests, a first look)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--quiet", action="store_true", help="print nothing but errors (files are still written)")
     _add_debug(demo)
 
     # -- analyze ------------------------------------------------------------------------------------
@@ -182,20 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest relative error accepted (default: 1e-5 in float64)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     _add_debug(check)
-    # -- compare (schedule-comparison harness) -------------------------------------------------------
-    from .compare import add_compare_subcommand
-
-    add_compare_subcommand(sub)
+    # -- compare (schedule-comparison harness; run by curvature.compare.run_compare) ------------------
+    add_compare_arguments(sub)
     return parser
-
-
-def _version() -> str:
-    try:
-        from . import __version__
-
-        return __version__
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,8 +313,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 2:
         raise CLIError(f"--steps must be at least 2, got {args.steps}")
     run_demo(out=args.out, optimizer=args.optimizer, steps=args.steps, lr=args.lr, warmup=args.warmup,
-             every=args.every, seed=args.seed, quick=args.quick, progress=_progress_enabled(args), verbose=True)
+             every=args.every, seed=args.seed, quick=args.quick,
+             progress=_progress_enabled(args) and not args.quiet, verbose=not args.quiet)
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    return run_compare(args)
 
 
 def _one_line(text: Any) -> str:
@@ -335,9 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .compare import run_compare
-
-    commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp, "compare": run_compare}
+    commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp, "compare": _cmd_compare}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -131,42 +131,63 @@ class ComparisonResult:
         a new figure). Saves to ``path`` when given; returns the figure."""
         import matplotlib.pyplot as plt
 
+        from .plotting import log_scale
+
         seeds = sorted({s for _, s in self.curves})
         seed = seeds[0] if seed is None and seeds else seed
         if axes is None:
-            fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
         else:
             fig = axes[0].figure
         adam = self.config.get("preconditioned", False)
         cmap = plt.get_cmap("tab10")
+        losses: list[float] = []
+        lams: list[float] = []
+        styles = ["-", "--", "-.", ":"]
         for i, (name, s) in enumerate(k for k in self.curves if k[1] == seed):
             c = self.curves[(name, s)]
-            color = cmap(i % 10)
+            color, ls = cmap(i % 10), styles[(i // 10) % 4]
             steps, loss = c["step"], c["loss"]
             finite = [(t, v) for t, v in zip(steps, loss) if v is not None and math.isfinite(v) and v > 0]
-            if finite:
-                axes[0].plot(*zip(*finite), color=color, label=name, lw=1.3)
             row = self.row(name, s)
+            label = name + (" (diverged)" if row["diverged"] else "")
+            if finite:
+                axes[0].plot(*zip(*finite), color=color, ls=ls, label=label, lw=1.3)
+                losses += [v for _, v in finite]
             if row["diverged"] and finite:
                 axes[0].plot(finite[-1][0], finite[-1][1], "x", color=color, ms=9, mew=2)
             key = "preconditioned_sharpness" if adam else "sharpness"
             tr = [(r["step"], r[key]) for r in c["tracked"] if r.get(key) is not None and math.isfinite(r[key])
                   and r[key] > 0]
             if tr:
-                axes[1].plot(*zip(*tr), "-", color=color, label=name, lw=1.3, marker=".", ms=3)
-            axes[2].plot(steps, c["lr"], color=color, label=name, lw=1.3)
+                axes[1].plot(*zip(*tr), ls=ls, color=color, label=name, lw=1.3, marker=".", ms=3)
+                lams += [v for _, v in tr]
+            axes[2].plot(steps, c["lr"], color=color, ls=ls, label=label, lw=1.3)
         lr_target = self.config.get("lr_target")
+        numerator = self.config.get("threshold_numerator")
         if lr_target:
-            axes[2].axhline(lr_target, color="k", ls=":", lw=1, label="η_trgt")
-        axes[0].set(yscale="log", xlabel="step", ylabel="training loss", title="loss")
-        axes[1].set(yscale="log", xlabel="step", ylabel="λ_max(P⁻¹H)" if adam else "λ_max(H)",
+            axes[2].axhline(lr_target, color="k", ls=":", lw=1, label=r"$\eta_{\mathrm{trgt}}$")
+            if numerator and math.isfinite(numerator):  # the threshold every schedule ends at
+                thr = numerator / lr_target
+                name = (rf"${numerator:g}/\eta_{{\mathrm{{trgt}}}}$ (threshold at the target lr)" if not adam else
+                        rf"${numerator:g}/\eta_{{\mathrm{{trgt}}}}$ (Adam threshold at the target lr)")
+                axes[1].axhline(thr, color="k", ls="--", lw=1.1, label=name)
+                lams.append(thr)
+        if losses:
+            log_scale(axes[0], losses)
+        if lams:
+            log_scale(axes[1], lams)
+        axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
+        axes[1].set(xlabel="step", ylabel=r"$\lambda_{\max}(P^{-1}H)$" if adam else r"$\lambda_{\max}(H)$",
                     title="pre-conditioned sharpness" if adam else "sharpness")
-        axes[2].set(xlabel="step", ylabel="learning rate", title="learning rate")
-        axes[2].legend(fontsize=7, loc="best")
+        axes[2].set(xlabel="step", ylabel=r"learning rate $\eta$", title="learning rate")
+        axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+        if lr_target and numerator:
+            axes[1].legend(handles=axes[1].get_lines()[-1:], fontsize=7, loc="upper right")
         for ax in axes:
             ax.grid(alpha=0.3)
         if title:
-            axes[0].set_title(f"{title}\nloss", fontsize=9)
+            fig.suptitle(title)
         fig.tight_layout()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +368,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
                       batch_size: int | None = None, *, loss_fn: Callable | None = None,
                       warmup_steps: int | None = None, divergence_factor: float = 10.0,
                       eval_data: tuple[Any, torch.Tensor] | None = None, classification: bool | None = None,
-                      controller_every: int = 5, tracker_tol: float = 1e-3, verbose: bool = False
-                      ) -> ComparisonResult:
+                      controller_every: int = 5, tracker_tol: float = 1e-3, verbose: bool = False,
+                      on_row: Callable[[dict, int, int], Any] | None = None) -> ComparisonResult:
     """Train ``make_model`` under each schedule and compare (see the module docs).
 
     Args:
@@ -370,7 +391,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
             (integer targets or one-hot float targets, or ``classification=True``).
         controller_every: the curvature-aware controller's ``every`` unless its spec sets one.
         tracker_tol: the tracker's eigensolver tolerance.
-        verbose: print one line per run.
+        verbose: print one line per run as it finishes (with the time left, estimated from the runs so far).
+        on_row: ``on_row(row, done, total)`` after each run (e.g. to save partial results).
     """
     from .optim import is_adam_like
     from .tracking import SharpnessTracker
@@ -390,6 +412,7 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
     rows: list[dict] = []
     curves: dict[tuple[str, int], dict[str, Any]] = {}
     preconditioned = False
+    numerator_seen: float | None = None
 
     def take(idx: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
         if idx is None:
@@ -397,6 +420,8 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
         xs = {k: v[idx] for k, v in X.items()} if isinstance(X, Mapping) else X[idx]
         return xs, Y[idx]
 
+    total = len(seeds) * len(schedules)
+    t_all = time.perf_counter()
     for seed in seeds:
         order = _batch_indices(n, batch_size, steps, int(seed))
         for name, spec in schedules.items():
@@ -418,9 +443,10 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
                            warmup_steps=warmup_steps, model=model, loss_fn=loss_fn, first_batch=take(order[0]),
                            adam=adam_run, controller_every=controller_every)
                 driver = _build_driver(spec, ctx)
+                numerator = _numerator(opt)
+                numerator_seen = numerator if numerator_seen is None else numerator_seen
                 if track_every:
                     tracker = SharpnessTracker(loss_fn, every=int(track_every), k=1, tol=tracker_tol)
-                    numerator = _numerator(opt)
                 l0 = None
                 for t in range(steps):
                     batch = take(order[t])
@@ -486,12 +512,19 @@ def compare_schedules(make_model: Callable[..., nn.Module], data: tuple[Any, tor
             rows.append(row)
             if verbose:
                 status = "DIVERGED" if row["diverged"] else ("FAILED" if row["failure"] else "ok")
-                print(f"  {name:<22} seed {seed}: {status:<8} final loss {row['final_loss']!s:.8} reached "
-                      f"lr_target at step {row['steps_to_target']}  ({row['seconds']:.1f} s)", flush=True)
+                done = len(rows)
+                left = (time.perf_counter() - t_all) / done * (total - done)
+                final = "-" if row["final_loss"] is None else f"{row['final_loss']:.4g}"
+                print(f"  [{done}/{total}] {name:<16} seed {seed}: {status:<8} final loss {final:<9} lr_target "
+                      f"reached at step {row['steps_to_target']}  ({row['seconds']:.1f} s"
+                      + (f"; about {left:.0f} s left)" if done < total else ")"), flush=True)
+            if on_row is not None:
+                on_row(row, len(rows), total)
     config = dict(optimizer=optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable"),
                   steps=steps, seeds=list(seeds), lr_target=float(lr_target), track_every=track_every,
                   batch_size=batch_size, warmup_steps=warmup_steps, divergence_factor=divergence_factor,
-                  preconditioned=preconditioned, schedules={k: _describe(v) for k, v in schedules.items()})
+                  preconditioned=preconditioned, schedules={k: _describe(v) for k, v in schedules.items()},
+                  threshold_numerator=numerator_seen)
     return ComparisonResult(rows, curves, config)
 
 
@@ -666,29 +699,20 @@ def run_setup(name: str, quick: bool = False, schedules: Mapping[str, Any] | Non
 # ---------------------------------------------------------------------------------------------------
 def add_compare_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``compare`` to an ``argparse`` sub-parser set; the parser's default ``func`` is :func:`run_compare`."""
-    p = subparsers.add_parser(
-        "compare", help="compare warm-up schedules on a bundled setup",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train the same model under several learning-rate warm-up schedules (no warm-up, linear, "
-                    "exponential, cosine, WSD, catapult η_init, loss-adaptive, curvature-aware) and compare loss, "
-                    "accuracy, sharpness and divergence. Setups: 'digits' (tanh FCN on scikit-learn's digits, "
-                    "full-batch SGD) and 'lm' (byte-level Transformer LM on Python stdlib sources, Adam). Writes "
-                    "DIR/comparison.csv and DIR/comparison.png.")
-    p.add_argument("--setup", choices=sorted(SETUPS), default="digits", help="which bundled setup")
-    p.add_argument("--schedules", default=None,
-                   help=f"comma-separated subset of {','.join(DEFAULT_SCHEDULES)} (default: all)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the setup's)")
-    p.add_argument("--lr-target", type=float, default=None, help="η_trgt (default: the setup's)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps of the fixed schedules")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--track-every", type=int, default=None, help="measure sharpness every N steps (0: never)")
-    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: the setup's)")
-    p.add_argument("--safety", type=float, default=None, help="safety fraction of the curvature-aware warm-up")
-    p.add_argument("--out", default="compare-out", metavar="DIR", help="output folder")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
-    p.add_argument("--quick", action="store_true", help="a short run (tests, a first look)")
+    from ._cli_defaults import add_compare_arguments
+
+    p = add_compare_arguments(subparsers)
     p.set_defaults(func=run_compare)
     return p
+
+
+#: Measured wall time per training step of one run (tracking and the schedules' own measurements included,
+#: averaged over the default schedules, one thread on a shared 2-core CPU); for the runtime estimate.
+_SECONDS_PER_STEP = {"digits": 0.015, "lm": 0.05}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -724,19 +748,35 @@ def run_compare(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(int(args.threads))
-    try:
-        print(f"curvature compare: {cfg['description']}; η_trgt = {overrides.get('lr_target', cfg['lr_target'])}, "
-              f"{overrides.get('steps', cfg['steps'])} steps, schedules: {', '.join(schedules)}", flush=True)
-        res = run_setup(args.setup, bool(args.quick), schedules, verbose=True, **overrides)
-    finally:
-        torch.set_num_threads(threads)
+    quiet = bool(getattr(args, "quiet", False))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "comparison.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(SUMMARY_KEYS))
-        w.writeheader()
-        for r in res.rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_KEYS})
+    csv_path = out / "comparison.csv"
+    finished: list[dict] = []
+
+    def save(row: dict, done: int, total: int) -> None:  # rewritten after every run: partial results survive
+        finished.append(row)
+        tmp = csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(SUMMARY_KEYS))
+            w.writeheader()
+            for r in finished:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_KEYS})
+        os.replace(tmp, csv_path)
+
+    steps = int(overrides.get("steps", cfg["steps"]))
+    runs = len(schedules) * len(overrides["seeds"])
+    per_step = _SECONDS_PER_STEP.get(args.setup, 0.05)
+    if not quiet:
+        print(f"curvature compare: {cfg['description']}; η_trgt = {overrides.get('lr_target', cfg['lr_target'])}, "
+              f"{steps} steps, {runs} run(s): {', '.join(schedules)}", flush=True)
+        print(f"  expected runtime: about {_duration(per_step * steps * runs)} on one CPU thread "
+              f"(measured: {per_step * 1e3:.0f} ms per step with tracking); {csv_path} is rewritten after each run",
+              flush=True)
+    try:
+        res = run_setup(args.setup, bool(args.quick), schedules, verbose=not quiet, on_row=save, **overrides)
+    finally:
+        torch.set_num_threads(threads)
     png = out / "comparison.png"
     try:
         import matplotlib
@@ -749,7 +789,7 @@ def run_compare(args: argparse.Namespace) -> int:
     except ImportError as exc:
         png = None
         print(f"(no figure: {exc})")
-    print()
-    print(res.table())
-    print(f"\nwrote {out / 'comparison.csv'}" + (f" and {png}" if png else ""))
+    print(("" if quiet else "\n") + res.table())
+    if not quiet:
+        print(f"\nwrote {csv_path}" + (f" and {png}" if png else ""))
     return 0

@@ -43,12 +43,9 @@ __all__ = ["digits_model", "digits_data", "digits_loss", "run_demo", "DEMO_DEFAU
 
 NUM_TRAIN = 1437  # 80% of the 1,797 images; the rest is held out
 
-#: Default settings per optimizer (``quick`` overrides steps / warm-up / checkpoints).
-DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 5.0, "steps": 200, "warmup": 60, "every": 5},
-    "adam": {"lr": 0.03, "steps": 200, "warmup": 60, "every": 5},
-}
-_QUICK = {"steps": 60, "warmup": 25, "every": 5}
+# Default settings per optimizer (``quick`` overrides steps / warm-up / every); one source with `curvature demo --help`.
+from ._cli_defaults import DEMO_DEFAULTS  # noqa: E402
+from ._cli_defaults import DEMO_QUICK as _QUICK  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,7 +56,7 @@ def _digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - scikit-learn is in the demo extra
-        raise ImportError("the demo needs scikit-learn (bundled digits data): pip install 'curvature[demo]'") from exc
+        raise ImportError("the demo needs scikit-learn (bundled digits data): pip install 'torch-curvature[demo]'") from exc
     X, y = load_digits(return_X_y=True)
     X = torch.as_tensor(X, dtype=torch.float64) / 16.0
     y = torch.as_tensor(y, dtype=torch.long)

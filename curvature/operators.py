@@ -60,6 +60,12 @@ class LinearOperator:
         return self.matmat(v[:, None])[:, 0]
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """``A @ x`` for a 1-D or 2-D tensor; a numpy array gives a numpy array (of its dtype, on the CPU)."""
+        if type(x).__module__ == "numpy" and hasattr(x, "dtype"):
+            out = self @ torch.from_numpy(x.copy())
+            return out.detach().cpu().numpy().astype(x.dtype if x.dtype.kind == "f" else "float64")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"operator @ x needs a torch.Tensor or numpy array, got {type(x).__name__}")
         if x.ndim == 1:
             return self.matvec(x)
         if x.ndim == 2:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["plot_sharpness", "plot_spectrum"]
+__all__ = ["plot_sharpness", "plot_spectrum", "log_scale"]
 
 
 def _pyplot() -> Any:
@@ -97,6 +97,37 @@ def _positive(ys: Iterable[float]) -> bool:
     return any(y > 0 for y in ys)
 
 
+def _tick_text(value: float, _pos: Any = None) -> str:
+    """A tick label as a plain number (``0.5``, ``2``, ``1e+04``), never ``2×10⁰``."""
+    if value == 0 or not math.isfinite(value):
+        return "0"
+    return f"{value:.3g}"
+
+
+def log_scale(axis: Any, values: Iterable[float], which: str = "y") -> None:
+    """Put ``axis`` on a log scale with readable ticks: plain numbers; inside about one decade (where matplotlib
+    would label minor ticks as ``2×10⁰``) a few evenly spaced plain ticks instead."""
+    from matplotlib import ticker
+
+    vals = [v for v in values if v > 0 and math.isfinite(v)]
+    getattr(axis, f"set_{which}scale")("log")
+    target = axis.yaxis if which == "y" else axis.xaxis
+    ratio = max(vals) / min(vals) if vals else math.inf
+    if ratio < 30:  # about a decade or less: ticks at "nice" plain numbers (0.4, 0.5, 0.6, ..., 1, 2)
+        subs = tuple(float(i) for i in range(1, 10)) if ratio < 4 else (1.0, 2.0, 3.0, 5.0)
+        target.set_major_locator(ticker.LogLocator(base=10, subs=subs, numticks=20))
+        target.set_major_formatter(ticker.FuncFormatter(_tick_text))
+    else:  # several decades: labels at the powers of ten only (10⁻², 10⁰, 10²)
+        target.set_major_locator(ticker.LogLocator(base=10, numticks=12))
+        target.set_major_formatter(ticker.LogFormatterSciNotation())
+    target.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(float(i) for i in range(2, 10)), numticks=20))
+    target.set_minor_formatter(ticker.NullFormatter())
+
+
+def _constant(values: Sequence[float]) -> bool:
+    return bool(values) and max(values) - min(values) <= 1e-9 * max(abs(v) for v in values)
+
+
 def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = None, title: str | None = None,
                    *, show_loss: bool = True, dpi: int = 120) -> Any:
     """Sharpness against its stability threshold over training.
@@ -145,19 +176,24 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
         ax.plot(xt, yt, "--", color=c_h, lw=1.2, label=r"stability threshold ($2/\eta$ for SGD)")
     drawn += yt
     if _positive(drawn) and all(y > 0 for y in drawn):
-        ax.set_yscale("log")
+        log_scale(ax, drawn)
     ax.set_ylabel("sharpness")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
 
     handles, labels = ax.get_legend_handles_labels()
     xl, yl = _series(rows, "lr")
-    if yl:
+    if yl and _constant(yl):  # a constant lr needs no axis of its own: say it in the legend
+        handles.append(plt.Line2D([], [], color="none"))
+        labels.append(rf"constant learning rate $\eta$ = {yl[0]:.3g}")
+    elif yl:
         ax_lr = ax.twinx()
-        ax_lr.plot(xl, yl, ":", color=c_lr, lw=1.2, label=r"learning rate $\eta$")
-        ax_lr.set_ylabel("learning rate", color=c_lr)
-        ax_lr.tick_params(axis="y", colors=c_lr)
+        ax_lr.plot(xl, yl, ":", color=c_lr, lw=1.4, label=r"learning rate $\eta$ (right axis)")
+        ax_lr.set_ylabel(r"learning rate $\eta$", color=c_lr)
+        ax_lr.tick_params(axis="y", colors=c_lr, which="both")
         if all(y > 0 for y in yl) and max(yl) / min(yl) > 20:
-            ax_lr.set_yscale("log")
+            log_scale(ax_lr, yl)
+        else:
+            ax_lr.set_ylim(0, max(yl) * 1.08)
         h2, l2 = ax_lr.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     errors = [_num(r.get("step")) for r in rows if r.get("error") not in (None, "")]
@@ -167,8 +203,9 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
             ax.axvline(e, color="black", alpha=0.25, lw=0.8)
         handles.append(plt.Line2D([], [], color="black", alpha=0.4, lw=0.8))
         labels.append("failed measurement")
-    if handles:
-        ax.legend(handles, labels, loc="best", fontsize=8)
+    if handles:  # above the panel, outside the data: it never covers a line
+        ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.01, 1.0, 0.1), mode="expand",
+                  ncol=2, fontsize=8, frameon=False, borderaxespad=0.0)
     if not rows or not (ys or yt):
         ax.text(0.5, 0.5, "no sharpness values", ha="center", va="center", transform=ax.transAxes)
 
@@ -176,8 +213,8 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
         xo, yo = _series(rows, "loss")
         ax_loss.plot(xo, yo, "-", color=c_loss, lw=1.4)
         if yo and all(y > 0 for y in yo) and max(yo) / min(yo) > 50:
-            ax_loss.set_yscale("log")
-        ax_loss.set_ylabel("loss (probe)")
+            log_scale(ax_loss, yo)
+        ax_loss.set_ylabel("loss (measured batch)")
         ax_loss.set_xlabel("step")
         ax_loss.grid(True, alpha=0.3)
     else:
@@ -186,7 +223,7 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
         if ax_loss is not None or len(fig.axes) <= 2:
             fig.suptitle(title)
         else:
-            ax.set_title(title)
+            ax.set_title(title, pad=34)
     return _finish(fig, path, dpi)
 
 
@@ -227,6 +264,7 @@ def plot_spectrum(rows_or_eigenvalues: Any, path: str | os.PathLike | None = Non
                 continue
             xs.append(float(steps[i]) if steps is not None else float(i))
             series.append(vals)
+    own_figure = ax is None
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
     else:
@@ -241,16 +279,20 @@ def plot_spectrum(rows_or_eigenvalues: Any, path: str | os.PathLike | None = Non
     if log is None:
         log = bool(flat) and all(v > 0 for v in flat)
     if log:
-        ax.set_yscale("log")
+        log_scale(ax, flat)
     ax.set_xlabel("step")
     ax.set_ylabel("eigenvalue" + (" of $P^{-1}H$" if key.startswith("preconditioned") else " of $H$"))
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
     if k:
-        ax.legend(fontsize=8, ncol=min(k, 5), loc="best")
+        ax.legend(fontsize=8, ncol=min(k, 8), loc="lower left", bbox_to_anchor=(0.0, 1.01), frameon=False,
+                  borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no eigenvalues", ha="center", va="center", transform=ax.transAxes)
     if title:
-        ax.set_title(title)
+        if own_figure:
+            fig.suptitle(title)
+        else:
+            ax.set_title(title, pad=34)
     return _finish(fig, path, dpi)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from . import _validate as _v
-from .operators import HessianOperator
+from .operators import HessianOperator, ShiftedOperator
 from .solvers import lanczos_tridiagonal
 from .solvers._common import as_operator
 
@@ -340,8 +340,12 @@ class SpectralDensity:
         if log:
             ax.set_yscale("log")
             ax.set_ylim(bottom=max(float(vals.max()) * 1e-8, 1e-300))
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
+        ax.set_xlabel("eigenvalue of $H$")
+        used = self.default_sigma() if sigma is None else sigma
+        ax.set_ylabel(f"density (Gaussian σ = {used:.2g})")
+        ax.set_title(f"spectral density (SLQ: {self.num_probes} probes × {self.info.get('num_steps')} steps)",
+                     fontsize=9)
+        ax.grid(True, alpha=0.3)
         if path is not None:
             ax.figure.tight_layout()
             ax.figure.savefig(path, dpi=120)
@@ -464,9 +468,11 @@ def layer_curvature(model: torch.nn.Module, loss_fn: Any, data: Any, *, k: int =
         params: restrict to these parameters / module prefixes (as in :class:`HessianOperator`).
         k: top eigenvalues per layer (``lambda_max`` is the first).
         lambda_min: also compute the most negative eigenvalue of each block.
-        trace: also compute ``tr H_ii``: exact for blocks formed densely (see ``dense_below``), else
-            ``trace_method="auto"``/``"hutchinson"``: Hutchinson to ``trace_tol`` (``trace_max_samples``,
-            ``trace_seed``), or ``"exact"``: ``numel`` applications.
+        trace: also compute ``tr H_ii``: exact for blocks formed densely (see ``dense_below``); else
+            ``trace_method="auto"`` (default): exact (``numel`` applications) for blocks of at most
+            ``trace_max_samples`` parameters, where that is no dearer than Hutchinson's cap, and Hutchinson to a
+            relative standard error ``trace_tol`` (at most ``trace_max_samples`` probes, ``trace_seed``) above;
+            ``"hutchinson"``: always Hutchinson; ``"exact"``: always exact.
         dense_below: blocks with at most this many parameters are formed densely (``numel`` HVPs, exact
             ``eigvalsh``) instead of running the iterative solver.
         solver, tol, max_iters, solver_seed: as in :func:`~curvature.diagnostics.sharpness`.
@@ -509,12 +515,17 @@ def layer_curvature(model: torch.nn.Module, loss_fn: Any, data: Any, *, k: int =
             converged = bool(res.converged)
             row["lambda_min"] = None
             if lambda_min:
-                low = solve(op, 1, "lobpcg" if solver == "power_iteration" else solver, tol, max_iters, None,
-                            False, solver_seed)
-                row["lambda_min"] = float(low.eigenvalues[0])
+                # on H − λ_max·I (eigenvalues ≤ 0): the relative tolerance is then relative to the spread of the
+                # spectrum, which a λ_min near 0 (rank-deficient blocks) cannot defeat
+                top = row["eigenvalues"][0]
+                low = solve(ShiftedOperator(op, top), 1, "lobpcg" if solver == "power_iteration" else solver, tol,
+                            max_iters, None, False, solver_seed)
+                row["lambda_min"] = float(low.eigenvalues[0]) + top
                 converged = converged and bool(low.converged)
             if trace:
-                if trace_method == "exact":
+                # "auto": the exact trace when it costs no more HVPs than Hutchinson's cap (numel applications,
+                # no variance), Hutchinson to trace_tol on larger blocks
+                if trace_method == "exact" or (trace_method == "auto" and numel <= trace_max_samples):
                     est = exact_trace(op)
                 else:
                     est = hutchinson_trace(op, tol=trace_tol, max_samples=trace_max_samples, seed=trace_seed)

@@ -272,6 +272,39 @@ class SharpnessTracker:
         """Forget the warm-start vectors (the next measurement starts cold)."""
         self._X_h = self._X_p = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this tracker: the rows, the call counter and the warm-start
+        vectors (CPU tensors). Plain Python values and tensors only (``torch.load(weights_only=True)`` reads it);
+        the framework callbacks save it with their checkpoints."""
+        return {"history": [dict(r) for r in self.history], "calls": self._calls,
+                "warm_start_h": None if self._X_h is None else self._X_h.detach().cpu().clone(),
+                "warm_start_p": None if self._X_p is None else self._X_p.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any], model: torch.nn.Module | None = None) -> None:
+        """Continue from :meth:`state_dict`: rows are kept (history continues), and the warm-start vectors start
+        the next solve when ``model`` is given and they fit its trainable parameters (else the next solve is cold).
+        Rows are not re-sent to the sinks (they were written when measured)."""
+        self.history = [dict(r) for r in state.get("history", [])]
+        self.last = self.history[-1] if self.history else None
+        self._calls = int(state.get("calls", len(self.history)))
+        self._X_h = self._X_p = None
+        self._signature_seen = None
+        if model is None:
+            return
+        net = unwrap_model(model)
+        chosen = self.operator_options.get("params")
+        if chosen is None:
+            n = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        elif all(isinstance(t, torch.Tensor) for t in chosen):
+            n = sum(t.numel() for t in {id(t): t for t in chosen}.values())
+        else:  # names / prefixes: the dimension is not known here; start cold
+            return
+        device = next(iter(net.parameters()), torch.empty(0)).device
+        h, p = state.get("warm_start_h"), state.get("warm_start_p")
+        self._X_h = h.to(device) if isinstance(h, torch.Tensor) and h.ndim == 2 and h.shape[0] == n else None
+        self._X_p = p.to(device) if isinstance(p, torch.Tensor) and p.ndim == 2 and p.shape[0] == n else None
+        self._signature_seen = self._signature(net)
+
     def to_dataframe(self) -> Any:
         """``history`` as a ``pandas.DataFrame`` (columns in :data:`ROW_KEYS` order); needs pandas."""
         import pandas as pd

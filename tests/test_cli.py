@@ -275,3 +275,60 @@ def test_compare_and_python_dash_m_curvature(tmp_path):
     from curvature import read_rows
     rows = read_rows(tmp_path / "cmp" / "comparison.csv")
     assert {"linear", "curvature_aware"} <= {str(r.get("schedule")) for r in rows}
+
+
+# --- issue 14.1/14.8/14.11: name, help text that matches the code, instant --help/--version, --quiet ----------
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["demo", "--help"], ["compare", "--help"],
+                                  ["analyze", "--help"]])
+def test_help_and_version_do_not_import_torch(argv):
+    code = ("import sys, runpy; sys.argv = ['curvature'] + %r\n"
+            "try:\n    runpy.run_module('curvature', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n" % (argv,))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    if argv == ["--version"]:
+        from curvature import __version__
+        assert proc.stdout.strip() == f"curvature {__version__} (distribution torch-curvature)"
+
+
+def test_demo_help_shows_the_code_defaults_once(capsys):
+    from curvature.demo import DEMO_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sgd, adam = DEMO_DEFAULTS["sgd"], DEMO_DEFAULTS["adam"]
+    assert f"(default: {sgd['steps']};" in text and f"(default: {sgd['lr']:g} for sgd, {adam['lr']:g} for adam)" in text
+    assert "400" not in text and "4.0" not in text and "(default: None)" not in text and "--quiet" in text
+    for sub in ("analyze", "check-hvp", "compare"):
+        with pytest.raises(SystemExit):
+            main([sub, "--help"])
+        out = capsys.readouterr().out
+        assert "(default: None)" not in out and ") (default:" not in " ".join(out.split()), sub
+
+
+def test_demo_quiet_prints_nothing(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--steps", "12", "--out", str(tmp_path / "d")]) == 0
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "d" / "sharpness.csv").exists() and (tmp_path / "d" / "sharpness.png").exists()
+
+
+def test_operator_matmul_accepts_numpy_and_refuses_other_types():
+    import numpy as np
+
+    from curvature import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    H = HessianOperator(model, F.cross_entropy, (x, y))
+    v = np.random.default_rng(0).standard_normal(H.shape[0])
+    out = H @ v
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    assert np.allclose(out, (H @ torch.from_numpy(v)).numpy())
+    V = np.random.default_rng(1).standard_normal((H.shape[0], 3)).astype(np.float32)
+    assert (H @ V).shape == (H.shape[0], 3) and (H @ V).dtype == np.float32
+    with pytest.raises(TypeError, match="torch.Tensor or numpy array"):
+        H @ [1.0] * H.shape[0]

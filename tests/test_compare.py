@@ -102,3 +102,41 @@ def test_cli_entry_quick(tmp_path, capsys):
     bad = parser.parse_args(["compare", "--schedules", "nope", "--out", str(tmp_path / "o2")])
     assert run_compare(bad) == 2
     assert not math.isnan(1.0)
+
+
+def test_compare_prints_progress_and_keeps_partial_results(tmp_path, capsys):
+    # issue 14.11: one line per schedule as it finishes, the expected runtime first, and comparison.csv
+    # rewritten after every run, so an interrupted compare keeps what finished
+    parser = argparse.ArgumentParser(prog="curvature")
+    sub = parser.add_subparsers(dest="command")
+    add_compare_subcommand(sub)
+    seen: list[int] = []
+    import curvature.compare as C
+
+    original = C.compare_schedules
+
+    def spy(*a, **kw):  # a real run; stop it after the second schedule, as Ctrl-C would
+        user_on_row = kw["on_row"]
+
+        def on_row(row, done, total):
+            user_on_row(row, done, total)
+            seen.append(len((tmp_path / "o" / "comparison.csv").read_text().strip().splitlines()) - 1)
+            if done == 2:
+                raise KeyboardInterrupt
+
+        kw["on_row"] = on_row
+        return original(*a, **kw)
+
+    C.compare_schedules = spy
+    try:
+        args = parser.parse_args(["compare", "--setup", "digits", "--quick", "--steps", "8", "--track-every", "4",
+                                  "--schedules", "none,linear,cosine", "--out", str(tmp_path / "o")])
+        with pytest.raises(KeyboardInterrupt):
+            run_compare(args)
+    finally:
+        C.compare_schedules = original
+    text = capsys.readouterr().out
+    assert "expected runtime" in text and "[1/3] none" in text and "[2/3] linear" in text
+    assert seen == [1, 2]
+    rows = (tmp_path / "o" / "comparison.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("none") and rows[2].startswith("linear")

@@ -88,3 +88,88 @@ def test_plot_spectrum(adam_rows, tmp_path):
     assert list(fig.axes[0].get_lines()[0].get_xdata()) == [0, 10, 20]
     plot_spectrum([[1.0, -0.5], [2.0, -0.1]], tmp_path / "neg.png")  # negative eigenvalues: linear scale
     assert _is_png(tmp_path / "neg.png")
+
+
+# --- figures one would put in a paper (issue 14.9) ---------------------------------------------------------
+def _rows(lrs, lams, thr_num=2.0, pre=None):
+    out = []
+    for i, (lr, lam) in enumerate(zip(lrs, lams)):
+        out.append({"step": i, "lr": lr, "sharpness": lam, "threshold": thr_num / lr, "loss": 1.0 / (i + 1),
+                    "preconditioned_sharpness": None if pre is None else pre[i]})
+    return out
+
+
+def _lines(fig):
+    return [ln for ax in fig.axes for ln in ax.get_lines()]
+
+
+def test_legend_is_outside_the_data_and_never_covers_a_line():
+    import matplotlib.pyplot as plt
+
+    fig = plot_sharpness(_rows([0.1 * (i + 1) for i in range(20)], [0.5 + 0.1 * i for i in range(20)]))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent().shrunk(0.99, 0.99)), "the legend sits on the data"
+    assert legend.y0 >= ax.get_window_extent().y1 - 1  # above the sharpness panel
+    plt.close(fig)
+
+
+def test_constant_lr_gets_no_twin_axis_and_is_named_in_the_legend():
+    import matplotlib.pyplot as plt
+
+    fig = plot_sharpness(_rows([0.003] * 10, [1.0 + 0.01 * i for i in range(10)]))
+    assert len(fig.axes) == 2  # sharpness + loss, no learning-rate axis of 0.00285–0.00315
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("constant learning rate" in t and "0.003" in t for t in labels)
+    plt.close(fig)
+
+
+def test_log_ticks_inside_one_decade_are_plain_numbers():
+    import matplotlib.pyplot as plt
+
+    fig = plot_sharpness(_rows([1.0] * 10, [2.0 + 0.2 * i for i in range(10)], thr_num=4.0))  # 2 … 4
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    labels += [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_text()]
+    assert labels and not any("times" in t or "×" in t or "^" in t for t in labels), labels
+    assert {"2", "3", "4"} <= set(labels)
+    plt.close(fig)
+
+
+def test_adam_draws_the_preconditioned_sharpness_against_its_threshold(tmp_path):
+    # analyze --plot on Adam checkpoints: λ(P⁻¹H) and the dashed 38/η line in the same colour, λ(H) too
+    import matplotlib.pyplot as plt
+
+    from curvature.cli import _plot
+
+    rows = _rows([0.01] * 5, [1.0] * 5, thr_num=38.0, pre=[1000.0, 1500.0, 2500.0, 3000.0, 3500.0])
+    _plot(rows, str(tmp_path / "a.png"), k=1)
+    fig = plot_sharpness(rows)
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert any("P^{-1}H" in lb for lb in labels) and any("Adam threshold" in lb for lb in labels)
+    pre = next(ln for ln in fig.axes[0].get_lines() if "P^{-1}H" in ln.get_label())
+    thr = next(ln for ln in fig.axes[0].get_lines() if "Adam threshold" in ln.get_label())
+    assert pre.get_color() == thr.get_color() and list(thr.get_ydata()) == pytest.approx([3800.0] * 5)
+    assert (tmp_path / "a.png").read_bytes().startswith(PNG)
+    plt.close("all")
+
+
+def test_schedule_comparison_figure_has_the_threshold_line(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from curvature.compare import compare_schedules
+
+    torch.manual_seed(0)
+    data = (torch.randn(64, 4), torch.randn(64, 2))
+    make = lambda seed=0: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))  # noqa: E731
+    res = compare_schedules(make, data, {"none": "constant", "linear": "linear"}, steps=6, lr_target=0.5,
+                            track_every=3)
+    fig = res.plot(tmp_path / "c.png", title="tiny")
+    lines = fig.axes[1].get_lines()
+    thr = [ln for ln in lines if "threshold" in ln.get_label()]
+    assert thr and list(thr[0].get_ydata()) == pytest.approx([2 / 0.5, 2 / 0.5])
+    assert fig.axes[1].get_yscale() == "log"
+    plt.close(fig)

@@ -110,3 +110,97 @@ def test_user_loss_fn_and_log_history_without_trainer(tmp_path):
     row = cb.history[0]
     assert row["error"] is None and row["sharpness"] > 0 and row["preconditioned_sharpness"] > 0
     assert any(h.get("curvature/sharpness") == pytest.approx(row["sharpness"]) for h in trainer.state.log_history)
+
+
+# --- report_to integrations without attach(), the hook floor, resume, rank zero (issue 14.3/14.4, 15.10/15.15) ---
+def _args(tmp_path, steps, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+                logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                disable_tqdm=True)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def test_plain_callbacks_reach_tensorboard_on_the_global_step_axis(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = SharpnessCallback(every=2, tol=1e-3)
+    args = _args(tmp_path, 5, report_to=["tensorboard"], logging_steps=1)  # events under output_dir/runs
+    trainer = transformers.Trainer(model=make_model(), args=args, train_dataset=ByteChunks(), callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert [r["step"] for r in cb.history] == [0, 2, 4]
+    events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "tfevents" in f]
+    assert events, "no TensorBoard event file"
+    scalars: dict[str, list] = {}
+    for path in events:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(acc.Scalars(tag))
+    tag = next(t for t in scalars if t.endswith("curvature/sharpness"))
+    assert [e.step for e in scalars[tag]] == [0, 2, 4]  # the rows' steps = state.global_step
+    assert [e.value for e in scalars[tag]] == pytest.approx([r["sharpness"] for r in cb.history], rel=1e-6)
+    loss_tag = next(t for t in scalars if t.endswith("train/loss") or t == "loss")
+    assert sorted({e.step for e in scalars[loss_tag]}) == [1, 2, 3, 4, 5]  # the Trainer's own axis: same numbers
+
+
+def test_without_a_trainer_on_the_stack_it_fails_loudly_with_the_fix(tmp_path):
+    cb = SharpnessCallback(every=1)
+    with pytest.raises(RuntimeError, match=r"cb\.attach\(trainer\)"):
+        cb.on_train_begin(_args(tmp_path, 1), transformers.TrainerState(), transformers.TrainerControl())
+
+
+def test_missing_pre_optimizer_hook_raises_instead_of_recording_nothing():
+    from curvature.integrations.transformers import check_hook_support
+
+    class OldCallback:  # the TrainerCallback of transformers < 4.45: no on_pre_optimizer_step event
+        def on_step_end(self, *a, **k):
+            pass
+
+    with pytest.raises(RuntimeError, match="4.45"):
+        check_hook_support(OldCallback, "before_step")
+    check_hook_support(OldCallback, "after_step")  # after_step uses on_step_end: fine
+    check_hook_support(transformers.TrainerCallback, "before_step")
+
+
+@pytest.mark.parametrize("restore_flag,vectors_in_file", [(False, False), (True, False), (False, True)])
+def test_resume_continues_history_and_warm_starts(tmp_path, monkeypatch, restore_flag, vectors_in_file):
+    if vectors_in_file:  # large models: the warm-start vectors go to a file in the checkpoint folder
+        import curvature.integrations.transformers as hf
+
+        monkeypatch.setattr(hf, "_INLINE_LIMIT", 0)
+    def run(cb, steps, resume=None):
+        args = _args(tmp_path, steps, save_strategy="steps", save_steps=2,
+                     restore_callback_states_from_checkpoint=restore_flag)
+        trainer = transformers.Trainer(model=make_model(), args=args, train_dataset=ByteChunks(), callbacks=[cb])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = SharpnessCallback(every=2, tol=1e-4, sinks=[tmp_path / "rows.csv"])
+    run(first, 4)  # checkpoint-2 holds the row of step 0; checkpoint-4 those of steps 0 and 2
+    full = [r["step"] for r in first.history]
+    assert full == [0, 2]
+    again = SharpnessCallback(every=2, tol=1e-4)
+    trainer = run(again, 6, resume=str(tmp_path / "out" / "checkpoint-4"))
+    assert any(cb is again for cb in trainer.callback_handler.callbacks)  # the user's callback, not a copy
+    assert [r["step"] for r in again.history] == [0, 2, 4]  # history continues
+    assert again.history[1]["sharpness"] == pytest.approx(first.history[1]["sharpness"])
+    assert again.history[2]["warm_start"] is True  # first row after the resume starts from the saved vectors
+    assert (tmp_path / "out" / "checkpoint-4" / "curvature_warm_start.pt").exists() == vectors_in_file
+    cold = SharpnessCallback(every=2, tol=1e-4, warm_start=False)
+    run(cold, 6, resume=str(tmp_path / "out" / "checkpoint-4"))
+    assert again.history[2]["num_hvps"] < cold.history[-1]["num_hvps"]
+
+
+def test_only_the_main_process_writes_files(tmp_path):
+    cb = SharpnessCallback(every=1, sinks=[tmp_path / "rows.csv"])
+    trainer = transformers.Trainer(model=make_model(), args=_args(tmp_path, 1), train_dataset=ByteChunks())
+    cb.attach(trainer)
+    state = transformers.TrainerState(is_world_process_zero=False, is_local_process_zero=False)
+    cb.on_train_begin(trainer.args, state, transformers.TrainerControl(), model=trainer.model)
+    assert cb.tracker.sinks == []  # rank != 0: rows are measured (same values on every rank) but not written

@@ -5,8 +5,7 @@
     from curvature.integrations.transformers import SharpnessCallback
     cb = SharpnessCallback(every=50, sinks=["sharpness.csv"])       # loss_fn=None: the model's own loss
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
-    cb.attach(trainer)        # optional: rows also go through trainer.log (report_to integrations, log_history)
-    trainer.train()
+    trainer.train()           # curvature/* values reach every report_to integration, on the global_step axis
     cb.history
 
 **Probe batch.** HF callbacks do not see the current batch, so the tracker measures on a fixed probe batch: the
@@ -26,25 +25,43 @@ before ``optimizer.step()``); the row's ``step`` is ``state.global_step`` = upda
 this one included. ``lr`` is the optimizer's current first-group lr. Accelerate's optimizer wrapper and DDP model
 wrappers are unwrapped.
 
-**Logging.** Each row's numbers go to ``state.log_history`` (as ``curvature/sharpness`` etc. with ``step``), through
-``trainer.log`` when the callback knows the trainer (:meth:`SharpnessCallback.attach`, or ``trainer=``), so that the
-``report_to`` integrations (TensorBoard, W&B, ...) receive them too; rows also go to the tracker's own sinks.
+**Logging.** Each row's numbers go through ``trainer.log`` (as ``curvature/sharpness`` etc.): into
+``state.log_history`` and to every ``report_to`` integration (TensorBoard, W&B, MLflow, ...), at
+``state.global_step`` = the row's ``step``. HF hands callbacks no trainer, so at ``on_train_begin`` the callback
+finds the ``Trainer`` whose callback list holds it (on the call stack of ``trainer.train()``); if it cannot (a
+custom training loop driving the callback handler), it raises at once with the one line to add,
+``cb.attach(trainer)``, instead of training without logging. Rows also go to the tracker's own sinks (paths, ...),
+written by the main process only (``state.is_world_process_zero``); the values are the same on every rank.
+
+**Resume.** The callback is an HF stateful callback (``ExportableState``): each checkpoint's
+``trainer_state.json`` holds its rows and warm-start vectors (vectors of more than 2^18 numbers go to
+``curvature_warm_start.pt`` in the checkpoint folder). After ``trainer.train(resume_from_checkpoint=...)`` the
+history continues (rows of the first run, then the new ones) and the first new row is warm-started, whether or not
+``restore_callback_states_from_checkpoint`` is set.
+
+**transformers ≥ 4.45** is needed for ``when="before_step"`` (the ``on_pre_optimizer_step`` event): with an older
+version the callback raises at construction instead of recording nothing.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import itertools
+import os
+import sys
+import weakref
+from typing import Any, Callable, ClassVar
 
 import torch
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("curvature.integrations.transformers needs transformers (and accelerate for the Trainer): "
-                      "pip install 'curvature[transformers]'") from exc
+                      "pip install 'torch-curvature[transformers]'") from exc
 
 from ..tracking import SCALAR_KEYS, SharpnessTracker
 
-__all__ = ["SharpnessCallback", "probe_batch_from_dataloader"]
+__all__ = ["SharpnessCallback", "probe_batch_from_dataloader", "check_hook_support"]
 
 
 def probe_batch_from_dataloader(dataloader: Any, size: int | None = None) -> Any:
@@ -86,7 +103,54 @@ def _split_labels(batch: Any) -> Any:
     return inputs, d["labels"]
 
 
-class SharpnessCallback(TrainerCallback):
+_BEFORE_STEP_HOOK = "on_pre_optimizer_step"  # TrainerCallback event added in transformers 4.45
+
+
+def check_hook_support(callback_base: type = TrainerCallback, when: str = "before_step") -> None:
+    """Raise when ``when="before_step"`` cannot work: the installed transformers has no ``on_pre_optimizer_step``
+    event (it came in 4.45), so the callback would record nothing."""
+    if when == "before_step" and not hasattr(callback_base, _BEFORE_STEP_HOOK):
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {getattr(transformers, '__version__', '?')} has no TrainerCallback.{_BEFORE_STEP_HOOK} "
+            "(added in transformers 4.45), so SharpnessCallback(when='before_step') would record nothing: "
+            "pip install 'transformers>=4.45', or use when='after_step'")
+
+
+def _find_trainer(callback: Any) -> Any:
+    """The ``transformers.Trainer`` whose callback handler holds ``callback``, from the frames of the running
+    ``trainer.train()`` (HF passes no trainer to callbacks); ``None`` if there is none on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        handler = getattr(candidate, "callback_handler", None)
+        if handler is not None and callable(getattr(candidate, "log", None)) and any(
+                cb is callback for cb in getattr(handler, "callbacks", ())):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _callback_being_restored(cls: type, uid: str) -> Any:
+    """The instance HF's ``_load_callback_state`` is rebuilding: among the callbacks of the Trainer on the call
+    stack, the one with this id, else the first of this class (HF pairs saved states with callbacks in order)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        handler = getattr(frame.f_locals.get("self"), "callback_handler", None)
+        if handler is not None:
+            mine = [cb for cb in getattr(handler, "callbacks", ()) if type(cb) is cls]
+            if mine:
+                return next((cb for cb in mine if getattr(cb, "_uid", None) == uid), mine[0])
+        frame = frame.f_back
+    return cls._live.get(uid)
+
+
+_WARM_START_FILE = "curvature_warm_start.pt"
+_INLINE_LIMIT = 1 << 18  # warm-start numbers kept inside trainer_state.json; more go to a file beside it
+
+
+class SharpnessCallback(TrainerCallback, ExportableState):
     """A :class:`~curvature.tracking.SharpnessTracker` inside a ``transformers.Trainer`` (see the module docs).
 
     Args:
@@ -94,46 +158,137 @@ class SharpnessCallback(TrainerCallback):
         every: measure when ``state.global_step % every == 0``.
         probe_batch: a fixed batch (dict of tensors, with ``labels``); default: built from the train dataloader.
         probe_size: samples in the default probe batch (default: the train batch size).
-        trainer: the Trainer, to log through ``trainer.log`` (or call :meth:`attach`).
+        trainer: the Trainer to log through (default: found at ``on_train_begin``; or call :meth:`attach`).
         prefix: prefix of the logged names.
+        log_to_trainer: send each row's numbers through ``trainer.log`` (the ``report_to`` integrations).
         **tracker_kwargs: :class:`~curvature.tracking.SharpnessTracker` options (``k``, ``tol``, ``when``,
             ``sinks``, ``on_error``, ``dtype``, ...).
     """
 
+    _live: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
+    _ids: ClassVar[itertools.count] = itertools.count()
+
+    def __new__(cls, *args: Any, _curvature_instance: str | None = None, **kwargs: Any) -> SharpnessCallback:
+        # HF's restore_callback_states_from_checkpoint rebuilds a stateful callback as type(cb)(**state["args"]);
+        # our args name the live instance, so that rebuild returns the user's own callback (config and all).
+        if _curvature_instance is not None:
+            live = _callback_being_restored(cls, _curvature_instance)
+            if live is None:
+                raise RuntimeError("cannot restore a curvature SharpnessCallback from a checkpoint without the "
+                                   "callback: pass callbacks=[SharpnessCallback(...)] to the Trainer")
+            return live
+        return super().__new__(cls)
+
     def __init__(self, loss_fn: Callable | None = None, every: int = 50, probe_batch: Any = None, *,
                  probe_size: int | None = None, trainer: Any = None, prefix: str = "curvature/",
-                 log_to_trainer: bool = True, **tracker_kwargs: Any) -> None:
+                 log_to_trainer: bool = True, _curvature_instance: str | None = None,
+                 **tracker_kwargs: Any) -> None:
+        if _curvature_instance is not None:  # HF's rebuild of this very instance (see __new__): keep it as it is
+            return
         if probe_batch is None:
             probe_batch = tracker_kwargs.pop("probe", None)
         if loss_fn is not None and "batch_transform" not in tracker_kwargs:
             tracker_kwargs["batch_transform"] = _split_labels
         self.tracker = SharpnessTracker(loss_fn, every=every, **tracker_kwargs)
+        check_hook_support(TrainerCallback, self.tracker.when)
         self.probe_batch = probe_batch
         self.probe_size = probe_size
         self.trainer = trainer
         self.prefix = prefix
         self.log_to_trainer = log_to_trainer
         self._last_step: int | None = None
+        self._pre_hook_steps = 0
+        self._output_dir: str | None = None
+        self._global_step = 0
+        self._curvature_saved: dict | None = None  # set by HF's restore (see state()), applied at on_train_begin
+        self._uid = f"{os.getpid()}-{next(self._ids)}"
+        type(self)._live[self._uid] = self
 
     @property
     def history(self) -> list[dict]:
         return self.tracker.history
 
     def attach(self, trainer: Any) -> SharpnessCallback:
-        """Add this callback to ``trainer`` and log through ``trainer.log``; returns self."""
+        """Add this callback to ``trainer`` (if it is not there yet) and log through ``trainer.log``; returns
+        self. Only needed when the callback cannot find the Trainer itself (see the module docs)."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
 
+    # -- state (HF stateful callbacks: saved in trainer_state.json of every checkpoint) ---------------------
+    def state(self) -> dict:
+        """``ExportableState``: ``args`` name this instance (see ``__new__``), ``attributes`` hold the tracker's
+        rows and warm-start vectors (JSON)."""
+        saved = self.tracker.state_dict()
+        vectors = {k: saved.pop(k) for k in ("warm_start_h", "warm_start_p")}
+        payload: dict[str, Any] = {"version": 1, "tracker": saved, "vectors": None, "vectors_file": None,
+                                   "step": self._global_step}
+        numbers = sum(v.numel() for v in vectors.values() if v is not None)
+        if numbers <= _INLINE_LIMIT:
+            payload["vectors"] = {k: None if v is None else v.double().tolist() for k, v in vectors.items()}
+        elif self._output_dir is not None:
+            folder = os.path.join(self._output_dir, f"checkpoint-{self._global_step}")
+            if os.path.isdir(folder):
+                torch.save(vectors, os.path.join(folder, _WARM_START_FILE))
+                payload["vectors_file"] = _WARM_START_FILE
+        return {"args": {"_curvature_instance": self._uid}, "attributes": {"_curvature_saved": payload}}
+
+    def _restore(self, payload: dict, args: Any, model: Any) -> None:
+        tracker_state = dict(payload.get("tracker") or {})
+        vectors = payload.get("vectors") or {}
+        for key in ("warm_start_h", "warm_start_p"):
+            value = vectors.get(key)
+            tracker_state[key] = None if value is None else torch.tensor(value, dtype=torch.float64)
+        if payload.get("vectors_file"):
+            path = os.path.join(args.output_dir, f"checkpoint-{payload.get('step')}", payload["vectors_file"])
+            if os.path.exists(path):
+                tracker_state.update(torch.load(path, weights_only=True))
+        if model is not None:
+            dtype = next(iter(model.parameters()), torch.empty(0)).dtype
+            for key in ("warm_start_h", "warm_start_p"):
+                if isinstance(tracker_state.get(key), torch.Tensor) and dtype.is_floating_point:
+                    tracker_state[key] = tracker_state[key].to(dtype)
+        self.tracker.load_state_dict(tracker_state, model=model)
+        self._last_step = self.history[-1]["step"] if self.history else None
+
+    def _saved_payload(self, state: Any) -> dict | None:
+        if self._curvature_saved is not None:
+            return self._curvature_saved
+        stored = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        entries = stored if isinstance(stored, list) else [stored] if stored else []
+        mine = [e for e in entries if (e.get("args") or {}).get("_curvature_instance") == self._uid]
+        entry = (mine or entries or [None])[0]
+        return None if entry is None else (entry.get("attributes") or {}).get("_curvature_saved")
+
     # -- events ---------------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._output_dir = getattr(args, "output_dir", None)
+        if self.log_to_trainer and self.trainer is None:
+            self.trainer = _find_trainer(self)
+            if self.trainer is None:
+                raise RuntimeError("curvature SharpnessCallback: cannot find the Trainer to log through (HF passes "
+                                   "no trainer to callbacks); add one line before training: cb.attach(trainer)")
+        if not getattr(state, "is_world_process_zero", True):
+            self.tracker.sinks = []  # files and logs are written by the main process only
+        payload = self._saved_payload(state) if int(getattr(state, "global_step", 0) or 0) > 0 else None
+        if payload:
+            self._restore(payload, args, kwargs.get("model"))
+        self._curvature_saved = None
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._pre_hook_steps += 1
         if self.tracker.when == "before_step":
             self._maybe_measure(state, kwargs)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._global_step = int(state.global_step)
         if self.tracker.when == "after_step":
             self._maybe_measure(state, kwargs)
+        elif self._pre_hook_steps == 0:
+            raise RuntimeError("curvature SharpnessCallback(when='before_step'): the Trainer never sent "
+                               f"{_BEFORE_STEP_HOOK} (transformers >= 4.45 sends it before every optimizer step); "
+                               "nothing would be recorded: upgrade transformers, or use when='after_step'")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.tracker.close()
@@ -168,6 +323,6 @@ class SharpnessCallback(TrainerCallback):
         if not metrics:
             return
         if self.trainer is not None:
-            self.trainer.log(dict(metrics))
+            self.trainer.log(dict(metrics))  # log_history + every report_to integration, at state.global_step
         else:
             state.log_history.append({**metrics, "step": int(state.global_step)})
