@@ -51,8 +51,8 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
                         "also works directly: path/to/file.py:function")
     p.add_argument("--loss", default="cross_entropy", metavar="NAME|MOD:FN|model",
                    help="loss(outputs, targets) -> scalar: cross_entropy, mse, nll, l1, huber, bce, "
-                        "bce_with_logits, 'package.module:function', or model (the model computes its own loss "
-                        "from the labels in a dict batch, as Hugging Face models do)")
+                        "bce_with_logits, 'package.module:function', or model: the model computes its own loss "
+                        "from the labels in a dict batch, as Hugging Face models do")
     p.add_argument("--dtype", choices=_DTYPES, default=None,
                    help="compute curvature in this dtype (on copies of the weights); default: the model's own")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model is built)")
