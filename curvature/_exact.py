@@ -41,6 +41,7 @@ way out. Functorch transform levels (``vmap``/``grad``/``jvp``) and the legacy v
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import operator
@@ -85,9 +86,11 @@ def has_train_mode_batchnorm(model: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # The undo log
 # ---------------------------------------------------------------------------------------------------
-def _put(mappings: Sequence[Any], keys: Sequence[Any], values: Sequence[Any]) -> None:
-    """``mappings[i][keys[i]] = values[i]`` for all i in one C-level loop (no bytecode runs in between)."""
-    list(map(operator.setitem, mappings, keys, values))
+def _assign_all(mappings: Sequence[Any], keys: Sequence[Any], values: Sequence[Any]) -> Callable[[], Any]:
+    """A callable doing ``mappings[i][keys[i]] = values[i]`` for all i, built from C-level parts only (``deque``
+    consuming a ``map`` of ``setitem``): once called, no Python bytecode, hence no signal handler, runs until it
+    has finished. It acts once; later calls do nothing."""
+    return functools.partial(collections.deque, map(operator.setitem, mappings, keys, values), 0)
 
 
 def _legacy_vmap_level() -> int:
@@ -313,14 +316,14 @@ def call_with_state(model: nn.Module, state: Mapping[str, torch.Tensor], args: S
             keys.append(key)
             values.append(value)
     originals = list(map(operator.getitem, mappings, keys))
-    back = functools.partial(_put, mappings, keys, originals)
+    back = _assign_all(mappings, keys, originals)
     if guard is not None:
         guard.push(back)
     try:
-        _put(mappings, keys, values)
+        _assign_all(mappings, keys, values)()
         return model(*args, **(kwargs or {}))
     finally:
-        back()
+        back()  # a C-level call: an interrupt is handled after it, not in the middle
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,25 +333,60 @@ _MISSING = (re.compile(r"derivative for '?(?:aten::)?([A-Za-z0-9_.]+)'? is not i
             re.compile(r"Trying to use forward AD with (?:aten::)?([A-Za-z0-9_.]+) that does not support it"))
 
 
-def explain_missing_derivative(exc: BaseException, model: nn.Module) -> SecondOrderError | None:
-    """A :class:`SecondOrderError` naming the op (and the modules that use it) if ``exc`` says an op has no
-    second derivative; None for any other error."""
+def _modules_calling(model: nn.Module, base: str, rerun: Callable[[], Any], guard: StateGuard) -> list[str]:
+    """Names of the innermost modules whose forward calls a torch function called ``base`` (one spied forward)."""
+    from torch.overrides import TorchFunctionMode
+
+    stack: list[str] = []
+    found: list[str] = []
+
+    class _Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = getattr(func, "__name__", "").replace("_", "").lower()
+            if stack and name == base and stack[-1] not in found:
+                found.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    for name, module in model.named_modules():
+        guard.push(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)).remove)
+        guard.push(module.register_forward_hook(lambda m, a, o: stack.pop() if stack else None).remove)
+    try:
+        with _Spy():
+            rerun()
+    except Exception:  # noqa: BLE001 - only looking
+        pass
+    return found
+
+
+def explain_missing_derivative(exc: BaseException, model: nn.Module, rerun: Callable[[], Any] | None = None
+                               ) -> SecondOrderError | None:
+    """A :class:`SecondOrderError` naming the op (and the modules that call it, found by re-running one
+    forward pass ``rerun`` with a spy, or else by class name) if ``exc`` says an op has no second derivative;
+    None for any other error."""
     text = str(exc)
+    base = None
     if "once_differentiable" in text:
         op = "a custom autograd.Function marked @once_differentiable"
-        base = None
     else:
         match = next((m for m in (p.search(text) for p in _MISSING) if m), None)
         if match is None:
             return None
         op = match.group(1)
         base = re.sub(r"^_+|(_backward)+$", "", op.split(".")[0]).replace("_", "").lower()
-    users = [f"'{n or type(model).__name__}' ({type(m).__name__})" for n, m in model.named_modules()
-             if base and base in type(m).__name__.lower()]
-    where = (f"used by module {', '.join(users)}" if users else
-             "called in the model's forward (no module is named after it)")
+    modules = dict(model.named_modules())
+    users: list[str] = []
+    if base and rerun is not None:
+        guard = StateGuard()
+        try:
+            users = _modules_calling(model, base, rerun, guard)
+        finally:
+            guard.restore()
+    if base and not users:
+        users = [n for n, m in modules.items() if type(m).__name__.lower() == base]
+    named = [f"'{n or type(model).__name__}' ({type(modules[n]).__name__})" for n in users]
+    where = (f", called by module {', '.join(named)}" if named else "")
     return SecondOrderError(
-        f"curvature needs second derivatives, but PyTorch has no second derivative for {op}, {where}. "
+        f"curvature needs second derivatives, but PyTorch has no second derivative for {op}{where}. "
         f"Replace it in the model by an equivalent composed of twice-differentiable ops (for example "
         f"torch.clamp / torch.where expressions), or take curvature w.r.t. parameters that do not depend on it "
         f"(params=). Known equivalents are substituted automatically: {', '.join(sorted(SUBSTITUTIONS))}.")

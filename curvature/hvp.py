@@ -210,7 +210,8 @@ def _guarded(method: Callable) -> Callable:
         try:
             return method(self, guard, *args, **kwargs)
         except (RuntimeError, NotImplementedError) as exc:
-            explained = None if isinstance(exc, SecondOrderError) else explain_missing_derivative(exc, self.model)
+            explained = None if isinstance(exc, SecondOrderError) else explain_missing_derivative(
+                exc, self.model, self._spy_forward)
             if explained is None:
                 raise
             raise explained from exc
@@ -308,6 +309,15 @@ class HVPEngine:
                     self._graph = (leaves, grads)
         self.loss_sum = loss_sum
         self.grad_sum = grad_sum
+
+    def _spy_forward(self) -> None:
+        """One forward pass on the first batch (used to find the module that calls an op in an error message)."""
+        guard = StateGuard()
+        try:
+            with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
+                self._loss(tuple(p.detach() for p in self._primals), 0, self.batches[0], guard)
+        finally:
+            guard.restore()
 
     # -- the function ---------------------------------------------------------------------------------
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
