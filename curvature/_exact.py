@@ -93,6 +93,11 @@ def _assign_all(mappings: Sequence[Any], keys: Sequence[Any], values: Sequence[A
     return functools.partial(collections.deque, map(operator.setitem, mappings, keys, values), 0)
 
 
+def _assign(mappings: Sequence[Any], keys: Sequence[Any], values: Sequence[Any]) -> None:
+    """``mappings[i][keys[i]] = values[i]`` for all i (repeatable)."""
+    _assign_all(mappings, keys, values)()
+
+
 def _legacy_vmap_level() -> int:
     # no getter exists: increment and decrement in one C-level call, which returns the level it restored
     return tuple(map(operator.call, (torch._C._vmapmode_increment_nesting, torch._C._vmapmode_decrement_nesting)))[1]
@@ -263,8 +268,8 @@ def second_order_context(model: nn.Module, guard: StateGuard | None = None, *,
     Everything is recorded in ``guard`` (a new one if None) and restored on exit, also when interrupted.
     """
     with _restoring(guard) as g:
+        _grad_on(g)  # before leaving inference mode: replaying the undo log then ends in the same state
         _leave_inference_mode(g)
-        _grad_on(g)
         _sdpa_math_kernel(g)
         _cudnn_off(g)
         _set_autocast(g, autocast)
@@ -317,8 +322,8 @@ def call_with_state(model: nn.Module, state: Mapping[str, torch.Tensor], args: S
             values.append(value)
     originals = list(map(operator.getitem, mappings, keys))
     back = _assign_all(mappings, keys, originals)
-    if guard is not None:
-        guard.push(back)
+    if guard is not None:  # a repeatable undo for the guard (the one-shot ``back`` serves the finally below)
+        guard.push(functools.partial(_assign, mappings, keys, originals))
     try:
         _assign_all(mappings, keys, values)()
         return model(*args, **(kwargs or {}))

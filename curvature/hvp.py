@@ -474,8 +474,9 @@ class HVPEngine:
                 res = torch.func.vmap(hvp_one, randomness="same", chunk_size=self.chunk_size)(tuple(tangents))
                 return [r.detach() for r in res]
             except (RuntimeError, NotImplementedError, ValueError) as exc:
-                if "forward" in str(exc).lower() and "ad" in str(exc).lower():
-                    raise
+                text = str(exc).lower()
+                if ("forward" in text and "ad" in text) or not ("vmap" in text or "batch" in text):
+                    raise  # not a limitation of vmap (e.g. the loss_fn's own error): no silent retry
                 log.debug("vmap over forward-over-reverse failed (%s); looping over the block",
                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self._vmap_ok = False

@@ -146,7 +146,9 @@ class CheckpointedNet(torch.nn.Module):
         self.out = torch.nn.Linear(8, 3)
 
     def forward(self, x):
-        h = self.inp(x)
+        # the first checkpoint sees an input without requires_grad: reentrant checkpointing then silently drops
+        # the gradient of the parameters inside it (a wrong λ before the fix, no error)
+        h = self.inp(x) if self.mode is None else _ckpt.checkpoint(self.inp, x, use_reentrant=self.mode)
         for block in self.blocks:
             h = h + (block(h) if self.mode is None else _ckpt.checkpoint(block, h, use_reentrant=self.mode))
         return self.out(h)
