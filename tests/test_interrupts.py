@@ -233,3 +233,51 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     print(run_random_interrupts(n, seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0),
           f"{time.perf_counter() - t0:.1f} s")
+
+
+# --- #15.2: an interrupt that lands just before a transform level is popped --------------------------------------
+def _raise_once_then(real):
+    state = {"armed": True}
+
+    def fake(*args):
+        if state["armed"]:
+            state["armed"] = False
+            raise KeyboardInterrupt("injected just before the level is popped")
+        return real(*args)
+    return fake, state
+
+
+def test_interrupt_before_the_legacy_vmap_level_is_popped(monkeypatch):
+    # autograd.grad(is_grads_batched=True) runs torch._vmap_internals._vmap: increment, work, finally decrement.
+    # An interrupt landing in that finally used to leave the level active for the rest of the process.
+    import torch._vmap_internals as vi
+    model, opt, x, y = _setup()
+    real_unwrap, real_dec = vi._unwrap_batched, torch._C._vmapmode_decrement_nesting
+    fake_dec, state = _raise_once_then(real_dec)
+    state["armed"] = False
+
+    def unwrap(*args, **kwargs):  # arm the fault once the batched backward has run
+        state["armed"] = True
+        return real_unwrap(*args, **kwargs)
+
+    monkeypatch.setattr(vi, "_unwrap_batched", unwrap)
+    monkeypatch.setattr(torch._C, "_vmapmode_decrement_nesting", fake_dec)
+    with pytest.raises(KeyboardInterrupt):
+        cv.sharpness(model, F.cross_entropy, (x, y), k=2, tol=1e-3, max_iters=3)
+    monkeypatch.undo()
+    assert _legacy_vmap_level() == 0
+    nn.Linear(3, 3)  # "vmap: We do not yet support calling random operations inside of vmap" before the fix
+
+
+def test_interrupt_before_the_functorch_vmap_level_is_popped(monkeypatch):
+    import torch._functorch.vmap as fv
+    model, opt, x, y = _setup()
+    fake_dec, _ = _raise_once_then(fv._vmap_decrement_nesting)
+    monkeypatch.setattr(fv, "_vmap_decrement_nesting", fake_dec)
+    with pytest.raises(KeyboardInterrupt):
+        cv.sharpness(model, F.cross_entropy, [(x[:12], y[:12]), (x[12:], y[12:])], k=2, tol=1e-3, max_iters=3,
+                     method="forward_over_reverse")
+    monkeypatch.undo()
+    assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0
+    nn.Linear(3, 3)
+    assert torch.is_grad_enabled()
