@@ -1,7 +1,7 @@
 """No call changes the model, its grads, buffers, mode or the RNG; randomness is frozen per operator."""
 import pytest
 import torch
-from conftest import ZOO, assert_same_state, dropout_mlp, snapshot
+from conftest import ZOO, assert_same_state, dropout_mlp, process_switches, snapshot
 
 import curvature as cv
 
@@ -85,16 +85,8 @@ def test_sharpness_is_deterministic_for_a_fixed_seed():
 
 def _switched_state(model):
     """Everything the second-order context switches, by value or by object identity."""
-    import torch.nn.functional as F
-    import torch.utils.checkpoint as ckpt
-    from torch.nn.attention import _backend_names
     return {
-        "grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
-        "autocast": [(torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")],
-        "cudnn": torch.backends.cudnn.enabled,
-        "sdpa": [getattr(torch._C, f"_get_{n}_sdp_enabled")() for n in _backend_names],
-        "functorch_depth": torch._C._functorch.get_dynamic_layer_stack_depth(),
-        "hardsigmoid": F.hardsigmoid, "checkpoint": dict(ckpt.__dict__),
+        **process_switches(),
         "modules": [(type(m), m.training, getattr(m, "track_running_stats", None), getattr(m, "sparse", None))
                     for m in model.modules()],
         "param_ids": [id(p) for p in model.parameters()], "buffer_ids": [id(b) for b in model.buffers()],
