@@ -74,3 +74,8 @@ __all__ = [
     # schedule comparison
     "compare_schedules", "ComparisonResult", "find_required_warmup",
 ]
+
+# an op in the model has no second derivative (raised by every curvature entry point, naming op and module)
+from ._exact import SecondOrderError  # noqa: E402
+
+__all__ += ["SecondOrderError"]

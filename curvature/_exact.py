@@ -58,7 +58,21 @@ __all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_
            "StateGuard", "call_with_state", "SUBSTITUTIONS", "SecondOrderError", "explain_missing_derivative",
            "autocast_state", "backward_context"]
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+def _autocast_devices() -> tuple[str, ...]:
+    """Device types whose autocast state this torch can query (CPU, CUDA, MPS, XPU)."""
+    found = []
+    for device_type in ("cpu", "cuda", "mps", "xpu"):
+        try:
+            torch.is_autocast_enabled(device_type)
+            torch.get_autocast_dtype(device_type)
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        found.append(device_type)
+    return tuple(found)
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
 
 
 class SecondOrderError(NotImplementedError):
@@ -175,7 +189,7 @@ def _sdpa_math_kernel(guard: StateGuard) -> None:
 
 
 def autocast_state() -> dict[str, tuple[bool, torch.dtype]]:
-    """Whether autocast is on, and its dtype, per device type (CPU, CUDA)."""
+    """Whether autocast is on, and its dtype, per device type (CPU, CUDA, MPS, XPU)."""
     return {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES}
 
 
