@@ -56,7 +56,7 @@ from torch import nn
 
 __all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_model", "has_train_mode_batchnorm",
            "StateGuard", "call_with_state", "SUBSTITUTIONS", "SecondOrderError", "explain_missing_derivative",
-           "autocast_state", "backward_context"]
+           "autocast_state", "backward_context", "check_twice_differentiable"]
 
 
 def _autocast_devices() -> tuple[str, ...]:
@@ -409,6 +409,33 @@ def explain_missing_derivative(exc: BaseException, model: nn.Module, rerun: Call
         f"Replace it in the model by an equivalent composed of twice-differentiable ops (for example "
         f"torch.clamp / torch.where expressions), or take curvature w.r.t. parameters that do not depend on it "
         f"(params=). Known equivalents are substituted automatically: {', '.join(sorted(SUBSTITUTIONS))}.")
+
+
+def check_twice_differentiable(loss: torch.Tensor) -> None:
+    """Raise :class:`SecondOrderError` if the graph of ``loss`` runs through a custom ``autograd.Function`` whose
+    backward is marked ``@once_differentiable``: with ``create_graph=True`` its backward records nothing, so the
+    second derivatives through it would silently come out as zero (one walk over the graph's nodes)."""
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    offenders: list[str] = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = getattr(node, "_forward_cls", None)
+        backward = getattr(cls, "backward", None)
+        code = getattr(backward, "__code__", None)  # functools.wraps hides the wrapper's name, not its code's
+        if code is not None and "once_differentiable" in getattr(code, "co_qualname", code.co_name):
+            if cls.__qualname__ not in offenders:
+                offenders.append(cls.__qualname__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if offenders:
+        raise SecondOrderError(
+            f"curvature needs second derivatives, but the custom autograd.Function {', '.join(offenders)} is marked "
+            "@once_differentiable: its backward records no graph, so second derivatives through it would silently "
+            "be zero. Give it a differentiable backward (written with torch ops, without @once_differentiable), or "
+            "take curvature w.r.t. parameters that do not depend on it (params=).")
 
 
 # ---------------------------------------------------------------------------------------------------

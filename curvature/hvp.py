@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ._exact import (SecondOrderError, StateGuard, autocast_state, backward_context, call_with_state,
-                     explain_missing_derivative, frozen_rng, has_train_mode_batchnorm, peek_seed, reseed,
-                     second_order_context, unwrap_model)
+                     check_twice_differentiable, explain_missing_derivative, frozen_rng, has_train_mode_batchnorm,
+                     peek_seed, reseed, second_order_context, unwrap_model)
 
 __all__ = ["Batch", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
 
@@ -299,6 +299,8 @@ class HVPEngine:
                 leaves = tuple(p.detach().requires_grad_() for p in self._primals)
                 loss = self._loss(leaves, i, batch, guard)
                 self._check_finite_loss(loss, i)
+                if i == 0:
+                    check_twice_differentiable(loss)
                 grads = torch.autograd.grad(loss, leaves, create_graph=keep, allow_unused=True)
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves))
                 self._check_finite_grad(grads, i)

@@ -66,7 +66,12 @@ def _cross_entropy():
     return (lambda p: F.cross_entropy(x @ p.view(4, 4), y), 16)
 
 
-CASES = {"layer_norm": _layer_norm, "batch_norm_train": _batch_norm_train, "instance_norm": _instance_norm,
+def _hardsigmoid():  # no double backward in PyTorch: substituted inside the context (nn.Hardsigmoid calls it too)
+    x = _r(4, 6) * 3
+    return (lambda p: (F.hardsigmoid(x * p[:6] + p[6:12]) ** 3 + torch.nn.Hardsigmoid()(x * p[:6]) ** 2).sum(), 12)
+
+
+CASES = {"hardsigmoid": _hardsigmoid, "layer_norm": _layer_norm, "batch_norm_train": _batch_norm_train, "instance_norm": _instance_norm,
          "group_norm": _group_norm, "sdpa_fused_default": _sdpa, "gru": _gru, "cross_entropy": _cross_entropy}
 
 

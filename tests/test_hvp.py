@@ -203,3 +203,29 @@ def test_op_without_double_backward_raises_naming_op_and_module():
     for method in METHODS:
         with pytest.raises(cv.SecondOrderError, match=r"_cdist_backward, called by module 'cdist' \(_Dist\)"):
             cv.sharpness(model, torch.nn.functional.cross_entropy, data, method=method, max_iters=3)
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.pow(3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x.pow(2) * g
+
+
+class _Cube(torch.nn.Module):
+    def forward(self, x):
+        return _OnceDifferentiable.apply(x)
+
+
+def test_once_differentiable_function_raises_clearly():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), _Cube(), torch.nn.Linear(4, 2)).double()
+    data = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+    with pytest.raises(cv.SecondOrderError, match="once_differentiable"):
+        cv.sharpness(model, torch.nn.functional.cross_entropy, data, max_iters=3)
