@@ -71,7 +71,8 @@ def _hardsigmoid():  # no double backward in PyTorch: substituted inside the con
     return (lambda p: (F.hardsigmoid(x * p[:6] + p[6:12]) ** 3 + torch.nn.Hardsigmoid()(x * p[:6]) ** 2).sum(), 12)
 
 
-CASES = {"hardsigmoid": _hardsigmoid, "layer_norm": _layer_norm, "batch_norm_train": _batch_norm_train, "instance_norm": _instance_norm,
+CASES = {"hardsigmoid": _hardsigmoid,
+         "layer_norm": _layer_norm, "batch_norm_train": _batch_norm_train, "instance_norm": _instance_norm,
          "group_norm": _group_norm, "sdpa_fused_default": _sdpa, "gru": _gru, "cross_entropy": _cross_entropy}
 
 

@@ -4,9 +4,10 @@ the model as they were (#15.1, #15.2).
 * deterministic: the k-th write into a module's ``_parameters`` / ``_buffers`` (the tensor swap of every forward
   pass) raises, for every k over several forward passes — including writes of the swap back;
 * asynchronous: a real signal (SIGALRM from ``setitimer``, handled by Python's SIGINT handler, i.e. what Ctrl-C
-  does) interrupts the main thread after a random delay during ``sharpness`` / ``preconditioned_sharpness``; then the model must hold the very Parameter objects
-  the optimizer holds, with their ``.grad``, the same buffer objects and values, and no transform level
-  (functorch or the legacy vmap of ``autograd.grad(is_grads_batched=True)``) may be left active.
+  does) interrupts the main thread after a random delay during ``sharpness`` / ``preconditioned_sharpness``;
+  then the model must hold the very Parameter objects the optimizer holds, with their ``.grad``, the same buffer
+  objects and values, and no transform level (functorch or the legacy vmap of
+  ``autograd.grad(is_grads_batched=True)``) may be left active.
 
 The CI test runs a few hundred interrupts; ``python tests/test_interrupts.py 2000`` runs the full count.
 """
