@@ -304,3 +304,18 @@ def test_embedding_bag_has_no_double_backward_and_says_so():
     with pytest.raises(cv.SecondOrderError, match=r"_embedding_bag_backward, called by module '0' \(EmbeddingBag\)"):
         cv.sharpness(model, F.cross_entropy, data, max_iters=3)
     assert model[0].sparse
+
+
+def test_tracker_step_inside_an_autocast_training_loop():
+    # the common loop layout: forward, tracker.step and backward all inside one bf16 autocast region
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-5).eigenvalues[0].item()
+    tracker = cv.SharpnessTracker(F.cross_entropy, every=1, tol=1e-5)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        row = tracker.step(model, opt, (x, y), step=0)
+        F.cross_entropy(model(x), y).backward()
+    assert row["converged"] and row["error"] is None
+    assert abs(row["sharpness"] - ref) <= 1e-5 * abs(ref)
