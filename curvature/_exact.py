@@ -234,9 +234,46 @@ def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return input.copy_(out) if inplace else out
 
 
+_embedding_bag = F.embedding_bag  # the original, for the cases the substitute does not cover
+
+
+def _embedding_bag_sum_mean(input: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None = None,
+                            max_norm: float | None = None, norm_type: float = 2, scale_grad_by_freq: bool = False,
+                            mode: str = "mean", sparse: bool = False, per_sample_weights: torch.Tensor | None = None,
+                            include_last_offset: bool = False, padding_idx: int | None = None) -> torch.Tensor:
+    """``F.embedding_bag`` for ``mode="sum"``/``"mean"`` as a gather and a segment sum (twice differentiable):
+    bag b = Σ_i w_i E[idx_i] over its entries i that are not ``padding_idx`` (mean: divided by their count,
+    an empty bag gives 0). ``mode="max"`` and ``max_norm`` go to the original."""
+    if mode not in ("sum", "mean") or max_norm is not None or input.dim() not in (1, 2):
+        return _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                              per_sample_weights, include_last_offset, padding_idx)
+    if input.dim() == 2:
+        bags, length = input.shape
+        flat = input.reshape(-1)
+        bag_of = torch.arange(bags, device=input.device).repeat_interleave(length)
+        psw = per_sample_weights.reshape(-1) if per_sample_weights is not None else None
+    else:
+        flat = input
+        starts = offsets[:-1] if include_last_offset else offsets
+        bags = starts.numel()
+        ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])]) if not include_last_offset else offsets[1:]
+        bag_of = torch.arange(bags, device=input.device).repeat_interleave(ends - starts)
+        psw = per_sample_weights
+    rows = F.embedding(flat, weight, padding_idx, None, norm_type, scale_grad_by_freq, False)
+    keep = torch.ones_like(flat, dtype=rows.dtype) if padding_idx is None else (flat != padding_idx).to(rows.dtype)
+    scale = keep if psw is None else keep * psw
+    out = rows.new_zeros(bags, weight.shape[1]).index_add(0, bag_of, rows * scale[:, None])
+    if mode == "mean":
+        count = keep.new_zeros(bags).index_add(0, bag_of, keep)
+        out = out / count.clamp_min(1)[:, None]
+    return out
+
+
 #: ``torch.nn.functional`` functions without a double-backward formula on this torch, and the exact
-#: equivalent used inside the second-order context (``nn.Hardsigmoid`` calls ``F.hardsigmoid``).
-SUBSTITUTIONS: dict[str, Callable[..., torch.Tensor]] = {"hardsigmoid": _hardsigmoid}
+#: equivalent used inside the second-order context (``nn.Hardsigmoid`` calls ``F.hardsigmoid``,
+#: ``nn.EmbeddingBag`` calls ``F.embedding_bag``).
+SUBSTITUTIONS: dict[str, Callable[..., torch.Tensor]] = {"hardsigmoid": _hardsigmoid,
+                                                         "embedding_bag": _embedding_bag_sum_mean}
 
 
 def _substitute_ops(guard: StateGuard) -> None:

@@ -296,10 +296,46 @@ def test_sparse_embedding_gives_the_dense_curvature():
     assert sparse[0].weight.grad.is_sparse
 
 
-def test_embedding_bag_has_no_double_backward_and_says_so():
-    # aten::_embedding_bag_backward has no derivative on torch 2.13 (dense or sparse): a clear error, not a traceback
+class _Bag(torch.nn.Module):
+    def __init__(self, mode, sparse, offsets):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(7, 4, mode=mode, sparse=sparse, padding_idx=2)
+        self.fc = torch.nn.Linear(4, 3)
+        self.offsets = offsets
+
+    def forward(self, idx, w=None):
+        if self.offsets:  # 1-D input with offsets (bags of 2 entries each)
+            n = idx.shape[0]
+            offsets = torch.arange(n, device=idx.device) * 2
+            return torch.tanh(self.fc(self.bag(idx.reshape(-1), offsets[: n], per_sample_weights=w)))
+        return torch.tanh(self.fc(self.bag(idx, per_sample_weights=w)))
+
+
+@pytest.mark.parametrize("mode,sparse,offsets,weighted", [("mean", True, False, False), ("sum", False, True, True),
+                                                         ("mean", False, True, False), ("sum", True, False, True)])
+def test_embedding_bag_is_substituted_exactly(mode, sparse, offsets, weighted):
+    # aten::_embedding_bag_backward has no derivative on torch 2.13 (dense or sparse): F.embedding_bag is replaced
+    # by a gather + segment sum (same values bit for bit) inside the context
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.EmbeddingBag(7, 4, mode="mean", sparse=True), torch.nn.Linear(4, 3)).double()
+    model = _Bag(mode, sparse, offsets).double()
+    idx = torch.randint(0, 7, (10, 2), generator=torch.Generator().manual_seed(3))
+    w = torch.rand(10, 2, dtype=torch.float64).reshape(-1 if offsets else 10, *(() if offsets else (2,)))
+    inputs = (idx, w) if weighted else idx
+    data = (inputs, torch.randint(0, 3, (10,)))
+    dense = _Bag(mode, False, offsets).double()
+    dense.load_state_dict(model.state_dict())
+    H = dense_hessian_fd(dense, F.cross_entropy, data)
+    bag = F.embedding_bag
+    for method in ("reverse_over_reverse", "forward_over_reverse"):
+        op = cv.HessianOperator(model, F.cross_entropy, data, method=method)
+        V = _r(H.shape[0], 2)
+        assert rel_err(op.matmat(V), H @ V) <= 1e-6
+    assert F.embedding_bag is bag and model.bag.sparse == sparse
+
+
+def test_embedding_bag_max_has_no_double_backward_and_says_so():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(7, 4, mode="max", sparse=True), torch.nn.Linear(4, 3)).double()
     data = (torch.randint(0, 7, (10, 2)), torch.randint(0, 3, (10,)))
     with pytest.raises(cv.SecondOrderError, match=r"_embedding_bag_backward, called by module '0' \(EmbeddingBag\)"):
         cv.sharpness(model, F.cross_entropy, data, max_iters=3)
