@@ -194,3 +194,8 @@ __all__ = [
     # experiment-tracker sinks (wandb / mlflow are imported only when used)
     "WandbSink", "MLflowSink",
 ]
+
+# an op in the model has no second derivative (raised by every curvature entry point, naming op and module)
+from ._exact import SecondOrderError  # noqa: E402
+
+__all__ += ["SecondOrderError"]

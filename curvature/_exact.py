@@ -9,25 +9,74 @@ PyTorch's second derivatives are right through plain double backward and through
 * cuDNN RNN kernels have no double backward: cuDNN is disabled inside the context;
 * train-mode BatchNorm updates its running statistics in place, which breaks ``torch.func`` transforms and
   would change buffers: inside the context a train-mode BatchNorm is told not to track running statistics,
-  which selects the very same function (batch statistics) without the in-place update.
+  which selects the very same function (batch statistics) without the in-place update;
+* autocast (CPU and CUDA) is switched off, so an HVP taken inside a ``torch.autocast`` region is computed in
+  the operator's dtype, not in bf16/fp16 (``autocast=True`` on the engine keeps the caller's region instead);
+* ``F.hardsigmoid`` (``nn.Hardsigmoid``, MobileNetV3's squeeze-excitation gate) has no double backward on
+  torch 2.13: it is replaced by the same function composed of differentiable ops, ``clamp(x + 3, 0, 6) / 6``
+  (see :data:`SUBSTITUTIONS`); any other op without a second derivative raises :class:`SecondOrderError`
+  naming the op and the modules that use it;
+* ``torch.utils.checkpoint`` (also through Hugging Face's ``gradient_checkpointing_enable()``, which holds a
+  ``functools.partial(checkpoint, ...)``) runs the wrapped function directly: no recomputation, so no
+  reentrant-backward / recomputed-metadata failures and no silently wrong second derivatives;
+* ``torch.inference_mode()`` is left for the computation (tensors created in it are copied where read) and
+  ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)`` compute dense gradients (the same
+  function and derivatives; sparse gradients have no double backward).
 
 ``torch.func.jacrev``-based routes (``torch.func.hessian``, ``jvp(jacrev(f))``) are wrong for affine LayerNorm,
 train-mode BatchNorm and InstanceNorm on torch 2.13; nothing in this package uses them (see
 ``tests/test_exactness.py``, which guards every route we do use against central differences).
 
-The context also freezes randomness: :func:`frozen_rng` forks the global RNG (CPU and the CUDA device in use)
+The context also freezes randomness: :func:`frozen_rng` saves the global RNG (CPU and the CUDA device in use)
 and :func:`reseed` makes every forward pass of one operator draw the same dropout masks, so the operator is
 one fixed symmetric matrix; the caller's RNG state is restored bit for bit on exit.
+
+Interrupts. Every switch is recorded in a :class:`StateGuard` *before* it is made, and undone by
+:meth:`StateGuard.restore`, which is idempotent and written so that a ``KeyboardInterrupt`` (or any exception)
+landing anywhere, including inside the restore itself, still leaves everything restored: the undo actions are
+applied by one C-level ``map`` (no Python bytecode, hence no signal handler, runs in the middle of it), an
+exception raised meanwhile is re-raised only after a complete pass, and callers restore once more on their own
+way out. Functorch transform levels (``vmap``/``grad``/``jvp``) and the legacy vmap mode used by
+``autograd.grad(is_grads_batched=True)`` left active by an interrupt are popped back to the depth at entry.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
-from collections.abc import Iterator
+import functools
+import operator
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as _checkpoint_module
 from torch import nn
 
-__all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_model", "has_train_mode_batchnorm"]
+__all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_model", "has_train_mode_batchnorm",
+           "StateGuard", "call_with_state", "SUBSTITUTIONS", "SecondOrderError", "explain_missing_derivative",
+           "autocast_state", "backward_context", "check_twice_differentiable"]
+
+
+def _autocast_devices() -> tuple[str, ...]:
+    """Device types whose autocast state this torch can query (CPU, CUDA, MPS, XPU)."""
+    found = []
+    for device_type in ("cpu", "cuda", "mps", "xpu"):
+        try:
+            torch.is_autocast_enabled(device_type)
+            torch.get_autocast_dtype(device_type)
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        found.append(device_type)
+    return tuple(found)
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
+
+
+class SecondOrderError(NotImplementedError):
+    """An op in the model has no second derivative in PyTorch (and no exact substitute is known)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -48,56 +97,405 @@ def has_train_mode_batchnorm(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+# ---------------------------------------------------------------------------------------------------
+# The undo log
+# ---------------------------------------------------------------------------------------------------
+def _assign_all(mappings: Sequence[Any], keys: Sequence[Any], values: Sequence[Any]) -> Callable[[], Any]:
+    """A callable doing ``mappings[i][keys[i]] = values[i]`` for all i, built from C-level parts only (``deque``
+    consuming a ``map`` of ``setitem``): once called, no Python bytecode, hence no signal handler, runs until it
+    has finished. It acts once; later calls do nothing."""
+    return functools.partial(collections.deque, map(operator.setitem, mappings, keys, values), 0)
+
+
+def _assign(mappings: Sequence[Any], keys: Sequence[Any], values: Sequence[Any]) -> None:
+    """``mappings[i][keys[i]] = values[i]`` for all i (repeatable)."""
+    _assign_all(mappings, keys, values)()
+
+
+def _legacy_vmap_level() -> int:
+    # no getter exists: increment and decrement in one C-level call, which returns the level it restored
+    return tuple(map(operator.call, (torch._C._vmapmode_increment_nesting, torch._C._vmapmode_decrement_nesting)))[1]
+
+
+class StateGuard:
+    """An undo log for process and model state switched during a curvature computation.
+
+    ``record_*`` methods note the current value *before* changing it, so an interrupt between the two leaves
+    nothing unrecorded; :meth:`restore` may be called any number of times (each undo sets a value, it never
+    toggles). It also pops functorch / legacy-vmap levels pushed since the guard was made.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], Any]] = []
+        self._functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth()
+        self._vmap_level = _legacy_vmap_level()
+
+    def push(self, undo: Callable[[], Any]) -> None:
+        """Add an idempotent undo action (a C-level callable where possible, e.g. a ``functools.partial``)."""
+        self._undo.append(undo)
+
+    def set_item(self, mapping: Any, key: Any, value: Any) -> None:
+        """``mapping[key] = value``, undone to the current value (or to absence)."""
+        if key in mapping:
+            self._undo.append(functools.partial(operator.setitem, mapping, key, mapping[key]))
+        else:
+            self._undo.append(functools.partial(mapping.pop, key, None))
+        mapping[key] = value
+
+    def _repair_levels(self) -> None:
+        if torch._C._functorch.get_dynamic_layer_stack_depth() > self._functorch_depth:
+            torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(self._functorch_depth)
+        while _legacy_vmap_level() > self._vmap_level:
+            torch._C._vmapmode_decrement_nesting()
+
+    def restore(self) -> None:
+        """Undo everything (newest first); an exception raised meanwhile (a second Ctrl-C) is re-raised after a
+        complete pass."""
+        pending: BaseException | None = None
+        while True:
+            try:
+                self._repair_levels()
+                list(map(operator.call, reversed(self._undo)))
+                break
+            except BaseException as exc:  # noqa: BLE001 - finish restoring, then re-raise
+                if pending is None:
+                    pending = exc
+        if pending is not None:
+            raise pending
+
+
 @contextlib.contextmanager
-def _sdpa_math_kernel() -> Iterator[None]:
+def _restoring(guard: StateGuard | None) -> Iterator[StateGuard]:
+    own = StateGuard() if guard is None else guard
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3 has no selector; nothing to do
-        yield
+        yield own
+    finally:
+        own.restore()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Switches
+# ---------------------------------------------------------------------------------------------------
+def _sdpa_math_kernel(guard: StateGuard) -> None:
+    names = getattr(getattr(torch.nn, "attention", None), "_backend_names", None)
+    if not names:
         return
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+    for name in names:
+        get, put = getattr(torch._C, f"_get_{name}_sdp_enabled", None), getattr(torch._C, f"_set_sdp_use_{name}", None)
+        if get is None or put is None:
+            continue
+        guard.push(functools.partial(put, bool(get())))
+        put(name == "math")
 
 
-@contextlib.contextmanager
-def _batchnorm_without_running_stats(model: nn.Module) -> Iterator[None]:
-    changed = []
+def autocast_state() -> dict[str, tuple[bool, torch.dtype]]:
+    """Whether autocast is on, and its dtype, per device type (CPU, CUDA, MPS, XPU)."""
+    return {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES}
+
+
+def _set_autocast(guard: StateGuard, state: Mapping[str, tuple[bool, torch.dtype]] | None) -> None:
+    """Autocast off on every device type, or set to ``state`` (captured by :func:`autocast_state`)."""
+    for dev in _AUTOCAST_DEVICES:
+        guard.push(functools.partial(torch.set_autocast_dtype, dev, torch.get_autocast_dtype(dev)))
+        guard.push(functools.partial(torch.set_autocast_enabled, dev, torch.is_autocast_enabled(dev)))
+        enabled, dtype = state[dev] if state is not None else (False, None)
+        if dtype is not None:
+            torch.set_autocast_dtype(dev, dtype)
+        torch.set_autocast_enabled(dev, enabled)
+
+
+def _leave_inference_mode(guard: StateGuard) -> None:
+    if torch.is_inference_mode_enabled():
+        leave = torch._C._InferenceMode(False)  # RAII: also undone if collected before being recorded
+        guard.push(functools.partial(leave.__exit__, None, None, None))
+
+
+def _grad_on(guard: StateGuard) -> None:
+    guard.push(functools.partial(torch._C._set_grad_enabled, torch.is_grad_enabled()))
+    torch._C._set_grad_enabled(True)
+
+
+def _cudnn_off(guard: StateGuard) -> None:
+    guard.push(functools.partial(torch._C._set_cudnn_enabled, torch._C._get_cudnn_enabled()))
+    torch._C._set_cudnn_enabled(False)
+
+
+def _module_flags(guard: StateGuard, model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            m.track_running_stats = False
-            changed.append(m)
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
+            guard.set_item(m.__dict__, "track_running_stats", False)
+        elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+            guard.set_item(m.__dict__, "sparse", False)
+
+
+def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.hardsigmoid`` = relu6(x + 3) / 6, composed of twice-differentiable ops (same values)."""
+    out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0
+    return input.copy_(out) if inplace else out
+
+
+_embedding_bag = F.embedding_bag  # the original, for the cases the substitute does not cover
+
+
+def _embedding_bag_sum_mean(input: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None = None,
+                            max_norm: float | None = None, norm_type: float = 2, scale_grad_by_freq: bool = False,
+                            mode: str = "mean", sparse: bool = False, per_sample_weights: torch.Tensor | None = None,
+                            include_last_offset: bool = False, padding_idx: int | None = None) -> torch.Tensor:
+    """``F.embedding_bag`` for ``mode="sum"``/``"mean"`` as a gather and a segment sum (twice differentiable):
+    bag b = Σ_i w_i E[idx_i] over its entries i that are not ``padding_idx`` (mean: divided by their count,
+    an empty bag gives 0). ``mode="max"`` and ``max_norm`` go to the original."""
+    if mode not in ("sum", "mean") or max_norm is not None or input.dim() not in (1, 2):
+        return _embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                              per_sample_weights, include_last_offset, padding_idx)
+    if input.dim() == 2:
+        bags, length = input.shape
+        flat = input.reshape(-1)
+        bag_of = torch.arange(bags, device=input.device).repeat_interleave(length)
+        psw = per_sample_weights.reshape(-1) if per_sample_weights is not None else None
+    else:
+        flat = input
+        starts = offsets[:-1] if include_last_offset else offsets
+        bags = starts.numel()
+        ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])]) if not include_last_offset else offsets[1:]
+        bag_of = torch.arange(bags, device=input.device).repeat_interleave(ends - starts)
+        psw = per_sample_weights
+    rows = F.embedding(flat, weight, padding_idx, None, norm_type, scale_grad_by_freq, False)
+    keep = torch.ones_like(flat, dtype=rows.dtype) if padding_idx is None else (flat != padding_idx).to(rows.dtype)
+    scale = keep if psw is None else keep * psw
+    out = rows.new_zeros(bags, weight.shape[1]).index_add(0, bag_of, rows * scale[:, None])
+    if mode == "mean":
+        count = keep.new_zeros(bags).index_add(0, bag_of, keep)
+        out = out / count.clamp_min(1)[:, None]
+    return out
+
+
+#: ``torch.nn.functional`` functions without a double-backward formula on this torch, and the exact
+#: equivalent used inside the second-order context (``nn.Hardsigmoid`` calls ``F.hardsigmoid``,
+#: ``nn.EmbeddingBag`` calls ``F.embedding_bag``).
+SUBSTITUTIONS: dict[str, Callable[..., torch.Tensor]] = {"hardsigmoid": _hardsigmoid,
+                                                         "embedding_bag": _embedding_bag_sum_mean}
+
+
+def _substitute_ops(guard: StateGuard) -> None:
+    for name, exact in SUBSTITUTIONS.items():
+        guard.set_item(F.__dict__, name, exact)
+
+
+def _run_directly_reentrant(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+    return function(*args)
+
+
+class _DirectCheckpointFunction:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction``: run the function, keep its graph."""
+
+    apply = staticmethod(_run_directly_reentrant)
+
+
+def _no_recomputation(function: Callable, preserve_rng_state: bool, context_fn: Any, determinism_check: Any,
+                      debug: Any, early_stop: Any, *args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands in for the non-reentrant checkpoint's pre/post-forward generator: does nothing."""
+    yield
+
+
+def _checkpointing_off(guard: StateGuard) -> None:
+    # ``checkpoint`` looks these up in its module's globals at call time, so every caller is covered, also
+    # those that hold the function itself (HF: functools.partial(checkpoint, **kwargs)).
+    namespace = _checkpoint_module.__dict__
+    if "CheckpointFunction" in namespace:
+        guard.set_item(namespace, "CheckpointFunction", _DirectCheckpointFunction)
+    if "_checkpoint_without_reentrant_generator" in namespace:
+        guard.set_item(namespace, "_checkpoint_without_reentrant_generator", _no_recomputation)
 
 
 @contextlib.contextmanager
-def second_order_context(model: nn.Module) -> Iterator[None]:
+def second_order_context(model: nn.Module, guard: StateGuard | None = None, *,
+                         autocast: Mapping[str, tuple[bool, torch.dtype]] | None = None) -> Iterator[StateGuard]:
     """Run model code so that its second derivatives exist and are exact, and no state changes.
 
-    Selects the MATH attention kernel, disables cuDNN (RNN double backward), turns off running-stat
-    updates of train-mode BatchNorm (same function, no in-place buffer writes) and enables grad mode.
+    Leaves inference mode, enables grad mode, selects the MATH attention kernel, disables cuDNN (RNN double
+    backward) and autocast (or sets the autocast ``state`` given), turns off running-stat updates of
+    train-mode BatchNorm and sparse embedding gradients (same function), substitutes ops without double
+    backward (:data:`SUBSTITUTIONS`) and makes ``torch.utils.checkpoint`` run without recomputation.
+    Everything is recorded in ``guard`` (a new one if None) and restored on exit, also when interrupted.
     """
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(_sdpa_math_kernel())
-        stack.enter_context(torch.backends.cudnn.flags(enabled=False))
-        stack.enter_context(_batchnorm_without_running_stats(model))
-        yield
+    with _restoring(guard) as g:
+        _grad_on(g)  # before leaving inference mode: replaying the undo log then ends in the same state
+        _leave_inference_mode(g)
+        _sdpa_math_kernel(g)
+        _cudnn_off(g)
+        _set_autocast(g, autocast)
+        _module_flags(g, model)
+        _substitute_ops(g)
+        _checkpointing_off(g)
+        yield g
 
 
+@contextlib.contextmanager
+def backward_context(guard: StateGuard | None = None, *,
+                     autocast: Mapping[str, tuple[bool, torch.dtype]] | None = None) -> Iterator[StateGuard]:
+    """The part of :func:`second_order_context` a backward through an already built graph needs (no forward
+    runs): out of inference mode, autocast off (or ``autocast``), functorch levels repaired on exit."""
+    with _restoring(guard) as g:
+        _leave_inference_mode(g)
+        _set_autocast(g, autocast)
+        yield g
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calling a module with other tensors in place of its parameters and buffers
+# ---------------------------------------------------------------------------------------------------
+def _slot(model: nn.Module, name: str, kind: str) -> tuple[dict, str]:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    return getattr(module, kind), leaf
+
+
+def call_with_state(model: nn.Module, state: Mapping[str, torch.Tensor], args: Sequence[Any] = (),
+                    kwargs: Mapping[str, Any] | None = None, guard: StateGuard | None = None) -> Any:
+    """``model(*args, **kwargs)`` with the tensors of ``state`` (by parameter/buffer name) in place of the
+    model's, like ``torch.func.functional_call`` (tied names follow their first name), but the swap in and the
+    swap back are each one C-level loop, recorded in ``guard`` first: an interrupt anywhere leaves the model
+    with its own Parameter and buffer objects (``guard.restore()`` on the caller's way out repairs it)."""
+    mappings: list[dict] = []
+    keys: list[str] = []
+    values: list[torch.Tensor] = []
+    for kind, named in (("_parameters", model.named_parameters(remove_duplicate=False)),
+                        ("_buffers", model.named_buffers(remove_duplicate=False))):
+        first: dict[int, str] = {}
+        for name, tensor in named:
+            canonical = first.setdefault(id(tensor), name)
+            value = state.get(name, state.get(canonical))
+            if value is None:
+                continue
+            mapping, key = _slot(model, name, kind)
+            mappings.append(mapping)
+            keys.append(key)
+            values.append(value)
+    originals = list(map(operator.getitem, mappings, keys))
+    back = _assign_all(mappings, keys, originals)
+    if guard is not None:  # a repeatable undo for the guard (the one-shot ``back`` serves the finally below)
+        guard.push(functools.partial(_assign, mappings, keys, originals))
+    try:
+        _assign_all(mappings, keys, values)()
+        return model(*args, **(kwargs or {}))
+    finally:
+        back()  # a C-level call: an interrupt is handled after it, not in the middle
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors of ops without second derivatives
+# ---------------------------------------------------------------------------------------------------
+_MISSING = (re.compile(r"derivative for '?(?:aten::)?([A-Za-z0-9_.]+)'? is not implemented"),
+            re.compile(r"Trying to use forward AD with (?:aten::)?([A-Za-z0-9_.]+) that does not support it"))
+
+
+def _modules_calling(model: nn.Module, base: str, rerun: Callable[[], Any], guard: StateGuard) -> list[str]:
+    """Names of the innermost modules whose forward calls a torch function called ``base`` (one spied forward)."""
+    from torch.overrides import TorchFunctionMode
+
+    stack: list[str] = []
+    found: list[str] = []
+
+    class _Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = getattr(func, "__name__", "").replace("_", "").lower()
+            if stack and name == base and stack[-1] not in found:
+                found.append(stack[-1])
+            return func(*args, **(kwargs or {}))
+
+    for name, module in model.named_modules():
+        guard.push(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)).remove)
+        guard.push(module.register_forward_hook(lambda m, a, o: stack.pop() if stack else None).remove)
+    try:
+        with _Spy():
+            rerun()
+    except Exception:  # noqa: BLE001 - only looking
+        pass
+    return found
+
+
+def explain_missing_derivative(exc: BaseException, model: nn.Module, rerun: Callable[[], Any] | None = None
+                               ) -> SecondOrderError | None:
+    """A :class:`SecondOrderError` naming the op (and the modules that call it, found by re-running one
+    forward pass ``rerun`` with a spy, or else by class name) if ``exc`` says an op has no second derivative;
+    None for any other error."""
+    text = str(exc)
+    base = None
+    if "once_differentiable" in text:
+        op = "a custom autograd.Function marked @once_differentiable"
+    else:
+        match = next((m for m in (p.search(text) for p in _MISSING) if m), None)
+        if match is None:
+            return None
+        op = match.group(1)
+        base = re.sub(r"^_+|(_backward)+$", "", op.split(".")[0]).replace("_", "").lower()
+    modules = dict(model.named_modules())
+    users: list[str] = []
+    if base and rerun is not None:
+        guard = StateGuard()
+        try:
+            users = _modules_calling(model, base, rerun, guard)
+        finally:
+            guard.restore()
+    if base and not users:
+        users = [n for n, m in modules.items() if type(m).__name__.lower() == base]
+    named = [f"'{n or type(model).__name__}' ({type(modules[n]).__name__})" for n in users]
+    where = (f", called by module {', '.join(named)}" if named else "")
+    return SecondOrderError(
+        f"curvature needs second derivatives, but PyTorch has no second derivative for {op}{where}. "
+        f"Replace it in the model by an equivalent composed of twice-differentiable ops (for example "
+        f"torch.clamp / torch.where expressions), or take curvature w.r.t. parameters that do not depend on it "
+        f"(params=). Known equivalents are substituted automatically: {', '.join(sorted(SUBSTITUTIONS))}.")
+
+
+def check_twice_differentiable(loss: torch.Tensor) -> None:
+    """Raise :class:`SecondOrderError` if the graph of ``loss`` runs through a custom ``autograd.Function`` whose
+    backward is marked ``@once_differentiable``: with ``create_graph=True`` its backward records nothing, so the
+    second derivatives through it would silently come out as zero (one walk over the graph's nodes)."""
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    offenders: list[str] = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = getattr(node, "_forward_cls", None)
+        backward = getattr(cls, "backward", None)
+        code = getattr(backward, "__code__", None)  # functools.wraps hides the wrapper's name, not its code's
+        if code is not None and "once_differentiable" in getattr(code, "co_qualname", code.co_name):
+            if cls.__qualname__ not in offenders:
+                offenders.append(cls.__qualname__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if offenders:
+        raise SecondOrderError(
+            f"curvature needs second derivatives, but the custom autograd.Function {', '.join(offenders)} is marked "
+            "@once_differentiable: its backward records no graph, so second derivatives through it would silently "
+            "be zero. Give it a differentiable backward (written with torch ops, without @once_differentiable), or "
+            "take curvature w.r.t. parameters that do not depend on it (params=).")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Randomness
+# ---------------------------------------------------------------------------------------------------
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda" and torch.cuda.is_available():
         return [device.index if device.index is not None else torch.cuda.current_device()]
     return []
 
 
+def _save_rng(guard: StateGuard, device: torch.device) -> None:
+    guard.push(functools.partial(torch.default_generator.set_state, torch.default_generator.get_state()))
+    for index in _rng_devices(device):
+        gen = torch.cuda.default_generators[index]
+        guard.push(functools.partial(gen.set_state, gen.get_state()))
+
+
 @contextlib.contextmanager
-def frozen_rng(device: torch.device) -> Iterator[None]:
+def frozen_rng(device: torch.device, guard: StateGuard | None = None) -> Iterator[None]:
     """Restore the global RNG state (CPU and the CUDA device in use) on exit, whatever happens inside."""
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with _restoring(guard) as g:
+        _save_rng(g, device)
         yield
 
 

@@ -24,6 +24,7 @@ same seed per batch, so the operator is one fixed symmetric matrix, and the call
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -31,9 +32,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ._exact import frozen_rng, has_train_mode_batchnorm, peek_seed, reseed, second_order_context, unwrap_model
+from ._exact import (SecondOrderError, StateGuard, autocast_state, backward_context, call_with_state,
+                     check_twice_differentiable, explain_missing_derivative, frozen_rng, has_train_mode_batchnorm,
+                     peek_seed, reseed, second_order_context, unwrap_model)
 
 __all__ = ["Batch", "BatchSource", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
 
@@ -98,19 +100,50 @@ def select_parameters(model: nn.Module, params: Sequence[str | torch.Tensor] | N
 # ---------------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------------
+def _guarded(method: Callable) -> Callable:
+    """Run an engine method with a fresh :class:`StateGuard` restored on the way out (a second line of defence
+    behind the contexts inside, so that one interrupt anywhere cannot leave state switched), and turn
+    "no second derivative for op X" into a :class:`SecondOrderError` that names X and the modules using it."""
+
+    @functools.wraps(method)
+    def wrapper(self: HVPEngine, *args: Any, **kwargs: Any) -> Any:
+        guard = StateGuard()
+        try:
+            return method(self, guard, *args, **kwargs)
+        except (RuntimeError, NotImplementedError) as exc:
+            explained = None if isinstance(exc, SecondOrderError) else explain_missing_derivative(
+                exc, self.model, self._spy_forward)
+            if explained is None:
+                raise
+            raise explained from exc
+        finally:
+            guard.restore()
+
+    return wrapper
+
+
 class HVPEngine:
     """Applies Σ_b n_b ∇²L_b(θ) to blocks of directions given per parameter as ``(k, *shape)`` tensors.
 
     Construction makes one pass over the data (loss and gradient per batch, checked for NaN/inf); with
     ``"reverse_over_reverse"`` and a single batch that pass keeps the first-order graph for every later HVP.
+
+    The engine is a snapshot of the point it was built at: it copies the selected parameters θ and the buffers
+    (one copy of θ in the engine's dtype; none extra when ``dtype``/``device`` already make one), so training
+    on afterwards does not change it. Frozen parameters (``requires_grad=False``, e.g. a LoRA base model) are
+    not copied; if one is changed in place after construction, the next call raises instead of mixing points.
+
+    ``autocast=False`` (default) computes every forward pass with autocast off, in the engine's dtype, also
+    inside a ``torch.autocast`` region; ``autocast=True`` asks for reduced precision explicitly: the autocast
+    state active at construction is used for every pass (the operator is then an approximation).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, data: Any,
                  params: Sequence[str | torch.Tensor] | None = None, *, method: str = "auto",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
-                 cache_graph: bool = True, allow_empty: bool = False, weight_fn: Callable[[Any], Any] | None = None,
-                 inputs_as: str = "kwargs") -> None:
+                 autocast: bool = False, cache_graph: bool = True, allow_empty: bool = False,
+                 weight_fn: Callable[[Any], Any] | None = None, inputs_as: str = "kwargs") -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.model = unwrap_model(model)
@@ -140,27 +173,38 @@ class HVPEngine:
         self.num_samples = self.batches.total_weight  # Σ_b w_b (samples, or what weight_fn / labels say)
         self.seed = peek_seed(self.device) if seed is None else int(seed)
         self.chunk_size = chunk_size
-        self.method = "reverse_over_reverse" if method == "auto" else method
+        self.method = self._route(method)
+        self._autocast = autocast_state() if autocast else None
         self._vmap_ok = True
         self._batched_grad_ok = True
+        self._first_pass(cache_graph)
 
-        chosen = set(self.names)
-        self._primals = tuple(self._cast(p.detach()) for p in self.params)
-        self._constants = {n: self._cast(p.detach()) for n, p in self.model.named_parameters() if n not in chosen}
-        self._buffers = {n: self._cast(b.detach()) for n, b in self.model.named_buffers()}
+    @staticmethod
+    def _route(method: str) -> str:
+        """The one place that turns the requested method into the route this engine runs."""
+        return "reverse_over_reverse" if method == "auto" else method
 
-        # First pass: loss and gradient (validated); maybe keep the graph for reverse-over-reverse.
+    @_guarded
+    def _first_pass(self, guard: StateGuard, cache_graph: bool) -> None:
+        """Snapshot θ and the buffers; loss and gradient per batch (validated); maybe keep the graph."""
         keep = cache_graph and self.method == "reverse_over_reverse" and len(self.batches) == 1
         self._graph: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]] | None = None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad_sum = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
-        with frozen_rng(self.device), second_order_context(self.model):
+        chosen = set(self.names)
+        with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
+            self._primals = tuple(self._snapshot(p) for p in self.params)
+            self._buffers = {n: self._snapshot(b) for n, b in self.model.named_buffers()}
+            self._constants = {n: self._cast(p.detach()) for n, p in self.model.named_parameters() if n not in chosen}
+            self._live_constants = [(n, p, p._version) for n, p in self.model.named_parameters()
+                                    if n not in chosen and _same_memory(self._constants[n], p)]
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            grad_sum = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
             for i, batch in enumerate(self.batches):
                 leaves = tuple(p.detach().requires_grad_() for p in self._primals)
-                loss = self._loss(leaves, i, batch)
+                loss = self._loss(leaves, i, batch, guard)
                 self._check_finite_loss(loss, i)
                 if i == 0:
-                    self._check_loss(loss, batch)
+                    check_twice_differentiable(loss)
+                    self._check_loss(loss, batch, guard)
                 grads = torch.autograd.grad(loss, leaves, create_graph=keep, allow_unused=True)
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves))
                 self._check_finite_grad(grads, i)
@@ -172,11 +216,34 @@ class HVPEngine:
         self.loss_sum = loss_sum
         self.grad_sum = grad_sum
 
+    def _spy_forward(self) -> None:
+        """One forward pass on the first batch (used to find the module that calls an op in an error message)."""
+        guard = StateGuard()
+        try:
+            with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
+                self._loss(tuple(p.detach() for p in self._primals), 0, self.batches[0], guard)
+        finally:
+            guard.restore()
+
     # -- the function ---------------------------------------------------------------------------------
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_inference():  # made inside torch.inference_mode(): autograd cannot record it; copy it
+            t = t.clone()
         if t.is_floating_point():
             return t.to(device=self.device, dtype=self.dtype)
         return t.to(device=self.device)
+
+    def _snapshot(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the engine's dtype/device, never sharing memory with the live tensor."""
+        copy = self._cast(t.detach())
+        return copy.clone() if _same_memory(copy, t) else copy
+
+    def _check_point_unchanged(self) -> None:
+        changed = [n for n, p, version in self._live_constants if p._version != version]
+        if changed:
+            raise RuntimeError(f"frozen parameter(s) {', '.join(changed)} changed in place since this operator was "
+                               "built (it holds them by reference, not as a copy): build a new operator at the new "
+                               "point")
 
     def _move(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -187,26 +254,26 @@ class HVPEngine:
             return type(x)(self._move(v) for v in x)
         return x
 
-    def _loss(self, primals: Sequence[torch.Tensor], index: int, batch: Batch) -> torch.Tensor:
+    def _loss(self, primals: Sequence[torch.Tensor], index: int, batch: Batch, guard: StateGuard) -> torch.Tensor:
         """L_b(θ) with θ = ``primals``; reseeds the RNG so every evaluation of batch b draws the same masks."""
         reseed(self.seed + index, self.device)
         state = dict(self._constants)
         state.update({n: b.clone() for n, b in self._buffers.items()})  # in-place buffer writes hit copies
         state.update(zip(self.names, primals))
-        out = functional_call(self.model, state, self._move(batch.args), self._move(batch.kwargs))
+        out = call_with_state(self.model, state, self._move(batch.args), self._move(batch.kwargs), guard)
         loss = self.loss_fn(out, self._move(batch.targets))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fn must return a scalar (mean-reduced) loss, got {shape}")
         return loss.reshape(())
 
-    def _check_loss(self, loss: torch.Tensor, batch: Batch) -> None:
+    def _check_loss(self, loss: torch.Tensor, batch: Batch, guard: StateGuard) -> None:
         """Once per engine: warn on a loss computed below the operator's precision, and on a loss that scales
         with the batch size (measured on a few samples, for callables whose reduction is not known)."""
         self.loss_dtype = loss.dtype
         warn_if_low_precision_loss(loss, self.dtype)
         if not is_known_mean_loss(self.loss_fn, self.model):
-            warn_if_sum_reduced(lambda b: self._loss(self._primals, 0, b), batch)
+            warn_if_sum_reduced(lambda b: self._loss(self._primals, 0, b, guard), batch)
 
     def _check_finite_loss(self, loss: torch.Tensor, index: int) -> None:
         if not torch.isfinite(loss.detach()).item():
@@ -220,39 +287,55 @@ class HVPEngine:
                                          f"at batch {index} of {len(self.batches)}")
 
     # -- HVPs -----------------------------------------------------------------------------------------
-    def hvp_sum(self, tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    @_guarded
+    def hvp_sum(self, guard: StateGuard, tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Σ_b n_b ∇²L_b(θ) V for V given per parameter as ``(k, *shape)`` tensors; same layout out."""
+        self._check_point_unchanged()
         if self._graph is not None:
-            # Hot path: one backward through the kept first-order graph. No forward runs, so neither the RNG
-            # nor the second-order context is involved (the graph was built inside it).
+            # Hot path: one backward through the kept first-order graph. No forward runs, so neither the RNG nor
+            # the model is involved; only inference mode and autocast are switched (the graph was built inside
+            # the second-order context).
             leaves, grads = self._graph
-            return [h.mul_(self.batches[0].weight) for h in self._double_backward(leaves, grads, tangents)]
+            with backward_context(guard, autocast=self._autocast):
+                return [h.mul_(self.batches[0].weight) for h in self._double_backward(leaves, grads, tangents)]
         out: list[torch.Tensor] | None = None
-        with frozen_rng(self.device), second_order_context(self.model):
+        with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
             for i, batch in enumerate(self.batches):
-                hv = self._hvp_batch(tangents, i, batch)
+                hv = self._hvp_batch(tangents, i, batch, guard)
                 if out is None:
                     out = [h.mul(batch.weight) for h in hv]
                 else:
                     for acc, h in zip(out, hv):
                         acc.add_(h, alpha=batch.weight)
-        if out is None:  # no batches on this rank (distributed): contributes zero
-            k = tangents[0].shape[0]
-            out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
+            if out is None:  # no batches on this rank (distributed): contributes zero
+                k = tangents[0].shape[0]
+                out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
         return out
 
-    def _hvp_batch(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch) -> Sequence[torch.Tensor]:
+    def _hvp_batch(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch, guard: StateGuard
+                   ) -> Sequence[torch.Tensor]:
         if self.method == "forward_over_reverse":
             try:
-                return self._forward_over_reverse(tangents, index, batch)
+                return self._forward_over_reverse(tangents, index, batch, guard)
             except (RuntimeError, NotImplementedError) as exc:
+                self._raise_unless_forward_ad_failed(exc, index, batch, guard)
                 log.debug("forward-over-reverse failed (%s: %s); falling back to double backward for this "
                           "operator", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self.method = "reverse_over_reverse"
         leaves = tuple(p.detach().requires_grad_() for p in self._primals)
-        loss = self._loss(leaves, index, batch)
+        loss = self._loss(leaves, index, batch, guard)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return self._double_backward(leaves, grads, tangents)
+
+    def _raise_unless_forward_ad_failed(self, exc: BaseException, index: int, batch: Batch,
+                                        guard: StateGuard) -> None:
+        """Re-raise ``exc`` if it is not a failure of forward-mode AD / torch.func itself: probe the same loss
+        with plain autograd; if that fails too, the error is the model's or the loss_fn's own."""
+        leaves = tuple(p.detach().requires_grad_() for p in self._primals)
+        try:
+            self._loss(leaves, index, batch, guard)
+        except Exception:
+            raise exc from None
 
     def _double_backward(self, leaves: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
                          tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -289,10 +372,10 @@ class HVPEngine:
                     result[j][c] = r.detach()
         return result
 
-    def _forward_over_reverse(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch
+    def _forward_over_reverse(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch, guard: StateGuard
                               ) -> Sequence[torch.Tensor]:
         def loss_of(primals: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return self._loss(primals, index, batch)
+            return self._loss(primals, index, batch, guard)
 
         grad_fn = torch.func.grad(loss_of)
 
@@ -305,23 +388,27 @@ class HVPEngine:
                 res = torch.func.vmap(hvp_one, randomness="same", chunk_size=self.chunk_size)(tuple(tangents))
                 return [r.detach() for r in res]
             except (RuntimeError, NotImplementedError, ValueError) as exc:
-                if "forward" in str(exc).lower() and "ad" in str(exc).lower():
-                    raise
+                text = str(exc).lower()
+                if ("forward" in text and "ad" in text) or not ("vmap" in text or "batch" in text):
+                    raise  # not a limitation of vmap (e.g. the loss_fn's own error): no silent retry
                 log.debug("vmap over forward-over-reverse failed (%s); looping over the block",
                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self._vmap_ok = False
         cols = [hvp_one(tuple(t[c] for t in tangents)) for c in range(k)]
         return [torch.stack([col[j] for col in cols]).detach() for j in range(len(self.shapes))]
 
-    def loss_and_grad_sum(self, primals: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    @_guarded
+    def loss_and_grad_sum(self, guard: StateGuard, primals: Sequence[torch.Tensor]
+                          ) -> tuple[float, list[torch.Tensor]]:
         """Σ_b n_b L_b and Σ_b n_b ∇L_b at another point θ' (same batches, same frozen randomness).
         Used by finite-difference checks; does not touch the model."""
+        self._check_point_unchanged()
         loss_sum = 0.0
-        grad_sum = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
-        with frozen_rng(self.device), second_order_context(self.model):
+        with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
+            grad_sum = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
             for i, batch in enumerate(self.batches):
                 leaves = tuple(self._cast(p.detach()).requires_grad_() for p in primals)
-                loss = self._loss(leaves, i, batch)
+                loss = self._loss(leaves, i, batch, guard)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                 loss_sum += float(loss.detach()) * batch.weight
                 for acc, g in zip(grad_sum, grads):
@@ -336,3 +423,10 @@ class HVPEngine:
 
     def numel(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share storage (e.g. ``b.to(dtype)`` when the dtype already matched)."""
+    if a.is_sparse or b.is_sparse or a.device != b.device:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -309,3 +309,26 @@ def dense_reference(name: str) -> torch.Tensor:
         model, loss_fn, data = ZOO[name]()
         _DENSE_CACHE[name] = dense_hessian_fd(model, loss_fn, data)
     return _DENSE_CACHE[name]
+
+
+def legacy_vmap_level() -> int:
+    """The nesting level of the legacy vmap used by ``autograd.grad(is_grads_batched=True)`` (0 outside)."""
+    torch._C._vmapmode_increment_nesting()
+    return torch._C._vmapmode_decrement_nesting()
+
+
+def process_switches() -> dict:
+    """Process state the second-order context switches (by value, or by object identity for patched functions):
+    grad / inference mode, autocast, cuDNN, SDPA kernels, transform levels, F.hardsigmoid, torch.utils.checkpoint."""
+    import torch.utils.checkpoint as ckpt
+    from torch.nn.attention import _backend_names
+    return {
+        "grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+        "autocast": [(torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")],
+        "cudnn": torch.backends.cudnn.enabled,
+        "sdpa": [getattr(torch._C, f"_get_{n}_sdp_enabled")() for n in _backend_names],
+        "functorch_depth": torch._C._functorch.get_dynamic_layer_stack_depth(),
+        "vmap_level": legacy_vmap_level(),
+        "hardsigmoid": id(F.hardsigmoid),
+        "checkpoint": {k: id(v) for k, v in ckpt.__dict__.items()},
+    }

@@ -1,7 +1,7 @@
 """No call changes the model, its grads, buffers, mode or the RNG; randomness is frozen per operator."""
 import pytest
 import torch
-from conftest import ZOO, assert_same_state, dropout_mlp, snapshot
+from conftest import ZOO, assert_same_state, dropout_mlp, process_switches, snapshot
 
 import curvature as cv
 
@@ -81,3 +81,51 @@ def test_sharpness_is_deterministic_for_a_fixed_seed():
     b = cv.sharpness(model, loss_fn, data, k=2, tol=1e-6)
     assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
     assert a.num_hvps == b.num_hvps
+
+
+def _switched_state(model):
+    """Everything the second-order context switches, by value or by object identity."""
+    return {
+        **process_switches(),
+        "modules": [(type(m), m.training, getattr(m, "track_running_stats", None), getattr(m, "sparse", None))
+                    for m in model.modules()],
+        "param_ids": [id(p) for p in model.parameters()], "buffer_ids": [id(b) for b in model.buffers()],
+    }
+
+
+class _BNEmb(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3, sparse=True)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.fc = torch.nn.Linear(6, 2)
+
+    def forward(self, idx):
+        return self.fc(torch.tanh(self.bn(self.emb(idx).flatten(1))))
+
+
+@pytest.mark.parametrize("method", ["reverse_over_reverse", "forward_over_reverse"])
+@pytest.mark.parametrize("where", ["autocast", "inference_mode", "no_grad"])
+def test_switches_restored_after_success_and_after_an_error(where, method):
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = _BNEmb().double().train()
+    data = (torch.randint(0, 5, (8, 2)), torch.randint(0, 2, (8,)))
+    calls = {"n": 0}
+
+    def failing(out, y):  # raises on the 4th evaluation: inside an HVP, after the operator was built
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("boom")
+        return F.cross_entropy(out, y)
+
+    region = {"autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16), "inference_mode": torch.inference_mode,
+              "no_grad": torch.no_grad}[where]
+    with region():
+        before = _switched_state(model)
+        res = cv.sharpness(model, F.cross_entropy, data, k=2, method=method, max_iters=5)
+        assert _switched_state(model) == before
+        with pytest.raises(ValueError, match="boom"):
+            cv.sharpness(model, failing, [data, data], k=2, method=method, max_iters=5)
+        assert _switched_state(model) == before
+    assert torch.isfinite(res.eigenvalues).all()
