@@ -221,6 +221,7 @@ class FiniteDifferenceEngine:
                         p.data = t0
                 for b, b0 in self._buffers:
                     b.copy_(b0)
+            torch.clear_autocast_cache()
             for p, g in saved_grads:
                 p.grad = g
 
@@ -238,6 +239,9 @@ class FiniteDifferenceEngine:
                             _local(p).copy_(moved)
                         else:
                             p.data = moved
+                    # autocast caches its low-precision copies of the weights per tensor: drop them, or the
+                    # perturbed forward would reuse the unperturbed bf16 weights (and the difference be 0)
+                    torch.clear_autocast_cache()
             for i, batch in enumerate(self.batches):
                 loss_b, grads = self._one_gradient(i, batch)
                 if not torch.isfinite(loss_b).item():
