@@ -110,6 +110,9 @@ class FiniteDifferenceEngine:
         gradient: ``"auto"``, ``"autograd"`` or ``"backward"`` (see the module docstring).
         sum_over_shards: for sharded parameters, a function summing a float64 tensor over the ranks that hold
             the shards (norms of θ and v are global); identity by default.
+        gradient_world: for FSDP, whose backward returns the *average* over its R ranks of their gradients: set
+            to R, each rank back-propagates n_b·L_b and the shard gradient is multiplied by R, so the sum is the
+            global sample-weighted Σ_r Σ_b n_b ∇L_b (the caller divides by the global N).
 
     ``dtype``/``device`` other than the parameters' run on a deep copy of the model cast to them (one extra
     copy of the model; refused for sharded models).
@@ -121,7 +124,8 @@ class FiniteDifferenceEngine:
                  *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  seed: int | None = None, max_batch_size: int | None = None, allow_empty: bool = False,
                  order: int = 2, epsilon: float | None = None, gradient: str = "auto",
-                 sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None, **_ignored: Any) -> None:
+                 sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 gradient_world: int | None = None, **_ignored: Any) -> None:
         if order not in (2, 4):
             raise ValueError(f"fd_order must be 2 (central differences) or 4 (Richardson), got {order!r}")
         if gradient not in GRADIENT_MODES:
@@ -170,6 +174,7 @@ class FiniteDifferenceEngine:
         self.gradient_mode = ("backward" if sharded else "autograd") if gradient == "auto" else gradient
         self.order = order
         self._sum = sum_over_shards or (lambda t: t)
+        self.gradient_world = gradient_world
         self.batches: list[Batch] = as_batches(data, max_batch_size)
         if not self.batches and not allow_empty:
             raise ValueError("data is empty: it yielded no batches")
@@ -249,9 +254,10 @@ class FiniteDifferenceEngine:
                                              + ("" if step is None else f" at a step of {alpha:.3g} along the "
                                                 "direction") + ": curvature is undefined there")
                 loss_sum += loss_b.double() * batch.size
+                weight = batch.size if self.gradient_world is None else self.gradient_world
                 for acc, g in zip(grad_sum, grads):
                     if g is not None:
-                        acc.add_(g.to(self.acc_dtype), alpha=batch.size)
+                        acc.add_(g.to(self.acc_dtype), alpha=weight)
                 # the next batch's forward must see the same buffers as this one (train-mode BatchNorm)
                 with torch.no_grad():
                     for b, b0 in self._buffers:
@@ -259,6 +265,11 @@ class FiniteDifferenceEngine:
         return loss_sum, grad_sum
 
     def _one_gradient(self, index: int, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        if self.gradient_mode == "backward":
+            # before the forward: FSDP decides in its forward hooks whether the backward accumulates into an
+            # existing .grad (the caller's, saved by _restoring), so it must see none
+            for p in self.model.parameters():
+                p.grad = None
         reseed(self.seed + index, self.device)
         cast = self._input_dtype
         out = self.model(*_to(batch.args, self.device, cast), **_to(batch.kwargs, self.device, cast))
@@ -272,7 +283,7 @@ class FiniteDifferenceEngine:
             return loss.detach(), [None if g is None else g.detach() for g in grads]
         for p in self.model.parameters():
             p.grad = None
-        loss.backward()
+        (loss if self.gradient_world is None else loss * batch.size).backward()
         grads = [None if p.grad is None else _local(p.grad).detach() for p in self.params]
         for p in self.model.parameters():
             p.grad = None

@@ -1,0 +1,178 @@
+"""Curvature of fully-sharded models (FSDP2 ``fully_shard``): sharded vectors, finite-difference HVPs.
+
+With FSDP each rank r stores a shard θ_r of every parameter (a ``DTensor`` with ``Shard(0)``). Double
+backward cannot go through FSDP (its all-gathers and reduce-scatters sit outside the autograd graph), so the
+HVP is the finite-difference one of :mod:`curvature.finite_difference`, through FSDP's own forward and
+backward:
+
+    (Hv)_r ≈ (G_r(θ + εv) − G_r(θ − εv)) / 2ε,
+
+where every rank perturbs its own shard by ε·v_r (in place, in the shard storage FSDP all-gathers from; put
+back bitwise after each evaluation), FSDP all-gathers the perturbed parameters, and its backward
+reduce-scatters the gradient, so G_r is this rank's shard of the global gradient. Nothing of size n is ever
+replicated: a direction, an eigenvector and every solver basis vector is held as this rank's slice
+(``shape == (n_local, n_local)``; ``global_n`` = n), which is the point at 7B parameters (28 GB per float32
+vector). ε uses the global ‖θ‖/√n and ‖v‖ (one scalar all-reduce per HVP).
+
+Weighting: FSDP's backward averages the ranks' gradients; each rank back-propagates n_b·L_b and the shard
+gradient is multiplied by R, so the operator is the Hessian of the global sample-weighted mean loss
+Σ_r Σ_b n_b L_b / N, as for data parallelism. Every rank must pass the same number of batches (each batch is
+one FSDP forward/backward, a collective); this is checked at construction.
+
+Solvers reach the sharded vectors through two operator hooks (``curvature.solvers._common``): ``op.dot(X, Y)``
+= Σ_r X_rᵀ Y_r (one all-reduce of a k×m matrix) and ``op.random_block(k, seed, dtype)`` = this rank's rows of
+one global seeded random block (the same global block whatever the number of ranks).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
+from .finite_difference import FiniteDifferenceEngine, _is_dtensor
+from .operators import LinearOperator
+
+__all__ = ["ShardedHessianOperator", "is_sharded_model"]
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """True when some parameter is a ``DTensor`` (FSDP2 ``fully_shard``, tensor parallelism)."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+class ShardedHessianOperator(LinearOperator):
+    """The Hessian of a fully-sharded model's global mean loss, acting on rank-local slices of vectors.
+
+    Args:
+        model: a model whose parameters are FSDP2 ``DTensor`` shards (``fully_shard``), in its current mode.
+        loss_fn, data, params, seed, max_batch_size: as for :class:`~curvature.operators.HessianOperator`
+            (``data`` is this rank's shard of the data, the same number of batches on every rank).
+        fd_order, fd_epsilon: the finite-difference order (2 or 4) and step (see
+            :mod:`curvature.finite_difference`).
+        process_group: the group FSDP shards over (default WORLD).
+
+    Attributes: ``global_n``, ``loss`` (global mean), ``gradient`` (this rank's slice), ``param_names``,
+    ``num_samples`` (global). Nothing about the model changes (shards bitwise, buffers, ``.grad``, RNG).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,
+                 seed: int | None = None, max_batch_size: int | None = None, fd_order: int = 2,
+                 fd_epsilon: float | None = None, process_group: Any = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ShardedHessianOperator needs torch.distributed initialised (FSDP runs under it)")
+        if not is_sharded_model(model):
+            raise ValueError("the model has no sharded (DTensor) parameters; use HessianOperator (exact routes, "
+                             "data parallel) for replicated models")
+        group = process_group if process_group is not None else dist.group.WORLD
+        self.process_group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if seed is None:  # every rank must freeze the same randomness: agree on rank 0's seed
+            s = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(torch.initial_seed() % 2**62))
+            dist.broadcast(s, src=dist.get_global_rank(group, 0), group=group)
+            seed = int(s.item())
+        batches_probe = self._count_batches(data, max_batch_size)
+        counts = all_reduce_sum(ranks_disagree(torch.tensor([float(batches_probe)], dtype=torch.float64)), group)
+        if disagreeing(counts, self.world):
+            raise ValueError(f"every rank must pass the same number of batches to a sharded operator (each batch "
+                             f"is one FSDP forward/backward, a collective); this rank has {batches_probe}")
+
+        def sum_over_shards(t: torch.Tensor) -> torch.Tensor:
+            return all_reduce_sum(t.clone(), group)
+
+        self.engine = FiniteDifferenceEngine(model, loss_fn, data, params, seed=seed, max_batch_size=max_batch_size,
+                                             order=fd_order, epsilon=fd_epsilon, gradient="backward",
+                                             sum_over_shards=sum_over_shards, gradient_world=self.world)
+        e = self.engine
+        super().__init__(e.numel(), e.dtype, e.device)
+        self.param_names: list[str] = list(e.names)
+        self.params: list[torch.Tensor] = list(e.params)
+        self.param_shapes: list[torch.Size] = list(e.shapes)  # local shard shapes
+        self.global_shapes: list[torch.Size] = [p.shape for p in e.params]
+        self._numels = [math.prod(s) for s in e.shapes]
+        totals = all_reduce_sum(torch.tensor([float(e.numel()), float(e.num_samples)], dtype=torch.float64), group)
+        self.global_n = int(totals[0].item())
+        self.num_samples = int(totals[1].item())
+        loss = all_reduce_sum(e.loss_sum.clone().reshape(1), group)
+        self.loss: float = float(loss.item()) / self.num_samples
+        self.gradient: torch.Tensor = self.flatten(e.grad_sum) / self.num_samples
+
+    @staticmethod
+    def _count_batches(data: Any, max_batch_size: int | None) -> int:
+        from .hvp import as_batches
+        return len(as_batches(data, max_batch_size))
+
+    @property
+    def method(self) -> str:
+        return "finite_difference"
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [t.view(s) for t, s in zip(torch.split(flat, self._numels), self.param_shapes)]
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        # Every rank takes part in every FSDP collective of the HVP; a rank that fails before them cannot be
+        # rescued (the others are inside FSDP's all-gather), but a failure in our own part is shared.
+        k = V.shape[1]
+        tangents = [blk.T.reshape(k, *s) for blk, s in zip(torch.split(V, self._numels, dim=0), self.param_shapes)]
+        out = self.engine.hvp_sum(tangents)
+        HV = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
+        return HV / self.num_samples
+
+    # -- solver hooks --------------------------------------------------------------------------------
+    def dot(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """Xᵀ Y over the global vectors: Σ_r X_rᵀ Y_r (one all-reduce of the small result)."""
+        return all_reduce_sum((X.T @ Y).contiguous(), self.process_group)
+
+    def random_block(self, k: int, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """This rank's rows of one global standard-normal ``(global_n, k)`` block, drawn per parameter (in order,
+        each as its full global ``(numel, k)`` block from one CPU generator seeded with ``seed``) and sliced to
+        the rows of this rank's shard: the same global block for any number of ranks."""
+        dtype = dtype or self.dtype
+        gen = torch.Generator().manual_seed(int(seed))
+        gen_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        parts = []
+        for p, local_shape, global_shape in zip(self.params, self.param_shapes, self.global_shapes):
+            full = torch.randn(math.prod(global_shape), k, generator=gen, dtype=gen_dtype)
+            lo, hi = self._row_range(global_shape, local_shape)
+            row = math.prod(global_shape[1:]) if len(global_shape) > 1 else 1
+            parts.append(full[lo * row:hi * row])
+        return torch.cat(parts).to(device=self.device, dtype=dtype)
+
+    def _row_range(self, global_shape: torch.Size, local_shape: torch.Size) -> tuple[int, int]:
+        """Rows [lo, hi) of dim 0 this rank holds under FSDP2's ``Shard(0)`` (``torch.chunk`` layout)."""
+        d0 = global_shape[0] if len(global_shape) else 1
+        chunk = -(-d0 // self.world)
+        lo = min(self.rank * chunk, d0)
+        hi = min(lo + chunk, d0)
+        if (local_shape[0] if len(local_shape) else 1) != hi - lo:
+            raise NotImplementedError(f"unexpected shard layout: global {tuple(global_shape)}, local "
+                                      f"{tuple(local_shape)} on rank {self.rank} of {self.world}")
+        return lo, hi
+
+    def gather(self, V: torch.Tensor) -> torch.Tensor:
+        """The global ``(global_n, k)`` block from every rank's slice (for small models, checks and export)."""
+        V = V.reshape(V.shape[0], -1)
+        k = V.shape[1]
+        pieces = torch.split(V, self._numels, dim=0)
+        out = []
+        for piece, gshape in zip(pieces, self.global_shapes):
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+            dist.all_gather(sizes, torch.tensor([piece.shape[0]], dtype=torch.int64), group=self.process_group)
+            cap = int(max(int(s.item()) for s in sizes))
+            padded = torch.zeros(cap, k, dtype=V.dtype, device=V.device)
+            padded[:piece.shape[0]] = piece
+            got = [torch.zeros_like(padded) for _ in range(self.world)]
+            dist.all_gather(got, padded, group=self.process_group)
+            out.append(torch.cat([g[:int(s.item())] for g, s in zip(got, sizes)]))
+        return torch.cat(out)
+
+    def parameter_vector(self) -> torch.Tensor:
+        """This rank's slice of θ (a copy)."""
+        return self.flatten(self.engine.primals).clone()

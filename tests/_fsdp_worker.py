@@ -1,0 +1,126 @@
+"""Code run inside the 2 gloo processes of ``tests/test_fsdp.py``: FSDP2 ``fully_shard`` on CPU."""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import lm_loss, transformer  # noqa: E402
+
+SIZES = {0: (3, 2), 1: (1, 2)}  # unequal shards, the same number of batches on each rank
+
+
+def union():
+    model, loss_fn, _ = transformer()
+    g = torch.Generator().manual_seed(5)
+    n = sum(sum(s) for s in SIZES.values())
+    idx, y = torch.randint(0, 11, (n, 5), generator=g), torch.randint(0, 11, (n, 5), generator=g)
+    return model, idx, y
+
+
+def shard(rank: int, idx, y):
+    lo = sum(sum(SIZES[r]) for r in range(rank))
+    a, b = SIZES[rank]
+    return [(idx[lo:lo + a], y[lo:lo + a]), (idx[lo + a:lo + a + b], y[lo + a:lo + a + b])]
+
+
+def sharded_lanczos(op, k: int, steps: int, seed: int = 0):
+    """Lanczos with full reorthogonalisation on sharded vectors, only through op.dot / op.random_block (a
+    stand-in until the package's solvers take their inner products through these hooks). Returns the top-k
+    Ritz values and the basis size."""
+    q = op.random_block(1, seed, op.dtype)
+    Q = [q / op.dot(q, q).sqrt()]
+    alphas, betas = [], []
+    for j in range(steps):
+        w = op.matmat(Q[-1])
+        alphas.append(float(op.dot(Q[-1], w)))
+        Qm = torch.cat(Q, dim=1)
+        for _ in range(2):
+            w = w - Qm @ op.dot(Qm, w)
+        beta = float(op.dot(w, w).sqrt())
+        if j == steps - 1 or beta < 1e-10:
+            break
+        betas.append(beta)
+        Q.append(w / beta)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(T).flip(0)[:k], len(Q)
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        from curvature.sharded import ShardedHessianOperator
+        out: dict = {}
+        model, idx, y = union()
+        data = shard(rank, idx, y)
+        m32 = copy.deepcopy(model).float()
+        fully_shard(model)
+        fully_shard(m32)  # gets model's weights after its training step, below
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        lm_loss(model(idx[:2]), y[:2]).backward()  # a step of training first, so there is state to keep
+        opt.step()
+        with torch.no_grad():
+            for p32, p in zip(m32.parameters(), model.parameters()):
+                p32.to_local().copy_(p.to_local())
+        before_opt = copy.deepcopy(opt.state_dict())
+        before = [p.to_local().clone() for p in model.parameters()]
+        grads = [p.grad for p in model.parameters()]
+        rng = torch.get_rng_state()
+
+        op = ShardedHessianOperator(model, lm_loss, data)
+        out["n_local"], out["global_n"] = op.shape[0], op.global_n
+        out["loss"] = op.loss
+        out["eig64"], out["basis"] = sharded_lanczos(op, 3, 60)
+        out["basis_bytes"] = out["basis"] * op.shape[0] * 8
+        out["untouched"] = (all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+                            and all(p.grad is g for p, g in zip(model.parameters(), grads))
+                            and torch.equal(rng, torch.get_rng_state()))
+        after_opt = opt.state_dict()
+        out["opt_untouched"] = all(torch.equal(torch.as_tensor(before_opt["state"][i][key]).to_local()
+                                               if hasattr(before_opt["state"][i][key], "to_local") else
+                                               torch.as_tensor(before_opt["state"][i][key]),
+                                               torch.as_tensor(after_opt["state"][i][key]).to_local()
+                                               if hasattr(after_opt["state"][i][key], "to_local") else
+                                               torch.as_tensor(after_opt["state"][i][key]))
+                                   for i in before_opt["state"] for key in before_opt["state"][i])
+        out["theta_after_step"] = op.gather(op.parameter_vector()[:, None])[:, 0]
+        V = op.random_block(2, 7)
+        out["hv_global"] = op.gather(op.matmat(V))
+        out["v_global"] = op.gather(V)
+        op32 = ShardedHessianOperator(m32, lm_loss, data)
+        out["eig32"], _ = sharded_lanczos(op32, 3, 60)
+        # The package's own solver, once it takes inner products through the hooks (tracker's solvers/_common).
+        calls = {"dot": 0}
+        orig_dot = op.dot
+
+        def counting_dot(X, Y):
+            calls["dot"] += 1
+            return orig_dot(X, Y)
+        op.dot = counting_dot
+        from curvature.solvers import lanczos
+        try:
+            r = lanczos(op, 3, tol=1e-8)
+            out["solver_eig"] = r.eigenvalues if calls["dot"] else None
+        except Exception as exc:  # noqa: BLE001 - a solver without the hooks may fail on local vectors
+            out["solver_eig"] = None if not calls["dot"] else f"{type(exc).__name__}: {exc}"
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
