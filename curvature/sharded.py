@@ -36,7 +36,7 @@ from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fai
 from .finite_difference import FiniteDifferenceEngine, _is_dtensor
 from .operators import LinearOperator
 
-__all__ = ["ShardedHessianOperator", "is_sharded_model"]
+__all__ = ["ShardedHessianOperator", "is_sharded_model", "sharded_lanczos"]
 
 
 def is_sharded_model(model: torch.nn.Module) -> bool:
@@ -176,3 +176,29 @@ class ShardedHessianOperator(LinearOperator):
     def parameter_vector(self) -> torch.Tensor:
         """This rank's slice of θ (a copy)."""
         return self.flatten(self.engine.primals).clone()
+
+
+def sharded_lanczos(op: "ShardedHessianOperator", k: int, steps: int = 60, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Top-k eigenvalues of a sharded operator: Lanczos with full reorthogonalisation (twice) for ``steps``
+    steps, every inner product through ``op.dot`` and the start through ``op.random_block``; returns
+    ``(eigenvalues, basis size)``. The basis is held sharded (``steps × n_local`` per rank). A minimal stand-in
+    until :mod:`curvature.solvers` take inner products through the operator hooks (then use ``lanczos``)."""
+    q = op.random_block(1, seed, op.dtype)
+    Q = [q / op.dot(q, q).sqrt()]
+    alphas, betas = [], []
+    for j in range(steps):
+        w = op.matmat(Q[-1])
+        alphas.append(float(op.dot(Q[-1], w)))
+        Qm = torch.cat(Q, dim=1)
+        for _ in range(2):
+            w = w - Qm @ op.dot(Qm, w)
+        beta = float(op.dot(w, w).sqrt())
+        if j == steps - 1 or beta < 1e-10:
+            break
+        betas.append(beta)
+        Q.append(w / beta)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(T).flip(0)[:k], len(Q)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import lm_loss, transformer  # noqa: E402
+from curvature.sharded import sharded_lanczos  # noqa: E402
 
 SIZES = {0: (3, 2), 1: (1, 2)}  # unequal shards, the same number of batches on each rank
 
@@ -28,31 +29,6 @@ def shard(rank: int, idx, y):
     lo = sum(sum(SIZES[r]) for r in range(rank))
     a, b = SIZES[rank]
     return [(idx[lo:lo + a], y[lo:lo + a]), (idx[lo + a:lo + a + b], y[lo + a:lo + a + b])]
-
-
-def sharded_lanczos(op, k: int, steps: int, seed: int = 0):
-    """Lanczos with full reorthogonalisation on sharded vectors, only through op.dot / op.random_block (a
-    stand-in until the package's solvers take their inner products through these hooks). Returns the top-k
-    Ritz values and the basis size."""
-    q = op.random_block(1, seed, op.dtype)
-    Q = [q / op.dot(q, q).sqrt()]
-    alphas, betas = [], []
-    for j in range(steps):
-        w = op.matmat(Q[-1])
-        alphas.append(float(op.dot(Q[-1], w)))
-        Qm = torch.cat(Q, dim=1)
-        for _ in range(2):
-            w = w - Qm @ op.dot(Qm, w)
-        beta = float(op.dot(w, w).sqrt())
-        if j == steps - 1 or beta < 1e-10:
-            break
-        betas.append(beta)
-        Q.append(w / beta)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas, dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigvalsh(T).flip(0)[:k], len(Q)
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
