@@ -17,14 +17,18 @@ root mean square ‖θ‖/√n (a unit direction v̂ spread over the coordinates
 by the relative amount h/‖θ‖; an eigenvector concentrated on a few weights moves those by up to h), floored
 at 1 so that a model near θ = 0 still gets a step that rounding does not swamp:
 
-    h = u^{1/3} · max(1, ‖θ‖/√n),        ε = h/‖v‖.
+    h = c · u^{1/3} · max(1, ‖θ‖/√n),        ε = h/‖v‖,        c = 1/4.
 
-Measured on the benchmark models (``docs/distributed.md``): ~1e-10 relative HVP error in float64, 1e-4 in
-float32, and λ_max (Lanczos) to ~3e-4 in float32: top eigenvectors are concentrated where the loss is most
-curved, so the truncation term along them is larger than along random directions, which is why the step is
-scaled by the coordinate scale and not by ‖θ‖ (a step h = u^{1/3}‖θ‖ is better for random directions and 10×
-worse for λ_max). With ``order=4`` the Richardson combination (4·D_{ε/2} − D_ε)/3 cancels the h² term; its
-error c₁h⁴ + c₂u/h is smallest at h ∝ u^{1/5} (4 gradients per HVP instead of 2); λ_max in float32 to ~1e-5.
+The constant c = (3c₂/c₁)^{1/3} depends on the ratio of rounding to third-derivative constants, which is
+smallest along the top eigenvectors (they concentrate on the most curved weights); c = 1/4 is calibrated on
+the benchmark models for λ_max: on the GPT in float32, λ_max is 1.3e-4 accurate with c = 1/4 and 1.9e-3
+with c = 1 (random-direction HVPs prefer a larger step: 4e-4 vs 2e-4).
+
+Measured figures per model and dtype are in ``docs/distributed.md``. The step is scaled by the coordinate
+scale and not by ‖θ‖ for the same reason: h = u^{1/3}‖θ‖ is better for random directions and 10× worse for
+λ_max. With ``order=4`` the Richardson combination (4·D_{ε/2} − D_ε)/3 cancels the h² term; its
+error c₁h⁴ + c₂u/h is smallest at h ∝ u^{1/5} (4 gradients per HVP instead of 2), with the
+same c; λ_max of the GPT in float32 to 4e-5.
 u is that of the lower of the parameters' dtype and an autocast dtype active at construction (bf16 autocast:
 the gradients carry bf16 rounding). Non-smooth models (ReLU, max-pool) cross kinks within the step: their FD
 Hessian is a smoothed one (errors up to O(1) in float32 on the ReLU CNN); check with
@@ -62,6 +66,8 @@ from .hvp import Batch, as_batches, select_parameters
 __all__ = ["FiniteDifferenceEngine", "finite_difference_step", "compare_hvp_routes", "RouteComparison"]
 
 GRADIENT_MODES = ("auto", "autograd", "backward")
+# c in h = c·u^{1/3}·max(1, ‖θ‖/√n): calibrated on the benchmark models for λ_max (see the module docstring).
+STEP_CONSTANT = 0.25
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -79,13 +85,14 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def finite_difference_step(theta_rms: float, dtype: torch.dtype, order: int = 2) -> float:
-    """The step length h (along a unit direction): u^{1/3}·max(1, ‖θ‖/√n) for central differences
-    (``order=2``), u^{1/5}·max(1, ‖θ‖/√n) for the Richardson variant (``order=4``); ``theta_rms`` = ‖θ‖/√n.
+    """The step length h (along a unit direction): c·u^{1/3}·max(1, ‖θ‖/√n) for central differences
+    (``order=2``), c·u^{1/5}·max(1, ‖θ‖/√n) for the Richardson variant (``order=4``); ``theta_rms`` = ‖θ‖/√n,
+    c = :data:`STEP_CONSTANT`.
     See the module docstring for the derivation."""
     if order not in (2, 4):
         raise ValueError(f"order must be 2 (central differences) or 4 (Richardson), got {order!r}")
     power = 1.0 / 3.0 if order == 2 else 1.0 / 5.0
-    return unit_roundoff(dtype) ** power * max(1.0, float(theta_rms))
+    return STEP_CONSTANT * unit_roundoff(dtype) ** power * max(1.0, float(theta_rms))
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:

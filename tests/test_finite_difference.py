@@ -42,9 +42,9 @@ def test_matches_dense_reference_on_the_zoo(zoo_case, order):
 
 
 def test_step_rule_and_validation():
-    assert finite_difference_step(0.1, torch.float64) == pytest.approx((2.0 ** -53) ** (1 / 3))  # rms < 1: floor
-    assert finite_difference_step(10.0, torch.float32) == pytest.approx(10 * (2.0 ** -24) ** (1 / 3))
-    assert finite_difference_step(10.0, torch.float32, order=4) == pytest.approx(10 * (2.0 ** -24) ** 0.2)
+    assert finite_difference_step(0.1, torch.float64) == pytest.approx(0.25 * (2.0 ** -53) ** (1 / 3))  # floor 1
+    assert finite_difference_step(10.0, torch.float32) == pytest.approx(2.5 * (2.0 ** -24) ** (1 / 3))
+    assert finite_difference_step(10.0, torch.float32, order=4) == pytest.approx(2.5 * (2.0 ** -24) ** 0.2)
     model, loss_fn, data = ZOO["mlp_mse"]()
     with pytest.raises(ValueError, match="fd_order"):
         HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=3)
