@@ -36,7 +36,7 @@ from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fai
 from .finite_difference import FiniteDifferenceEngine, _is_dtensor
 from .operators import LinearOperator
 
-__all__ = ["ShardedHessianOperator", "is_sharded_model", "sharded_lanczos"]
+__all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
 
 
 def is_sharded_model(model: torch.nn.Module) -> bool:
@@ -202,3 +202,73 @@ def sharded_lanczos(op: "ShardedHessianOperator", k: int, steps: int = 60, seed:
         off = torch.tensor(betas, dtype=torch.float64)
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigvalsh(T).flip(0)[:k], len(Q)
+
+
+class ShardedPreconditionedOperator(LinearOperator):
+    """P^{-1/2} H P^{-1/2} for a fully-sharded model and its Adam/AdamW, with P read shard by shard from the
+    optimizer's own (sharded) state — the formula of :class:`curvature.optim.PreconditionedHessianOperator`:
+
+        P = (1−β₁ᵗ)·(√(v/(1−β₂ᵗ)) + ε)·(η₀/η_g),
+
+    v = ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad), t = ``step``; with ``lookahead=True`` (default) the
+    P of the step about to be taken, v ← β₂v + (1−β₂)g², t ← t+1, from this rank's slice of the global gradient
+    g (plus wd·θ for Adam's L2 decay). Each rank builds only its slice of P. ``inner`` is the
+    :class:`ShardedHessianOperator`; ``dot``/``random_block``/``gather`` are its hooks.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
+                 lookahead: bool = True, **options: Any) -> None:
+        inner = ShardedHessianOperator(model, loss_fn, data, params, **options)
+        super().__init__(inner.shape[0], inner.dtype, inner.device)
+        opt = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"ShardedPreconditionedOperator needs torch.optim.Adam/AdamW, got {type(opt).__name__}")
+        self.inner, self.optimizer, self.lookahead = inner, opt, bool(lookahead)
+        self.global_n, self.process_group = inner.global_n, inner.process_group
+        self.param_names, self.loss, self.gradient = inner.param_names, inner.loss, inner.gradient
+        owners = {id(p): g for g in opt.param_groups for p in g["params"]}
+        lr0 = float(opt.param_groups[0]["lr"])
+        grads = inner.unflatten(inner.gradient)
+        parts = []
+        for name, p, g in zip(inner.param_names, inner.params, grads):
+            group = owners.get(id(p))
+            if group is None:
+                raise ValueError(f"the optimizer does not own parameter '{name}' of the operator")
+            beta1, beta2 = (float(b) for b in group["betas"])
+            eps, lr = float(group["eps"]), float(group["lr"])
+            state = opt.state.get(p, {})
+            def local(key: str) -> torch.Tensor | None:
+                t = state.get(key)
+                return None if t is None else (t.to_local() if _is_dtensor(t) else t).detach().to(self.dtype).reshape(g.shape)
+            has = "exp_avg_sq" in state and "step" in state
+            t = float(state["step"]) if has else 0.0
+            v = local("max_exp_avg_sq") if group.get("amsgrad") and has else (local("exp_avg_sq") if has else None)
+            if self.lookahead:
+                wd = float(group.get("weight_decay", 0.0))
+                if wd and not group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)):
+                    g = g + wd * inner.unflatten(inner.parameter_vector())[inner.param_names.index(name)]
+                v = (beta2 * v if v is not None else 0.0) + (1 - beta2) * g * g
+                t += 1
+            elif v is None or t <= 0:
+                raise ValueError(f"no Adam state for '{name}': take a step first, or pass lookahead=True")
+            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            parts.append((bc1 * (v.sqrt() / math.sqrt(bc2) + eps) * (lr0 / lr if lr > 0 and lr0 > 0 else 1.0)).reshape(-1))
+        self.preconditioner = torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype)
+        self._scale = self.preconditioner.rsqrt()
+
+    @property
+    def method(self) -> str:
+        return "finite_difference"
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        D = self._scale[:, None]
+        return D * self.inner.matmat(D * V)
+
+    def dot(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return self.inner.dot(X, Y)
+
+    def random_block(self, k: int, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.inner.random_block(k, seed, dtype)
+
+    def gather(self, V: torch.Tensor) -> torch.Tensor:
+        return self.inner.gather(V)

@@ -76,6 +76,10 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         V = op.random_block(2, 7)
         out["hv_global"] = op.gather(op.matmat(V))
         out["v_global"] = op.gather(V)
+        from curvature.sharded import ShardedPreconditionedOperator
+        pop = ShardedPreconditionedOperator(model, lm_loss, data, opt, lookahead=False)
+        out["precond_eig"], _ = sharded_lanczos(pop, 1, 40)
+        out["P_local"] = pop.preconditioner.numel()
         op32 = ShardedHessianOperator(m32, lm_loss, data)
         out["eig32"], _ = sharded_lanczos(op32, 3, 60)
         # The package's own solver, once it takes inner products through the hooks (tracker's solvers/_common).

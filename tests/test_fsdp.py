@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 
 @pytest.fixture(scope="module")
 def outs(tmp_path_factory):
-    return _spawn(tmp_path_factory.mktemp("fsdp"), timeout=240, fn=W.run)
+    return _spawn(tmp_path_factory.mktemp("fsdp"), timeout=500, fn=W.run)
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,20 @@ def test_package_solver_through_the_hooks(outs, reference):
         pytest.skip("curvature.solvers does not call op.dot/op.random_block yet (tracker's solvers/_common hooks)")
     assert not isinstance(got, str), got
     assert rel_err(got, reference[1][:3]) <= 1e-6
+
+
+def test_adam_preconditioned_from_the_sharded_state(outs, reference):
+    """λ_max(P⁻¹H) with P read from the sharded Adam state equals the single-process value."""
+    from curvature.optim import PreconditionedHessianOperator
+    from curvature.solvers import lanczos
+    model, idx, y = W.union()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    lm_loss(model(idx[:2]), y[:2]).backward()  # the same training step as on the ranks
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    op = PreconditionedHessianOperator(model, lm_loss, (idx, y), opt, lookahead=False)
+    ref = float(lanczos(op, 1, tol=1e-10).eigenvalues[0])
+    for out in outs:
+        assert abs(float(out["precond_eig"][0]) - ref) <= 1e-6 * abs(ref), (out["precond_eig"], ref)
+        assert out["P_local"] == out["n_local"]
+    assert torch.equal(outs[0]["precond_eig"], outs[1]["precond_eig"])
