@@ -127,8 +127,10 @@ class ShardedHessianOperator(LinearOperator):
 
     # -- solver hooks --------------------------------------------------------------------------------
     def dot(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        """Xᵀ Y over the global vectors: Σ_r X_rᵀ Y_r (one all-reduce of the small result)."""
-        return all_reduce_sum((X.T @ Y).contiguous(), self.process_group)
+        """Xᵀ Y over the global vectors: Σ_r X_rᵀ Y_r (one all-reduce of the small result); 1-D inputs give
+        a 0-d tensor."""
+        local = torch.dot(X, Y) if X.ndim == 1 and Y.ndim == 1 else X.T @ Y
+        return all_reduce_sum(local.contiguous(), self.process_group)
 
     def random_block(self, k: int, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """This rank's rows of one global standard-normal ``(global_n, k)`` block, drawn per parameter (in order,
