@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._exact import frozen_rng, peek_seed, reseed, unwrap_model
+from ._exact import frozen_rng, peek_seed, reseed
 from .hvp import Batch, as_batches, select_parameters
 
 __all__ = ["FiniteDifferenceEngine", "finite_difference_step", "compare_hvp_routes", "RouteComparison"]
@@ -148,7 +148,10 @@ class FiniteDifferenceEngine:
             loss_fn = resolve_loss_fn(loss_fn)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, got {type(loss_fn).__name__}")
-        model = unwrap_model(model)
+        # DDP / DataParallel are unwrapped (their gradient hooks must not fire; the operator all-reduces);
+        # a torch.compile wrapper is kept: the compiled forward/backward is what computes the gradients.
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         first = next((p for p in model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
