@@ -192,6 +192,16 @@ class HessianOperator(LinearOperator):
     are the same after every call.
     """
 
+    def __new__(cls, model: torch.nn.Module | None = None, *args: Any, **kwargs: Any) -> Any:
+        """A fully-sharded model (FSDP2 ``fully_shard``: DTensor parameters) gets a
+        :class:`~curvature.sharded.ShardedHessianOperator` (finite differences, sharded vectors): double
+        backward cannot go through FSDP. Every entry point built on this class (``sharpness``, the tracker,
+        the callbacks) then works on sharded models, with solvers that use the ``dot``/``random_block`` hooks."""
+        if cls is HessianOperator and model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            from .sharded import ShardedHessianOperator
+            return ShardedHessianOperator.from_operator_options(model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,
                  method: str = "auto", dtype: torch.dtype | None = None, device: Any = None,
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,

@@ -101,6 +101,27 @@ class ShardedHessianOperator(LinearOperator):
         self.loss: float = float(loss.item()) / self.num_samples
         self.gradient: torch.Tensor = self.flatten(e.grad_sum) / self.num_samples
 
+    @classmethod
+    def from_operator_options(cls, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,
+                              method: str = "auto", dtype: torch.dtype | None = None, device: Any = None,
+                              seed: int | None = None, max_batch_size: int | None = None,
+                              chunk_size: int | None = None, cache_graph: bool = True, fd_order: int = 2,
+                              fd_epsilon: float | None = None, distributed: bool | None = None,
+                              process_group: Any = None) -> "ShardedHessianOperator":
+        """Build from :class:`~curvature.operators.HessianOperator`'s options (what ``HessianOperator(model,
+        ...)`` does for a sharded model); options that cannot apply to sharded parameters are refused."""
+        if method not in ("auto", "finite_difference"):
+            raise ValueError(f"method={method!r} cannot run on a fully-sharded (FSDP) model: double backward does "
+                             "not go through FSDP's collectives. Use method='finite_difference' (the default here)")
+        if distributed is False:
+            raise ValueError("distributed=False cannot apply to a fully-sharded model: its parameters live on all ranks")
+        first = next(model.parameters())
+        if (dtype is not None and dtype != first.dtype) or (device is not None and torch.device(device) != first.device):
+            raise ValueError("dtype=/device= other than the sharded parameters' are not supported for FSDP models "
+                             "(a full copy of the model would be needed); measure in the parameters' own dtype")
+        return cls(model, loss_fn, data, params, seed=seed, max_batch_size=max_batch_size, fd_order=fd_order,
+                   fd_epsilon=fd_epsilon, process_group=process_group)
+
     @staticmethod
     def _count_batches(data: Any, max_batch_size: int | None) -> int:
         from .hvp import as_batches

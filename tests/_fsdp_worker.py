@@ -96,6 +96,19 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out["solver_eig"] = r.eigenvalues if calls["dot"] else None
         except Exception as exc:  # noqa: BLE001 - a solver without the hooks may fail on local vectors
             out["solver_eig"] = None if not calls["dot"] else f"{type(exc).__name__}: {exc}"
+        # HessianOperator(fsdp_model) dispatches to the sharded operator, so sharpness() and the tracker work
+        from curvature.operators import HessianOperator
+        out["dispatch"] = type(HessianOperator(model, lm_loss, data)).__name__
+        if calls["dot"]:
+            from curvature.diagnostics import sharpness
+            out["sharpness"] = sharpness(model, lm_loss, data, k=1, tol=1e-8).eigenvalues
+            try:
+                from curvature.tracking import SharpnessTracker
+                tracker = SharpnessTracker(lm_loss, every=1, k=1, tol=1e-8, preconditioned=False)
+                row = tracker.step(model, opt, data, step=0)
+                out["tracker_row"] = {k: row[k] for k in ("sharpness", "loss", "error") if k in row}
+            except Exception as exc:  # noqa: BLE001
+                out["tracker_row"] = f"{type(exc).__name__}: {exc}"
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     except Exception:

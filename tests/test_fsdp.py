@@ -68,12 +68,22 @@ def test_solver_vectors_are_sharded(outs):
         assert out["basis_bytes"] <= 0.5 * out["basis"] * n * 8 + 64 * 8 * out["basis"]
 
 
-def test_package_solver_through_the_hooks(outs, reference):
+def test_hessian_operator_dispatches_to_the_sharded_operator(outs):
+    assert outs[0]["dispatch"] == outs[1]["dispatch"] == "ShardedHessianOperator"
+
+
+def test_package_solver_sharpness_and_tracker_through_the_hooks(outs, reference):
     got = outs[0]["solver_eig"]
     if got is None:
         pytest.skip("curvature.solvers does not call op.dot/op.random_block yet (tracker's solvers/_common hooks)")
     assert not isinstance(got, str), got
     assert rel_err(got, reference[1][:3]) <= 1e-6
+    for out in outs:
+        assert abs(float(out["sharpness"][0]) - float(reference[1][0])) <= 1e-6 * float(reference[1][0])
+        row = out["tracker_row"]
+        assert not isinstance(row, str) and not row.get("error"), row
+        assert abs(row["sharpness"] - float(reference[1][0])) <= 1e-6 * float(reference[1][0])
+    assert outs[0]["tracker_row"] == outs[1]["tracker_row"]  # identical rows on both ranks
 
 
 def test_adam_preconditioned_from_the_sharded_state(outs, reference):
