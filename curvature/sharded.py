@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
+from .distributed import all_reduce_sum, disagreeing, ranks_disagree
 from .finite_difference import FiniteDifferenceEngine, _is_dtensor
 from .operators import LinearOperator
 
