@@ -111,6 +111,8 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         # 5. The group is still healthy: a correct operator and a final all-reduce work.
         op = HessianOperator(model, F.cross_entropy, data)
         out["healthy_lambda"] = float(lanczos(op, 1, tol=1e-10).eigenvalues[0])
+        fd = HessianOperator(model, F.cross_entropy, data, method="finite_difference")  # DDP-style all-reduce
+        out["healthy_lambda_fd"] = float(lanczos(fd, 1, tol=1e-10).eigenvalues[0])
         t = torch.tensor([1.0])
         dist.all_reduce(t)
         out["final_allreduce"] = float(t.item())

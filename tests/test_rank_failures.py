@@ -59,4 +59,7 @@ def test_mismatched_models_and_optimizer_state_give_a_clear_error_on_every_rank(
 
 def test_group_is_healthy_afterwards(outs):
     assert outs[0]["healthy_lambda"] == outs[1]["healthy_lambda"] > 0
+    # the finite-difference route under data parallelism: same all-reduce, same global Hessian
+    assert outs[0]["healthy_lambda_fd"] == outs[1]["healthy_lambda_fd"]
+    assert abs(outs[0]["healthy_lambda_fd"] - outs[0]["healthy_lambda"]) <= 1e-8 * outs[0]["healthy_lambda"]
     assert outs[0]["final_allreduce"] == outs[1]["final_allreduce"] == 2.0
