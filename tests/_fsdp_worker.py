@@ -31,6 +31,18 @@ def shard(rank: int, idx, y):
     return [(idx[lo:lo + a], y[lo:lo + a]), (idx[lo + a:lo + a + b], y[lo + a:lo + a + b])]
 
 
+class Checkpointed(torch.nn.Module):
+    """Runs ``inner`` under non-reentrant activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -43,14 +55,18 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         model, idx, y = union()
         data = shard(rank, idx, y)
         m32 = copy.deepcopy(model).float()
+        mck = copy.deepcopy(model)
+        mck.mlp = Checkpointed(mck.mlp)  # same parameters, same order, checkpointed MLP
+        fully_shard(mck)
         fully_shard(model)
         fully_shard(m32)  # gets model's weights after its training step, below
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         lm_loss(model(idx[:2]), y[:2]).backward()  # a step of training first, so there is state to keep
         opt.step()
         with torch.no_grad():
-            for p32, p in zip(m32.parameters(), model.parameters()):
+            for p32, pck, p in zip(m32.parameters(), mck.parameters(), model.parameters()):
                 p32.to_local().copy_(p.to_local())
+                pck.to_local().copy_(p.to_local())
         before_opt = copy.deepcopy(opt.state_dict())
         before = [p.to_local().clone() for p in model.parameters()]
         grads = [p.grad for p in model.parameters()]
@@ -76,6 +92,8 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         V = op.random_block(2, 7)
         out["hv_global"] = op.gather(op.matmat(V))
         out["v_global"] = op.gather(V)
+        opck = ShardedHessianOperator(mck, lm_loss, data)  # FSDP + activation checkpointing
+        out["hv_checkpointed"] = opck.gather(opck.matmat(V))
         from curvature.sharded import ShardedPreconditionedOperator
         pop = ShardedPreconditionedOperator(model, lm_loss, data, opt, lookahead=False)
         out["precond_eig"], _ = sharded_lanczos(pop, 1, 40)

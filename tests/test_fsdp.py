@@ -50,6 +50,11 @@ def test_top3_equal_single_process_exact(outs, reference):
     assert rel_err(outs[0]["hv_global"], hv) < 1e-7
 
 
+def test_activation_checkpointing_under_fsdp(outs, reference):
+    op, _ = reference
+    assert rel_err(outs[0]["hv_checkpointed"], op.matmat(outs[0]["v_global"])) < 1e-7
+
+
 def test_identical_across_ranks(outs):
     for key in ("eig64", "eig32", "hv_global", "v_global"):
         assert torch.equal(outs[0][key], outs[1][key]), key
