@@ -199,3 +199,11 @@ __all__ = [
 from ._exact import SecondOrderError  # noqa: E402
 
 __all__ += ["SecondOrderError"]
+
+# finite-difference route, fully-sharded models, ranks that fail together (scale)
+from .distributed import RemoteRankError  # noqa: E402
+from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes  # noqa: E402
+from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos  # noqa: E402
+
+__all__ += ["FiniteDifferenceEngine", "compare_hvp_routes", "RouteComparison", "ShardedHessianOperator",
+            "ShardedPreconditionedOperator", "sharded_lanczos", "RemoteRankError"]

@@ -23,7 +23,7 @@ SOLVERS = {"lobpcg": lobpcg, "lanczos": lanczos, "power_iteration": power_iterat
 
 # Options of HessianOperator that sharpness() and friends pass through.
 OPERATOR_OPTIONS = ("method", "dtype", "device", "seed", "max_batch_size", "chunk_size", "cache_graph",
-                    "distributed", "process_group", "weight_fn", "inputs_as")
+                    "distributed", "process_group", "weight_fn", "inputs_as", "fd_order", "fd_epsilon", "autocast")
 
 
 def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,

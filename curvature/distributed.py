@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_process_group", "all_reduce_sum", "world_size", "collective_device"]
+__all__ = ["resolve_process_group", "all_reduce_sum", "world_size", "collective_device", "RemoteRankError",
+           "raise_together", "sum_or_fail", "fingerprint", "ranks_disagree", "disagreeing"]
 
 
 def resolve_process_group(distributed: bool | None, process_group: Any = None) -> Any | None:
@@ -53,3 +54,74 @@ def collective_device(group: Any | None, preferred: torch.device | None = None) 
     if group is not None and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class RemoteRankError(RuntimeError):
+    """Another rank of the process group failed in a collective step; its error message is quoted."""
+
+
+def _gather_messages(error: BaseException | None, group: Any) -> list[str | None]:
+    """Every rank's error message (``None`` where it did not fail); one small collective, only on failure."""
+    mine = None if error is None else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    messages: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, mine, group=group)
+    return messages
+
+
+def raise_together(error: BaseException | None, group: Any, what: str) -> None:
+    """Call on every rank once a collective flag says some rank failed: the failing ranks raise their own
+    error, the others a :class:`RemoteRankError` naming the failed rank(s) and quoting the first message."""
+    messages = _gather_messages(error, group)
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    ranks = ", ".join(str(r) for r, _ in failed)
+    first = failed[0][1] if failed else "unknown error"
+    raise RemoteRankError(f"rank {ranks} failed {what}: {first}")
+
+
+def sum_or_fail(compute: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                group: Any | None, what: str) -> torch.Tensor:
+    """``all_reduce_sum(compute())``, such that an exception on any rank makes every rank raise.
+
+    The local result travels with one extra element, a failure count, in the same all-reduce: a rank whose
+    ``compute`` raises contributes zeros and 1. If the count is non-zero, every rank raises together (see
+    :func:`raise_together`) instead of the others waiting in a collective the failed rank never reaches.
+    """
+    if group is None:
+        return compute()
+    error: Exception | None = None
+    try:
+        local = compute()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+        local = torch.zeros(shape, dtype=dtype, device=device)
+    buf = torch.cat([local.reshape(-1).to(dtype=dtype, device=device),
+                     torch.ones(1, dtype=dtype, device=device) if error else torch.zeros(1, dtype=dtype, device=device)])
+    all_reduce_sum(buf, group)
+    if float(buf[-1].item()) > 0:
+        raise_together(error, group, what)
+    return buf[:-1].view(shape)
+
+
+def fingerprint(*items: Any) -> int:
+    """A small integer (< 2**20) identifying ``items`` (ints, strings, shapes, bytes): equal on every rank
+    iff the items agree (up to CRC collisions)."""
+    import zlib
+    h = 0
+    for item in items:
+        data = item if isinstance(item, bytes) else repr(item).encode()
+        h = zlib.crc32(data, h)
+    return h & 0xFFFFF
+
+
+def ranks_disagree(values: torch.Tensor) -> torch.Tensor:
+    """For small integer ``values`` (m,) per rank (float64, exact), the pair ``[Σ c, Σ c²]`` per value, to be
+    summed in one all-reduce; :func:`disagreeing` then tells which values differ between ranks."""
+    return torch.stack([values, values * values], dim=1).reshape(-1)
+
+
+def disagreeing(summed: torch.Tensor, world: int) -> list[int]:
+    """Indices of the values whose ``R·Σc² ≠ (Σc)²`` (not all equal; Cauchy–Schwarz with equality iff equal)."""
+    pairs = summed.reshape(-1, 2)
+    return [i for i, (s, s2) in enumerate(pairs.tolist()) if world * s2 != s * s]

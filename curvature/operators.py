@@ -14,10 +14,53 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import all_reduce_sum, collective_device, resolve_process_group
+from .distributed import (all_reduce_sum, collective_device, disagreeing, fingerprint, raise_together, ranks_disagree,
+                          resolve_process_group, sum_or_fail, world_size)
 from .hvp import HVPEngine
 
-__all__ = ["LinearOperator", "MatrixOperator", "ShiftedOperator", "HessianOperator"]
+__all__ = ["LinearOperator", "MatrixOperator", "ShiftedOperator", "HessianOperator", "make_engine",
+           "assert_ranks_agree", "ENGINE_METHODS"]
+
+# Every value of HessianOperator(method=...): the exact routes of HVPEngine and the gradient-difference route.
+ENGINE_METHODS = ("auto", "reverse_over_reverse", "forward_over_reverse", "finite_difference")
+
+
+def make_engine(model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *, method: str = "auto",
+                fd_order: int = 2, fd_epsilon: float | None = None, **options: Any) -> Any:
+    """The HVP engine for ``method``: :class:`~curvature.hvp.HVPEngine` for the exact routes,
+    :class:`~curvature.finite_difference.FiniteDifferenceEngine` for ``"finite_difference"``."""
+    if method not in ENGINE_METHODS:
+        raise ValueError(f"method must be one of {ENGINE_METHODS}, got {method!r}")
+    if method == "finite_difference":
+        from .finite_difference import FiniteDifferenceEngine
+        options.pop("chunk_size", None)
+        options.pop("cache_graph", None)
+        return FiniteDifferenceEngine(model, loss_fn, data, params, order=fd_order, epsilon=fd_epsilon, **options)
+    if fd_order != 2 or fd_epsilon is not None:
+        raise ValueError(f"fd_order= and fd_epsilon= apply to method='finite_difference' only (method={method!r})")
+    return HVPEngine(model, loss_fn, data, params, method=method, **options)
+
+
+def assert_ranks_agree(group: Any | None, **items: Any) -> None:
+    """Check in one all-reduce that ``items`` (name → anything with a stable ``repr``, or bytes / a tensor,
+    compared by content) are the same on every rank of ``group``; every rank raises the same ``ValueError``
+    naming the items that differ. No-op without a group. Call it on every rank (it is a collective).
+
+    Example (the Adam state of :class:`~curvature.optim.PreconditionedHessianOperator`):
+    ``assert_ranks_agree(op.inner.process_group, adam_preconditioner=P)``.
+    """
+    if group is None or not items:
+        return
+    def content(x: Any) -> Any:
+        return x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if isinstance(
+            x, torch.Tensor) and x.numel() else x
+    values = torch.tensor([float(fingerprint(content(v))) for v in items.values()], dtype=torch.float64)
+    summed = ranks_disagree(values).to(collective_device(group))
+    all_reduce_sum(summed, group)
+    bad = [list(items)[i] for i in disagreeing(summed.cpu(), world_size(group))]
+    if bad:
+        raise ValueError(f"these differ between the ranks of the process group: {', '.join(bad)}. Every rank must "
+                         "measure the same model and optimizer state (e.g. the replicas of one DDP job)")
 
 
 class LinearOperator:
@@ -139,7 +182,10 @@ class HessianOperator(LinearOperator):
             dict (keyword arguments). Rules in :mod:`curvature.data`.
         params: names (or module prefixes) or tensors narrowing θ, for per-layer curvature.
         method: ``"auto"`` (= ``"reverse_over_reverse"``, the cheapest single HVP in our benchmarks, keeps the
-            first-order graph of a single batch), or ``"forward_over_reverse"`` (keeps no graph).
+            first-order graph of a single batch), ``"forward_over_reverse"`` (keeps no graph), or
+            ``"finite_difference"`` (gradient differences through the model's own forward/backward: FSDP,
+            fused kernels, compile, checkpointing; ≈ u^{2/3} accurate, see :mod:`curvature.finite_difference`).
+        fd_order, fd_epsilon: for ``"finite_difference"``: 2 (central) or 4 (Richardson); the step length.
         dtype: compute in this dtype (e.g. ``torch.float64`` for validation) on copies of θ and the inputs.
         device: compute on this device (default: where the parameters are).
         seed: seed that freezes the model's randomness (dropout) for this operator; default derived from the
@@ -153,37 +199,56 @@ class HessianOperator(LinearOperator):
             with ``loss_fn=None`` and HF ``labels``, its non-ignored labels).
         inputs_as: ``"kwargs"`` (a dict is passed as keyword arguments) or ``"argument"`` (as the one positional
             argument, for ``forward(self, batch)``).
+        autocast: exact routes compute with autocast off (also inside a ``torch.autocast`` region); ``True``
+            keeps the autocast state active at construction for every pass (reduced precision, asked for).
 
     Nothing about the model changes: parameters, buffers, ``.grad``, ``model.training`` and the RNG state
     are the same after every call.
     """
 
+    def __new__(cls, model: torch.nn.Module | None = None, *args: Any, **kwargs: Any) -> Any:
+        """A fully-sharded model (FSDP2 ``fully_shard``: DTensor parameters) gets a
+        :class:`~curvature.sharded.ShardedHessianOperator` (finite differences, sharded vectors): double
+        backward cannot go through FSDP. Every entry point built on this class (``sharpness``, the tracker,
+        the callbacks) then works on sharded models, with solvers that use the ``dot``/``random_block`` hooks."""
+        if cls is HessianOperator and model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            from .sharded import ShardedHessianOperator
+            return ShardedHessianOperator.from_operator_options(model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = None, *,
                  method: str = "auto", dtype: torch.dtype | None = None, device: Any = None,
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
-                 cache_graph: bool = True, distributed: bool | None = None, process_group: Any = None,
-                 weight_fn: Any = None, inputs_as: str = "kwargs") -> None:
+                 cache_graph: bool = True, fd_order: int = 2, fd_epsilon: float | None = None,
+                 distributed: bool | None = None, process_group: Any = None,
+                 weight_fn: Any = None, inputs_as: str = "kwargs", autocast: bool = False) -> None:
         group = resolve_process_group(distributed, process_group)
         error: Exception | None = None
         try:
-            self.engine = HVPEngine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
-                                    seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
-                                    cache_graph=cache_graph, allow_empty=group is not None,
-                                    weight_fn=weight_fn, inputs_as=inputs_as)
+            self.engine = make_engine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
+                                      seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
+                                      cache_graph=cache_graph, fd_order=fd_order, fd_epsilon=fd_epsilon,
+                                      allow_empty=group is not None, weight_fn=weight_fn, inputs_as=inputs_as,
+                                      autocast=autocast)
         except Exception as exc:  # raising alone would leave the other ranks waiting in the all-reduce below
             if group is None:
                 raise
             error = exc
-        # One collective carries the sample count and whether any rank failed, so all ranks raise together.
-        status = torch.tensor([0.0 if error else float(self.engine.num_samples), 1.0 if error else 0.0],
-                              dtype=torch.float64, device=collective_device(group, None if error else self.engine.device))
+        # One collective carries the sample count, whether any rank failed, and a fingerprint of what must agree
+        # between ranks (parameter count and shapes), so all ranks raise together instead of aborting later.
+        fp = 0.0 if error else float(fingerprint(self.engine.numel(), [tuple(s) for s in self.engine.shapes]))
+        status = torch.cat([torch.tensor([0.0 if error else float(self.engine.num_samples), 1.0 if error else 0.0],
+                                         dtype=torch.float64), ranks_disagree(torch.tensor([fp], dtype=torch.float64))])
+        status = status.to(collective_device(group, None if error else self.engine.device))
         all_reduce_sum(status, group)
-        if error is not None:
-            raise error
         if status[1].item() > 0:
-            raise RuntimeError(f"{int(status[1].item())} other rank(s) failed to build the Hessian operator "
-                               "(non-finite loss/gradient or bad data on their shard; see their error)")
+            raise_together(error, group, "to build the Hessian operator (non-finite loss/gradient or bad data on "
+                                         "its shard?)")
         e = self.engine
+        if group is not None and disagreeing(status[2:].cpu(), world_size(group)):
+            raise ValueError(f"the ranks' models differ: parameter count or shapes are not the same on every rank "
+                             f"(this rank: {e.numel()} parameters in {len(e.shapes)} tensors). Build the same model "
+                             "on every rank (same params= selection) before measuring curvature")
         super().__init__(e.numel(), e.dtype, e.device)
         self.process_group = group
         self.param_names: list[str] = list(e.names)
@@ -212,19 +277,28 @@ class HessianOperator(LinearOperator):
         """A flat vector → views shaped like the parameters."""
         return [t.view(s) for t, s in zip(torch.split(flat, self._numels), self.param_shapes)]
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
         tangents = [blk.T.reshape(k, *s) for blk, s in zip(torch.split(V, self._numels, dim=0), self.param_shapes)]
         out = self.engine.hvp_sum(tangents)
-        HV = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
-        return all_reduce_sum(HV, self.process_group) / self.num_samples
+        return torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        # The local HVP and the all-reduce are one fail-together step: a rank whose HVP raises (e.g. out of
+        # memory) sends a failure flag in the same all-reduce, and every rank raises at once.
+        HV = sum_or_fail(lambda: self._local_hvp_sum(V), (self.shape[0], V.shape[1]), self.dtype, self.device,
+                         self.process_group, "in a Hessian-vector product")
+        return HV / self.num_samples
 
     def loss_and_gradient_at(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Mean loss and its gradient at another flat point θ' (same data, same frozen randomness)."""
-        loss_sum, grad_sum = self.engine.loss_and_grad_sum(self.unflatten(theta.to(self.device, self.dtype)))
-        loss = all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64, device=self.device), self.process_group)
-        grad = all_reduce_sum(self.flatten(grad_sum), self.process_group)
-        return float(loss.item()) / self.num_samples, grad / self.num_samples
+        def local() -> torch.Tensor:
+            loss_sum, grad_sum = self.engine.loss_and_grad_sum(self.unflatten(theta.to(self.device, self.dtype)))
+            return torch.cat([torch.tensor([loss_sum], dtype=torch.float64, device=self.device),
+                              self.flatten(grad_sum).double()])
+        both = sum_or_fail(local, (self.shape[0] + 1,), torch.float64, self.device, self.process_group,
+                           "to evaluate the loss and gradient at a point")
+        return float(both[0].item()) / self.num_samples, (both[1:] / self.num_samples).to(self.dtype)
 
     def parameter_vector(self) -> torch.Tensor:
         """θ as one flat vector (a copy, in this operator's dtype/device)."""
