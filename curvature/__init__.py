@@ -61,6 +61,12 @@ if TYPE_CHECKING:
     from .data import CurvatureWarning, resolve_loss_fn, token_count
     from .sinks import MLflowSink, WandbSink
 
+    # second-order errors, finite differences, fully-sharded models, ranks that fail together
+    from ._exact import SecondOrderError
+    from .distributed import RemoteRankError
+    from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes
+    from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos
+
 _LAZY: dict[str, str] = {
     "HVPEngine": ".hvp",
     "HessianOperator": ".operators",
@@ -137,6 +143,14 @@ _LAZY: dict[str, str] = {
     "token_count": ".data",
     "MLflowSink": ".sinks",
     "WandbSink": ".sinks",
+    "SecondOrderError": "._exact",
+    "RemoteRankError": ".distributed",
+    "FiniteDifferenceEngine": ".finite_difference",
+    "RouteComparison": ".finite_difference",
+    "compare_hvp_routes": ".finite_difference",
+    "ShardedHessianOperator": ".sharded",
+    "ShardedPreconditionedOperator": ".sharded",
+    "sharded_lanczos": ".sharded",
 }
 
 
@@ -193,17 +207,9 @@ __all__ = [
     "CurvatureWarning", "resolve_loss_fn", "token_count",
     # experiment-tracker sinks (wandb / mlflow are imported only when used)
     "WandbSink", "MLflowSink",
+    # an op without a second derivative (raised by every entry point, naming op and module)
+    "SecondOrderError",
+    # finite-difference route, fully-sharded models, ranks that fail together
+    "FiniteDifferenceEngine", "compare_hvp_routes", "RouteComparison", "ShardedHessianOperator",
+    "ShardedPreconditionedOperator", "sharded_lanczos", "RemoteRankError",
 ]
-
-# an op in the model has no second derivative (raised by every curvature entry point, naming op and module)
-from ._exact import SecondOrderError  # noqa: E402
-
-__all__ += ["SecondOrderError"]
-
-# finite-difference route, fully-sharded models, ranks that fail together (scale)
-from .distributed import RemoteRankError  # noqa: E402
-from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes  # noqa: E402
-from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos  # noqa: E402
-
-__all__ += ["FiniteDifferenceEngine", "compare_hvp_routes", "RouteComparison", "ShardedHessianOperator",
-            "ShardedPreconditionedOperator", "sharded_lanczos", "RemoteRankError"]
