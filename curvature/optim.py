@@ -205,6 +205,8 @@ class PreconditionedHessianOperator(LinearOperator):
         lookahead: build the P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = this data's
             gradient, plus wd·θ for Adam's L2 weight decay); works before the first step (v = (1−β₂)g², t = 1).
             Without it, P is that of the last step taken, and an optimizer with no state is an error.
+        inner: an existing :class:`~curvature.operators.HessianOperator` to wrap (its first-order graph is reused:
+            λ(H) and λ(P⁻¹H) from one graph); ``model``, ``loss_fn`` and ``data`` are then not read.
 
     Attributes: ``preconditioner`` (flat diagonal of P, in ``param_names`` order), ``inner``, ``loss``,
     ``gradient``, ``param_names``, ``params``, ``lr`` (η₀), ``beta1`` (of the first group), ``lookahead``.
@@ -212,10 +214,13 @@ class PreconditionedHessianOperator(LinearOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
-                 lookahead: bool = False, **operator_options: Any) -> None:
+                 lookahead: bool = False, inner: HessianOperator | None = None, **operator_options: Any) -> None:
         opt = _require_adam(optimizer, "PreconditionedHessianOperator")
         lr0 = _fold_reference_lr(opt)
-        inner = HessianOperator(model, loss_fn, data, params, **operator_options)
+        if inner is None:
+            inner = HessianOperator(model, loss_fn, data, params, **operator_options)
+        elif operator_options or params is not None:
+            raise TypeError("pass either inner= (an existing HessianOperator) or params/operator options, not both")
         super().__init__(inner.shape[0], inner.dtype, inner.device)
         self.inner = inner
         self.optimizer = opt
@@ -311,9 +316,10 @@ class PreconditionedHessianOperator(LinearOperator):
 
 
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
-                             solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
+                             solver: str = "lobpcg", tol: float | None = None, max_iters: int | None = None,
                              X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = False,
-                             largest: bool = True, solver_seed: int = 0, **operator_options: Any) -> EigenResult:
+                             largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
+                             **operator_options: Any) -> EigenResult:
     """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
     those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
 
@@ -326,7 +332,7 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     if rest:
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead, **op_kw)
-    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
+    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,
                     threshold=stability_threshold(optimizer) if op.lr > 0 else None)
     return res
