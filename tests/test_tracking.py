@@ -78,7 +78,7 @@ def test_rows_match_direct_sharpness_sgd():
 def test_adam_rows_lookahead_before_first_step_then_state():
     model, loss_fn, X, Y = problem(1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = SharpnessTracker(loss_fn, every=2, tol=1e-6, k=2, dtype=torch.float64)
+    tracker = SharpnessTracker(loss_fn, every=2, tol=1e-6, k=2, dtype=torch.float64, lookahead="auto")
     direct = {}
 
     def hook(i, m, o, batch):
@@ -148,7 +148,9 @@ def test_warm_start_uses_fewer_hvps(opt_name):
         model, loss_fn, X, Y = problem(0, task="reg")
         opt = (torch.optim.SGD(model.parameters(), lr=0.1) if opt_name == "sgd"
                else torch.optim.Adam(model.parameters(), lr=1e-3))
-        tracker = SharpnessTracker(loss_fn, every=1, tol=1e-4, warm_start=warm, probe=(X[:128], Y[:128]))
+        # the old tracker's settings (LOBPCG, residual tol, no guard vector): the warm start alone
+        tracker = SharpnessTracker(loss_fn, every=1, tol=1e-4, warm_start=warm, probe=(X[:128], Y[:128]),
+                                   solver="lobpcg", eig_tol=None, warm_guard=False)
         train(model, loss_fn, X, Y, opt, 12, tracker)
         assert all(r["error"] is None for r in tracker.history)
         return tracker
