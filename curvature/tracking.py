@@ -461,8 +461,9 @@ class SharpnessTracker:
         warm_start: start each solve from the previous measurement's Ritz vectors.
         warm_guard: with ``warm_start``, start from the previous top-k Ritz vectors **and the next one** (the
             (k+1)-th), so that when λ_k and λ_{k+1} swap between measurements (the edge of stability) the solve
-            still sees both and cannot settle on the second (Lanczos: their sum as the start vector; LOBPCG: a
-            guard column). ``False``: the previous top-k only (the old behaviour).
+            still sees both and cannot settle on the second (Lanczos / power iteration: the sum of the vectors as
+            the start vector; LOBPCG: the guard added to the k-th column). ``False``: the previous top-k only (the
+            old behaviour).
         preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
             ``False`` never.
         lookahead: ``True`` (default): P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = the
@@ -553,10 +554,10 @@ class SharpnessTracker:
         (measured on unless a ``probe`` was given). Call it before ``optimizer.step()`` (``when="before_step"``,
         the default) — see the module docs for what a row then describes.
 
-        ``loss``: measure on the training step's own autograd graph instead of building a new one (no extra
-        forward/backward pass). Either run ``loss.backward(create_graph=True)`` before this call (the HVPs then
-        run through the graph in ``p.grad``), or pass ``loss`` before ``backward()`` with its graph alive. Not
-        with a ``probe``; operator options (``dtype``, ``method``, ...) do not apply (the graph is the model's).
+        Training-graph entry (no extra forward/backward pass, ``row["source"] == "training_graph"``): when the loop
+        ran ``loss.backward(create_graph=True)`` (and the tracker has no probe and no operator options such as
+        ``dtype``), the HVPs run through the first-order graph in ``p.grad``; or pass ``loss=`` (before
+        ``backward()``, graph alive). Set ``p.grad = None`` after ``optimizer.step()`` to free that graph.
         """
         if step is None:
             step = self._calls
@@ -622,15 +623,17 @@ class SharpnessTracker:
 
     def _start(self, X: torch.Tensor | None) -> torch.Tensor | None:
         """The warm start from stored Ritz vectors ``X`` (top-k, plus the guard (k+1)-th with ``warm_guard``):
-        a block for LOBPCG; for Lanczos/power iteration one vector, the sum of the columns (each of norm 1),
-        whose Krylov space holds all of them."""
+        a k-column block for LOBPCG (guard added to the k-th column); for Lanczos/power iteration one vector, the
+        sum of the columns (each of norm 1), whose Krylov space holds all of them."""
         if X is None or not self.warm_start:
             return None
-        if not self.warm_guard:
-            X = X[:, :self.k]
-        if self.solver == "lobpcg":
-            return X
-        return X.sum(dim=1, keepdim=True) if X.shape[1] > 1 else X
+        if not self.warm_guard or X.shape[1] <= self.k:
+            return X[:, :self.k] if self.solver == "lobpcg" else X[:, :1]
+        if self.solver == "lobpcg":  # the guard joins the k-th column: no extra column, no exact eigenvector start
+            X = X[:, :self.k + 1].clone()
+            X[:, self.k - 1] += X[:, self.k]
+            return X[:, :self.k]
+        return X.sum(dim=1, keepdim=True)
 
     def _keep(self, res: Any) -> torch.Tensor:
         """Vectors to warm-start the next measurement from: the top-k Ritz vectors and, when the solver gives
@@ -645,9 +648,18 @@ class SharpnessTracker:
 
         return warm_started_solve(run, self._start(X), retry_cold=self.retry_cold)
 
+    def _graph_in_grads(self, net: torch.nn.Module) -> bool:
+        """Whether the loop ran ``backward(create_graph=True)`` on the batch being measured: every trainable
+        parameter's ``.grad`` carries a graph, no probe is set and no operator option asks for another setup."""
+        if self.probe is not None or set(self.operator_options) - {"params", "seed"}:
+            return False
+        named = select_parameters(net, self.operator_options.get("params"))
+        return bool(named) and all(p.grad is not None and p.grad.requires_grad for _, p in named)
+
     def _operator(self, net: torch.nn.Module, data: Any, loss: torch.Tensor | None) -> Any:
-        """The Hessian operator of this measurement: on the training step's graph (``loss`` given) or a new one."""
-        if loss is not None:
+        """The Hessian operator of this measurement: on the training step's graph (``loss`` given, or the
+        first-order graph the loop left in ``.grad``) or a new one."""
+        if loss is not None or self._graph_in_grads(net):
             return GraphHessianOperator(select_parameters(net, self.operator_options.get("params")), loss)
         op_kw, rest = split_operator_options(dict(self.operator_options))
         return HessianOperator(net, self.loss_fn, data, rest.get("params"), **op_kw)
@@ -675,10 +687,12 @@ class SharpnessTracker:
             with frozen_rng(device), torch.enable_grad():
                 data = self._data(batch) if loss is None or batch is not None else None
                 H = self._operator(net, data, loss)
+                row["source"] = getattr(H, "method", None) == "training_graph" and "training_graph" or "operator"
                 res, hvps, warm = self._solve(H, self._X_h)
                 row["num_hvps"] += hvps
                 values = [float(v) for v in res.eigenvalues]
-                row.update(sharpness=values[0], eigenvalues=values, loss=float(H.loss),
+                row.update(sharpness=values[0], eigenvalues=values,
+                           loss=None if row["source"] == "training_graph" and math.isnan(H.loss) else float(H.loss),
                            residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged),
                            error_bound=_bound(res))
                 if not _finite(values):

@@ -171,6 +171,10 @@ def check_seed(value: Any, name: str = "seed") -> int:
 # ---------------------------------------------------------------------------------------------------
 # Accuracy-controlled stopping
 # ---------------------------------------------------------------------------------------------------
+#: The smallest relative gap between wanted and unwanted eigenvalues the eig_tol stop assumes.
+MIN_RELATIVE_GAP = 1e-2
+
+
 def eigenvalue_error_bound(theta: torch.Tensor, residual_norms: torch.Tensor, gaps: torch.Tensor,
                            floor: float) -> torch.Tensor:
     """Bound on the relative error of Ritz values: ``‖r_i‖² / (gap_i · |θ_i|)``.
@@ -179,10 +183,13 @@ def eigenvalue_error_bound(theta: torch.Tensor, residual_norms: torch.Tensor, ga
     |λ − θ| ≤ ‖r‖²/δ, where δ separates θ from the rest of the spectrum (Kato–Temple; Saad, *Numerical
     Methods for Large Eigenvalue Problems*, Thm 3.8 / Parlett, *The Symmetric Eigenvalue Problem*, §11-7).
     δ is estimated by the gap to the neighbouring Ritz value (θ_k − θ_{k+1} for the k-th wanted one),
-    which the safeguard of :class:`StopRule` backs up. A gap ≤ 0 (not yet separated) gives ``inf``.
+    which the safeguard of :class:`StopRule` backs up, and capped at ``MIN_RELATIVE_GAP · |θ|`` (1 %): two
+    eigenvalues closer than the basis has resolved (λ1/λ2 = 3.362/3.315 at the edge of stability) leave a Ritz value
+    between them with a small residual and a large Ritz gap; the cap keeps the bound honest for any pair at least
+    1 % apart (it then asks ‖r‖/|θ| ≤ 0.1·√eig_tol). A gap ≤ 0 (not yet separated) gives ``inf``.
     """
     th = theta.to(torch.float64).abs().clamp_min(floor)
-    g = gaps.to(torch.float64)
+    g = torch.minimum(gaps.to(torch.float64), MIN_RELATIVE_GAP * th)
     r2 = residual_norms.to(torch.float64) ** 2
     out = torch.where(g > 0, r2 / (g.clamp_min(torch.finfo(torch.float64).tiny) * th),
                       torch.full_like(r2, math.inf))
@@ -197,7 +204,9 @@ class StopRule:
       :func:`eigenvalue_error_bound`) **and**, as a safeguard against an over-estimated gap, each wanted Ritz
       value moved by at most ``safeguard · eig_tol`` (relative) since the previous iteration (``safeguard``: 1 for
       Lanczos, whose Ritz values converge superlinearly; 0.3 for LOBPCG, whose 3-block search space estimates
-      the gap poorly).
+      the gap poorly), and the change still to come if the Ritz values keep converging at their last rate
+      (Aitken extrapolation of the moves, :meth:`extrapolated`) is at most ``eig_tol`` — this catches two close
+      eigenvalues not yet separated, where the gap of the basis is far larger than the true one.
 
     Converged = every criterion that was asked for holds. ``tol=None`` and ``eig_tol=None`` together mean the
     default residual test ``tol = 1e-4``.
@@ -211,6 +220,7 @@ class StopRule:
         tol = check_tol(tol, "tol", allow_none=True)
         self.tol = self.DEFAULT_TOL if tol is None and self.eig_tol is None else tol
         self._prev: torch.Tensor | None = None
+        self._moves: list[float] = []
         self.last_bound: float = math.inf
         self.last_move: float = math.inf
 
@@ -219,8 +229,26 @@ class StopRule:
         th = theta.detach().to(torch.float64)
         prev, self._prev = self._prev, th.clone()
         if prev is None or prev.shape != th.shape:
+            self._moves = []
             return math.inf
-        return float(((th - prev).abs() / th.abs().clamp_min(floor)).max())
+        move = float(((th - prev).abs() / th.abs().clamp_min(floor)).max())
+        self._moves.append(move)
+        return move
+
+    def extrapolated(self) -> float:
+        """Remaining change of the Ritz values if they keep converging at the rate of the last two moves,
+        ``δ_t ρ/(1−ρ)`` with ``ρ = δ_t/δ_{t−1}`` (Aitken): large while two close eigenvalues are still being
+        separated (slow, linear convergence), tiny once convergence is fast. ``inf`` when not shrinking."""
+        moves = self._moves
+        if len(moves) < 2:
+            return math.inf
+        d1, d0 = moves[-1], moves[-2]
+        if d1 == 0.0:
+            return 0.0
+        if not d1 < d0:
+            return math.inf
+        rho = d1 / d0
+        return d1 * rho / (1.0 - rho)
 
     def check(self, theta: torch.Tensor, rel_residuals: torch.Tensor, gaps: torch.Tensor | None,
               floor: float, watched: torch.Tensor | None = None) -> bool:
@@ -239,7 +267,8 @@ class StopRule:
         if self.eig_tol is not None:
             bound = self.bound(theta, rel_residuals, gaps, floor)
             self.last_bound = bound
-            ok = ok and bound <= self.eig_tol and self.last_move <= self.safeguard * self.eig_tol
+            ok = (ok and bound <= self.eig_tol and self.last_move <= self.safeguard * self.eig_tol
+                  and self.extrapolated() <= self.eig_tol)
         return ok
 
     @staticmethod

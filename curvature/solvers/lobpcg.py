@@ -264,9 +264,15 @@ def lobpcg(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = Non
         Cx = Cx64.to(dtype)
         X, AX, theta = S @ Cx, AS @ Cx, theta_all[:m]
         prev = (S, AS, Cx64, M, m)
+    guard = X[:, :min(m, k + 1)]
+    if guard.shape[1] <= k and prev is not None and prev[2].shape[0] > m:
+        # the block has no (k+1)-th column: take the next Ritz vector of the last search space [X, R, P]
+        S_last = prev[0]  # C, theta_all are still those of its Rayleigh–Ritz step
+        if C.shape[1] > m:
+            guard = torch.cat([guard, S_last @ C[:, m:m + 1].to(dtype)], dim=1)
     info = {"method": "lobpcg", "restarts": restarts, "tol": tol, "eig_tol": rule.eig_tol, "history": history,
             "block_size": m, "residual_floor": floor, "stopped": stopped, "error_bound": bound,
-            "guard_vectors": X[:, :min(m, k + 1)].to(op.dtype)}
+            "guard_vectors": guard.to(op.dtype)}
     out = op.dtype
     return EigenResult(eigenvalues=(sign * th[:k]).to(out), eigenvectors=X[:, :k].to(out), residuals=res[:k].to(out),
                        num_hvps=counted.count, converged=converged, iterations=iters, info=info)
