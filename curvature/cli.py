@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_compare_subcommand
 
     add_compare_subcommand(sub)
+    __import__("curvature.bench").bench.add_parser(sub)  # curvature bench: eigensolvers on the user's model
     return parser
 
 
@@ -321,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .compare import run_compare
 
     commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp, "compare": run_compare}
+    commands["bench"] = __import__("curvature.bench").bench.run
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
