@@ -74,3 +74,11 @@ __all__ = [
     # schedule comparison
     "compare_schedules", "ComparisonResult", "find_required_warmup",
 ]
+
+# per-step signals (issue #16) and solver benchmarks on the user's model
+from .bench import benchmark_solvers  # noqa: E402
+from .signals import (GraphHessianOperator, batch_sharpness, next_update,  # noqa: E402
+                      preconditioned_batch_sharpness, step_signals, update_sharpness)
+
+__all__ += ["GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
+            "next_update", "step_signals", "benchmark_solvers"]

@@ -515,3 +515,21 @@ def test_warm_start_does_not_lock_onto_lambda2_when_they_swap():
     for label in ("guard", "guard_lanczos"):
         assert results[label]["warm_start"]
         assert results[label]["sharpness"] == pytest.approx(3.362, rel=1e-3), label
+
+
+def test_analyze_checkpoints_passes_the_accuracy_options_through(tmp_path):
+    from curvature.checkpoints import analyze_checkpoints
+
+    model, loss_fn, X, Y = problem(0)
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+
+    def factory():
+        return problem(0)[0]
+
+    rows = analyze_checkpoints(tmp_path, factory, (X[:64], Y[:64]), loss_fn, eig_tol=1e-3, tol=None,
+                               solver="lanczos")
+    ref = sharpness(model, loss_fn, (X[:64], Y[:64]), tol=1e-10, dtype=torch.float64).eigenvalue
+    assert rows[0]["error"] is None
+    assert abs(rows[0]["sharpness"] - ref) / ref <= 1e-3
+    with pytest.raises((ValueError, TypeError), match="eig_tol"):
+        analyze_checkpoints(tmp_path, factory, (X[:64], Y[:64]), loss_fn, eig_tol=float("nan"), errors="raise")
