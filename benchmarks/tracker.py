@@ -216,6 +216,15 @@ def compare_rows(name: str, make, make_opt, batches, repeat: int) -> tuple[list[
     return summary, errors
 
 
+def _emit(text: str, out: str | None) -> int:
+    """Print the report and write it to ``out`` (when given); exit status 0."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return 0
+
+
 def _fmt_bound(b) -> str:
     return "—" if b is None else f"{b:.1e}"
 
@@ -251,11 +260,7 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
     text += "\n## Overhead, HVPs per tracked row and worst error vs a tight float64 Lanczos solve at the same step\n\n"
     text += markdown_table(summary)
     text += "\n## Every tracked row\n\n" + markdown_table(errors)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+    return _emit(text, args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,11 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = header_markdown(env, "Tracker cost during training", " ".join(["python -m benchmarks.tracker", *sys.argv[1:]]))
     text += "\n## Training-time overhead (current batch, warm start, k=1, tol 1e-4)\n\n" + markdown_table(over)
     text += "\n## HVPs per tracked step, warm vs cold start (every step, first row left out)\n\n" + markdown_table(warm)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+    return _emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -93,14 +93,16 @@ def split_operator_options(options: dict) -> tuple[dict, dict]:
     return op_kw, options
 
 
-def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solver: str = "lobpcg",
+def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solver: str = "lanczos",
               tol: float | None = None, max_iters: int | None = None, X0: torch.Tensor | None = None, *,
               params: Any = None, largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
               **operator_options: Any) -> EigenResult:
     """Top-k eigenvalues of the Hessian of the mean loss, λ_1 ≥ … ≥ λ_k (``largest=False``: the k most
     negative), with their eigenvectors.
 
-    ``tol`` bounds each relative residual ‖Hv − λv‖/|λ| (default 1e-4 unless ``eig_tol`` is given);
+    ``solver`` defaults to Lanczos (fewest HVPs in our measurements: k=1 29 vs 32 (LOBPCG) at eig_tol 1e-3, 37 vs 51
+    at tol 1e-4, k=5 65 vs 121; medians over 5 start vectors). ``tol`` bounds each relative residual ‖Hv − λv‖/|λ|
+    (default 1e-4 unless ``eig_tol`` is given);
     ``eig_tol`` asks for the relative eigenvalue accuracy instead (e.g. ``eig_tol=1e-3``: stop once the bound
     ‖r‖²/(gap·|λ|) on the error is below it; ``info["error_bound"]``); ``X0`` (an ``(n, m)`` block, e.g. the previous
     step's eigenvectors) warm-starts the solver. Extra keyword options go to :class:`HessianOperator`

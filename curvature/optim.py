@@ -316,7 +316,7 @@ class PreconditionedHessianOperator(LinearOperator):
 
 
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
-                             solver: str = "lobpcg", tol: float | None = None, max_iters: int | None = None,
+                             solver: str = "lanczos", tol: float | None = None, max_iters: int | None = None,
                              X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = False,
                              largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
                              **operator_options: Any) -> EigenResult:
