@@ -100,13 +100,14 @@ def test_adam_rows_lookahead_before_first_step_then_state():
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_tracked_run_is_bit_identical(opt_name):
+@pytest.mark.parametrize("signals", [False, True])
+def test_tracked_run_is_bit_identical(opt_name, signals):
     def run(with_tracker):
         model, loss_fn, X, Y = problem(2, dropout=0.2)
         model.train()
         opt = (torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9) if opt_name == "sgd"
                else torch.optim.Adam(model.parameters(), lr=1e-2))
-        tracker = SharpnessTracker(loss_fn, every=2, k=2) if with_tracker else None
+        tracker = SharpnessTracker(loss_fn, every=2, k=2, signals=signals) if with_tracker else None
         torch.manual_seed(123)
         train(model, loss_fn, X, Y, opt, 6, tracker)
         return model, opt, torch.get_rng_state(), tracker
