@@ -12,6 +12,7 @@ Run ``python -m benchmarks.tracker [--quick] [--models mlp gpt] [--steps N] [--o
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -93,7 +94,178 @@ def warm_cold_rows(name: str, make, opt_name: str, batches: list, lr: float) -> 
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# Old vs new tracker, side by side in one run (issue #16 part 2)
+# ---------------------------------------------------------------------------------------------------
+#: The tracker variants compared: the settings of commit 7865d25 (LOBPCG, residual tol 1e-4, previous top vector
+#: only, P of the last step, one first-order graph per solve) against today's defaults, and the defaults on the
+#: training step's own graph (backward(create_graph=True) on the measured steps).
+VARIANTS = {
+    "old (7865d25 settings)": (dict(solver="lobpcg", tol=1e-4, eig_tol=None, warm_guard=False, lookahead="auto",
+                                    share_graph=False), False),
+    "new (defaults)": ({}, False),
+    "new, training graph": ({}, True),
+}
+
+
+def _mse_onehot(out, y):
+    return torch.nn.functional.mse_loss(out, torch.nn.functional.one_hot(y, out.shape[-1]).to(out.dtype))
+
+
+def trajectories(quick: bool, gpt_steps: int = 200) -> dict:
+    """name -> (make(): (model, loss_fn), optimizer factory, batches, description)."""
+    size = "tiny" if quick else "small"
+    out = {}
+    steps = 20 if quick else 300
+
+    def make_mlp():
+        w = mlp(size)
+        return w.model, _mse_onehot, w.batch
+
+    model, loss_fn, batch = make_mlp()
+    out["digits MLP, full-batch GD at the edge of stability (SGD lr 2, MSE)"] = (
+        make_mlp, lambda ps: torch.optim.SGD(ps, lr=2.0), [batch] * steps)
+
+    def make_gpt():  # math attention: the training-graph variant differentiates the model's own forward twice
+        w = gpt(size, attn="sdpa_math")
+        return w.model, w.loss_fn, w.batch
+
+    _, _, gbatch = make_gpt()
+    out["GPT (tied embeddings, math attention), Adam lr 1e-3, mini-batches"] = (
+        make_gpt, lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        _batches(gbatch, max(1, gbatch[0].shape[0] // 2), 20 if quick else gpt_steps, seed=0))
+    return out
+
+
+def _run(make, make_opt, batches, tracker_kw: dict | None, every: int, graph: bool, reference: bool = False):
+    """One training run; returns (seconds of the loop, tracker rows, reference rows)."""
+    model, loss_fn, _ = make()
+    opt = make_opt(model.parameters())
+    tracker = None if tracker_kw is None else SharpnessTracker(loss_fn, every=every, **tracker_kw)
+    refs = []
+    spent_on_refs = 0.0
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        measure = tracker is not None and tracker.should_measure(i)
+        loss_fn(model(x), y).backward(create_graph=graph and measure)
+        if tracker is not None:
+            tracker.step(model, opt, (x, y), step=i)
+        if reference and measure:
+            tr = time.perf_counter()
+            refs.append(_reference(model, loss_fn, (x, y), opt, tracker_kw or {}))
+            spent_on_refs += time.perf_counter() - tr
+        opt.step()
+        if graph and measure:
+            for p in model.parameters():
+                p.grad = None  # frees the create_graph graph
+    return time.perf_counter() - t0 - spent_on_refs, (tracker.history if tracker is not None else []), refs
+
+
+def _reference(model, loss_fn, batch, opt, tracker_kw: dict) -> dict:
+    """A tight float64 Lanczos solve at the same point (and, for Adam, with the P convention of the tracker)."""
+    from curvature import preconditioned_sharpness, sharpness
+    from curvature.optim import is_adam_like
+
+    ref = {"sharpness": sharpness(model, loss_fn, batch, solver="lanczos", tol=1e-8, dtype=torch.float64).eigenvalue}
+    if is_adam_like(opt):
+        la = tracker_kw.get("lookahead", True)
+        if la == "auto":
+            la = not any("exp_avg_sq" in s for s in opt.state.values())
+        ref["preconditioned_sharpness"] = preconditioned_sharpness(
+            model, loss_fn, batch, opt, solver="lanczos", tol=1e-8, lookahead=la, dtype=torch.float64).eigenvalue
+    return ref
+
+
+def compare_rows(name: str, make, make_opt, batches, repeat: int) -> tuple[list[dict], list[dict]]:
+    """Overhead (interleaved, medians), HVPs per tracked step and error vs a tight solve, per variant and every."""
+    summary, errors = [], []
+    for every in (100, 10):
+        times: dict[str, list[float]] = {"no tracker": []}
+        for _ in range(repeat):
+            times["no tracker"].append(_run(make, make_opt, batches, None, every, False)[0])
+            for label, (kw, graph) in VARIANTS.items():
+                times.setdefault(label, []).append(_run(make, make_opt, batches, kw, every, graph)[0])
+        base = statistics.median(times["no tracker"])
+        for label, (kw, graph) in VARIANTS.items():
+            _, rows, refs = _run(make, make_opt, batches, kw, every, graph, reference=True)
+            errs, perrs = [], []
+            for row, ref in zip(rows, refs):
+                if row.get("sharpness") is None:
+                    continue
+                errs.append(abs(row["sharpness"] - ref["sharpness"]) / abs(ref["sharpness"]))
+                if "preconditioned_sharpness" in ref and row.get("preconditioned_sharpness") is not None:
+                    perrs.append(abs(row["preconditioned_sharpness"] - ref["preconditioned_sharpness"])
+                                 / abs(ref["preconditioned_sharpness"]))
+                errors.append({"trajectory": name, "every": every, "tracker": label, "step": row["step"],
+                               "λ(H)": fmt_num(row["sharpness"], 5), "ref λ(H)": fmt_num(ref["sharpness"], 5),
+                               "err λ(H)": f"{errs[-1]:.1e}",
+                               "err λ(P⁻¹H)": f"{perrs[-1]:.1e}" if perrs and len(perrs) == len(errs) else "—",
+                               "HVPs": row["num_hvps"], "bound": _fmt_bound(row.get("error_bound"))})
+            med = statistics.median(times[label])
+            hv = [r["num_hvps"] for r in rows]
+            summary.append({
+                "trajectory": name, "every": every, "tracker": label, "rows": len(rows),
+                "HVPs/row (median)": fmt_num(statistics.median(hv) if hv else float("nan")),
+                "HVPs/row warm (median)": fmt_num(statistics.median(hv[1:]) if len(hv) > 1 else float("nan")),
+                "max err λ(H)": f"{max(errs):.1e}" if errs else "—",
+                "max err λ(P⁻¹H)": f"{max(perrs):.1e}" if perrs else "—",
+                "errors": "; ".join(sorted({str(r['error']) for r in rows if r.get('error')})) or "none",
+                "time (median)": fmt_s(med), "plain run": fmt_s(base),
+                "overhead": f"{(med - base) / base * 100:+.1f} %"})
+    return summary, errors
+
+
+def _emit(text: str, out: str | None) -> int:
+    """Print the report and write it to ``out`` (when given); exit status 0."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return 0
+
+
+def _fmt_bound(b) -> str:
+    return "—" if b is None else f"{b:.1e}"
+
+
+def main_compare(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tracker --compare")
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=None, help="interleaved timed rounds (default 3; quick 1)")
+    ap.add_argument("--only", nargs="+", default=None, choices=["mlp", "gpt"])
+    ap.add_argument("--gpt-steps", type=int, default=200, help="training steps of the GPT trajectory")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    repeat = args.repeat or (1 if args.quick else 3)
+    with pin_threads(args.threads):
+        env = environment("cpu", torch.float32, args.threads)
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        summary, errors = [], []
+        for name, (make, make_opt, batches) in trajectories(args.quick, args.gpt_steps).items():
+            if args.only and not any(k in name.lower() for k in args.only):
+                continue
+            s, e = compare_rows(name, make, make_opt, batches, repeat)
+            summary += s
+            errors += e
+            print(markdown_table(s), flush=True)
+        load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    text = header_markdown(env, "Tracker cost and accuracy: old vs new, side by side in one run",
+                           " ".join(["python -m benchmarks.tracker", *(argv if argv is not None else sys.argv[1:])]))
+    text += (f"\nMachine load (1-min load average on 2 shared cores): {load_before:.1f} at the start, "
+             f"{load_after:.1f} at the end. Times are medians of {repeat} interleaved rounds (plain run and every "
+             "variant once per round), so load drift hits all alike; HVP counts and errors are exact.\n")
+    text += "\n## Overhead, HVPs per tracked row and worst error vs a tight float64 Lanczos solve at the same step\n\n"
+    text += markdown_table(summary)
+    text += "\n## Every tracked row\n\n" + markdown_table(errors)
+    return _emit(text, args.out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if "--compare" in (argv if argv is not None else sys.argv[1:]):
+        return main_compare(argv)
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tracker", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny workloads, few steps (tests)")
     ap.add_argument("--models", nargs="+", default=["mlp", "gpt"], choices=sorted(WORKLOADS))
@@ -126,11 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = header_markdown(env, "Tracker cost during training", " ".join(["python -m benchmarks.tracker", *sys.argv[1:]]))
     text += "\n## Training-time overhead (current batch, warm start, k=1, tol 1e-4)\n\n" + markdown_table(over)
     text += "\n## HVPs per tracked step, warm vs cold start (every step, first row left out)\n\n" + markdown_table(warm)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+    return _emit(text, args.out)
 
 
 if __name__ == "__main__":

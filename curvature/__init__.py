@@ -67,6 +67,11 @@ if TYPE_CHECKING:
     from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes
     from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos
 
+    # per-step signals for mini-batch training; solver benchmarks on the user's model
+    from .bench import benchmark_solvers
+    from .signals import (GraphHessianOperator, batch_sharpness, next_update, preconditioned_batch_sharpness,
+                          step_signals, update_sharpness)
+
 _LAZY: dict[str, str] = {
     "HVPEngine": ".hvp",
     "HessianOperator": ".operators",
@@ -151,6 +156,13 @@ _LAZY: dict[str, str] = {
     "ShardedHessianOperator": ".sharded",
     "ShardedPreconditionedOperator": ".sharded",
     "sharded_lanczos": ".sharded",
+    "GraphHessianOperator": ".signals",
+    "batch_sharpness": ".signals",
+    "preconditioned_batch_sharpness": ".signals",
+    "update_sharpness": ".signals",
+    "next_update": ".signals",
+    "step_signals": ".signals",
+    "benchmark_solvers": ".bench",
 }
 
 
@@ -212,4 +224,7 @@ __all__ = [
     # finite-difference route, fully-sharded models, ranks that fail together
     "FiniteDifferenceEngine", "compare_hvp_routes", "RouteComparison", "ShardedHessianOperator",
     "ShardedPreconditionedOperator", "sharded_lanczos", "RemoteRankError",
+    # per-step signals for mini-batch training; solver benchmarks on the user's model
+    "GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
+    "next_update", "step_signals", "benchmark_solvers",
 ]

@@ -20,6 +20,9 @@ COMPARE_SCHEDULES: tuple[str, ...] = ("none", "linear", "exponential", "cosine",
                                       "curvature_aware")
 COMPARE_SETUPS: tuple[str, ...] = ("digits", "lm")
 
+#: Our eigensolvers that ``curvature bench`` runs (= :data:`curvature.bench.OUR_SOLVERS`).
+BENCH_SOLVERS: tuple[str, ...] = ("lanczos", "lobpcg", "power_iteration")
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Raw descriptions/epilogs; ``(default: X)`` appended once, and only for a real default (not ``None`` or a

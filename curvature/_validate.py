@@ -71,9 +71,11 @@ def check_nonneg_float(x: Any, name: str) -> float:
     return value
 
 
-def check_tol(x: Any, name: str = "tol") -> float:
+def check_tol(x: Any, name: str = "tol", *, allow_none: bool = False) -> float | None:
     """A convergence tolerance: finite and > 0 (``inf`` would accept any vector as converged, ``0`` or NaN would
-    never converge and spend the whole budget)."""
+    never converge and spend the whole budget). ``allow_none``: ``None`` (= the default) passes through."""
+    if x is None and allow_none:
+        return None
     value = _as_float(x, name)
     if math.isnan(value) or math.isinf(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0 (a relative residual such as 1e-4), got {value}: "

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # Only the standard library at import time: `curvature --help` and `--version` never import torch (instant).
-from ._cli_defaults import DEMO_DEFAULTS, DEMO_QUICK, HelpFormatter, add_compare_arguments
+from ._cli_defaults import BENCH_SOLVERS, DEMO_DEFAULTS, DEMO_QUICK, HelpFormatter, add_compare_arguments
 from ._version import __version__
 
 __all__ = ["main", "build_parser"]
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(check)
     # -- compare (schedule-comparison harness; run by curvature.compare.run_compare) ------------------
     add_compare_arguments(sub)
+    _add_bench_arguments(sub)
     return parser
 
 
@@ -318,6 +319,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_arguments(subparsers: Any) -> argparse.ArgumentParser:
+    """``curvature bench``: our eigensolvers, scipy and installed peers on the user's model (run by
+    :func:`curvature.bench.run`)."""
+    p = subparsers.add_parser(
+        "bench", formatter_class=_Formatter,
+        help="benchmark the eigensolvers (ours, scipy, installed peers) on your model",
+        description="λ_max of your model's loss Hessian by Lanczos, LOBPCG, power iteration, scipy eigsh(which='LA') "
+                    "and any installed peer (PyHessian, hessian-eigenthings, curvlinops), side by side in one "
+                    "process: HVPs, time, and each one's error against a tight float64 reference.",
+        epilog="example:\n  curvature bench --model curvature.demo:digits_model --data curvature.demo:digits_data "
+               "--loss mse")
+    _add_model_data(p)
+    p.add_argument("--eig-tol", type=float, default=1e-3, help="relative eigenvalue accuracy asked")
+    p.add_argument("--seeds", type=int, default=5, help="start vectors per solver (medians over them)")
+    p.add_argument("--solvers", nargs="+", default=list(BENCH_SOLVERS), choices=list(BENCH_SOLVERS),
+                   help="our solvers to run")
+    p.add_argument("--no-scipy", action="store_true", help="leave out scipy eigsh")
+    p.add_argument("--no-peers", action="store_true", help="leave out the peer libraries")
+    _add_debug(p)
+    return p
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
@@ -340,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp, "compare": _cmd_compare}
+    commands = {"demo": _cmd_demo, "analyze": _cmd_analyze, "check-hvp": _cmd_check_hvp, "compare": _cmd_compare,
+                "bench": _cmd_bench}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

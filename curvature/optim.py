@@ -228,6 +228,8 @@ class PreconditionedHessianOperator(LinearOperator):
     gradient on this data are left out: their rows of H are zero, P = inf there (``info["left_out"]``). With
     ``lookahead=False``, one with no state but a gradient now gets the P its first step will have
     (``info["first_step_preconditioner"]``). ``info["preconditioner"]`` is ``"next_step"`` or ``"last_step"``.
+        inner: an existing :class:`~curvature.operators.HessianOperator` to wrap (its first-order graph is reused:
+            λ(H) and λ(P⁻¹H) from one graph); ``model``, ``loss_fn`` and ``data`` are then not read.
 
     Attributes: ``preconditioner`` (flat diagonal of P, in ``param_names`` order), ``inner``, ``loss``,
     ``gradient``, ``param_names``, ``params``, ``lr`` (η₀), ``beta1`` (of the first group), ``lookahead``, ``info``.
@@ -236,13 +238,16 @@ class PreconditionedHessianOperator(LinearOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
                  lookahead: bool = True, lookahead_dtype: torch.dtype | None = torch.float64,
-                 **operator_options: Any) -> None:
+                 inner: HessianOperator | None = None, **operator_options: Any) -> None:
         opt = _require_adam(optimizer, "PreconditionedHessianOperator")
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be True (P of the step about to be taken) or False (P of the last step "
                             f"taken), got {lookahead!r}")
         lr0 = _fold_reference_lr(opt)
-        inner = HessianOperator(model, loss_fn, data, params, **operator_options)
+        if inner is None:
+            inner = HessianOperator(model, loss_fn, data, params, **operator_options)
+        elif operator_options or params is not None:
+            raise TypeError("pass either inner= (an existing HessianOperator) or params/operator options, not both")
         super().__init__(inner.shape[0], inner.dtype, inner.device)
         self.inner = inner
         self.optimizer = opt
@@ -373,10 +378,11 @@ class PreconditionedHessianOperator(LinearOperator):
 
 
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
-                             solver: str = "lobpcg", tol: float = 1e-4, max_iters: int | None = None,
+                             solver: str = "lanczos", tol: float | None = None, max_iters: int | None = None,
                              X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = True,
                              lookahead_dtype: torch.dtype | None = torch.float64,
-                             largest: bool = True, solver_seed: int = 0, **operator_options: Any) -> EigenResult:
+                             largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
+                             **operator_options: Any) -> EigenResult:
     """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
     those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
 
@@ -391,10 +397,10 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
-    check_solver_options(k, solver, tol, max_iters, solver_seed)
+    check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead,
                                        lookahead_dtype=lookahead_dtype, **op_kw)
-    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed)
+    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
     res.info.update(op.info)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,
                     threshold=stability_threshold(optimizer) if op.lr > 0 else None)

@@ -57,8 +57,13 @@ from typing import Any
 import torch
 
 from ._exact import frozen_rng, unwrap_model
-from .diagnostics import OPERATOR_OPTIONS, SOLVERS, sharpness
-from .optim import edge_ratio, is_adam_like, preconditioned_sharpness, stability_threshold, unwrap_optimizer
+from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_options
+from .hvp import select_parameters
+from .operators import HessianOperator
+from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
+                    unwrap_optimizer)
+from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
+from .solvers._common import check_optional_positive_int, check_seed, check_tol
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
            "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
@@ -88,12 +93,18 @@ ROW_KEYS: tuple[str, ...] = (
     "optimizer",                  # optimizer class name
     "when",                       # "before_step" or "after_step"
     "error",                      # None, or why the measurement failed / did not converge
-)
+    "preconditioner",             # "next_step" (P of the step about to be taken) or "last_step"; None without Adam
+    "error_bound",                # bound on the relative error of `sharpness`: ‖r‖²/(gap·|λ|) (solver's estimate)
+    "preconditioned_error_bound",  # the same for `preconditioned_sharpness`
+    "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
+    "solver",                     # eigensolver used
+    "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
+) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
 
 _LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
-_INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps")
+_INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps")
 _BOOL_KEYS = ("converged", "warm_start", "lookahead")
-_STR_KEYS = ("optimizer", "when", "error")
+_STR_KEYS = ("optimizer", "when", "error", "preconditioner", "solver", "source")
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
 SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
                "seconds", "residual")
@@ -161,6 +172,31 @@ def _has_adam_state(optimizer: torch.optim.Optimizer) -> bool:
     return any("exp_avg_sq" in optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"])
 
 
+def _positive_int(value: Any, name: str) -> int:
+    """An int >= 1 (a bool, float or string is refused with a message naming the option)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _bound(res: Any) -> float | None:
+    """The solver's bound on the relative eigenvalue error, when it gives one."""
+    b = res.info.get("error_bound")
+    return float(b) if isinstance(b, (int, float)) else None
+
+
+def _missed(res: Any, tol: float | None, eig_tol: float | None) -> str:
+    parts = []
+    if tol is not None:
+        parts.append(f"residual {float(res.residuals.max()):.2e} vs tol {tol:g}")
+    if eig_tol is not None:
+        b = _bound(res)
+        parts.append(f"error bound {b if b is not None else float('nan'):.2e} vs eig_tol {eig_tol:g}")
+    return ", ".join(parts)
+
+
 class SharpnessTracker:
     """Measure sharpness every ``every`` steps of a training loop (framework-free).
 
@@ -170,17 +206,34 @@ class SharpnessTracker:
             ``outputs.loss`` is used (:func:`model_output_loss`).
         every: measure when ``step % every == 0``; other calls are a cheap no-op returning ``None``.
         k: number of top eigenvalues (``row["eigenvalues"]``; ``row["sharpness"]`` is the first).
-        solver, tol, max_iters: as for :func:`~curvature.sharpness` (``tol`` bounds ‖Hv − λv‖/|λ|).
+        solver: ``"lanczos"`` (default: fewest HVPs in our measurements, see ``docs/tracking.md``),
+            ``"lobpcg"`` or ``"power_iteration"``.
+        eig_tol: the relative accuracy of λ asked for (default 1e-3): the solver stops once its bound
+            ‖r‖²/(gap·|λ|) on the error is below it (``row["error_bound"]``). ``None``: residual ``tol`` only.
+        tol: residual tolerance ‖Hv − λv‖/|λ| (an opt-in guarantee on the eigenvectors too); default none when
+            ``eig_tol`` is given (else 1e-4). ``max_iters``: solver budget.
         probe: data to measure on. ``None`` (default): the batch passed to :meth:`step` (the current training
             batch). Otherwise a fixed batch ``(inputs, targets)`` or an iterable of batches (list, DataLoader: the
             Hessian of their sample-weighted mean loss, read at every measurement).
         when: ``"before_step"`` (default: call :meth:`step` after ``backward()``, before ``optimizer.step()``) or
             ``"after_step"``; recorded in each row and used by the framework callbacks to pick their hook.
-        warm_start: start each solve from the previous measurement's eigenvectors.
+        warm_start: start each solve from the previous measurement's Ritz vectors.
+        warm_guard: with ``warm_start``, start from the previous top-k Ritz vectors **and the next one** (the
+            (k+1)-th), so that when λ_k and λ_{k+1} swap between measurements (the edge of stability) the solve
+            still sees both and cannot settle on the second (Lanczos / power iteration: the sum of the vectors as
+            the start vector; LOBPCG: the guard added to the k-th column). ``False``: the previous top-k only (the
+            old behaviour).
         preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
             ``False`` never.
-        lookahead: ``"auto"`` (P of the last step taken; the P of the step about to be taken while Adam has no state
-            yet), or ``True``/``False`` to force (see :func:`~curvature.optim.preconditioned_sharpness`).
+        lookahead: ``True`` (default): P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = the
+            measured batch's gradient), matching what a row describes; ``False``: P of the last step taken (from
+            the optimizer state; undefined before the first step); ``"auto"``: last step once state exists, next
+            step before (the old behaviour). Each row says which in ``preconditioner``.
+        share_graph: λ(H) and λ(P⁻¹H) (and the signals) from one first-order graph per measurement (default);
+            ``False`` builds one per solve (the old cost).
+        signals: also compute the per-step signals of :mod:`curvature.signals` (batch sharpness, update
+            curvature, predicted vs actual loss change, and Adam's pre-conditioned counterparts) on the measured
+            batch: 2–3 HVPs and one forward pass more per row (``signals_num_hvps``, ``signals_seconds``).
         sinks: where rows go besides ``history``: paths (``.csv``, ``.jsonl``), a ``logging.Logger``, a TensorBoard
             ``SummaryWriter``, sink objects (:class:`CSVSink`, :class:`TensorBoardSink`, ...) or any callable(row).
         on_error: ``"warn"`` (a failed measurement gives a :class:`TrackingWarning` and a row with ``error``) or
@@ -193,14 +246,16 @@ class SharpnessTracker:
             ``params``, ``distributed``, ...).
     """
 
-    def __init__(self, loss_fn: Callable | None, every: int = 50, k: int = 1, solver: str = "lobpcg",
-                 tol: float = 1e-4, max_iters: int | None = None, probe: Any = None, when: str = "before_step",
-                 warm_start: bool = True, preconditioned: bool | str = "auto", sinks: Iterable[Any] = (),
-                 on_error: str = "warn", *, lookahead: bool | str = "auto", retry_cold: bool = True,
+    def __init__(self, loss_fn: Callable | None, every: int = 50, k: int = 1, solver: str = "lanczos",
+                 tol: float | None = None, max_iters: int | None = None, probe: Any = None,
+                 when: str = "before_step", warm_start: bool = True, preconditioned: bool | str = "auto",
+                 sinks: Iterable[Any] = (), on_error: str = "warn", *, eig_tol: float | None = 1e-3,
+                 lookahead: bool | str = True, warm_guard: bool = True, share_graph: bool = True,
+                 signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
                  solver_seed: int = 0, **operator_options: Any) -> None:
-        if int(every) < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = _positive_int(every, "every")
+        self.k = _positive_int(k, "k")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         if when not in ("before_step", "after_step"):
@@ -210,27 +265,32 @@ class SharpnessTracker:
         if preconditioned not in ("auto", True, False):
             raise ValueError(f"preconditioned must be 'auto', True or False, got {preconditioned!r}")
         if lookahead not in ("auto", True, False):
-            raise ValueError(f"lookahead must be 'auto', True or False, got {lookahead!r}")
+            raise ValueError(f"lookahead must be True (P of the step about to be taken), False (P of the last step) "
+                             f"or 'auto', got {lookahead!r}")
         unknown = sorted(set(operator_options) - set(OPERATOR_OPTIONS) - {"params"})
         if unknown:
             raise TypeError(f"SharpnessTracker() got unexpected keyword arguments: {unknown}")
         self.own_loss = loss_fn is None
         self.loss_fn = model_output_loss if loss_fn is None else loss_fn
-        self.every = int(every)
-        self.k = int(k)
         self.solver = solver
-        self.tol = float(tol)
-        self.max_iters = max_iters
+        self.eig_tol = check_tol(eig_tol, "eig_tol", allow_none=True)
+        self.tol = check_tol(tol, "tol", allow_none=True)
+        if self.tol is None and self.eig_tol is None:
+            self.tol = 1e-4
+        self.max_iters = check_optional_positive_int(max_iters, "max_iters")
         self.probe = probe
         self.when = when
         self.warm_start = bool(warm_start)
+        self.warm_guard = bool(warm_guard)
+        self.share_graph = bool(share_graph)
+        self.signals = bool(signals)
         self.preconditioned = preconditioned
         self.lookahead = lookahead
         self.on_error = on_error
         self.retry_cold = bool(retry_cold)
         self.batch_transform = batch_transform
         self.keep_history = bool(keep_history)
-        self.solver_seed = int(solver_seed)
+        self.solver_seed = check_seed(solver_seed, "solver_seed")
         self.operator_options = dict(operator_options)
         self.sinks: list[Callable[[dict], Any]] = [make_sink(s) for s in sinks]
         self.history: list[dict] = []
@@ -245,24 +305,33 @@ class SharpnessTracker:
         """``step % every == 0``."""
         return int(step) % self.every == 0
 
-    def step(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None
-             ) -> dict | None:
+    def step(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None, *,
+             loss: torch.Tensor | None = None) -> dict | None:
         """Measure if ``step % every == 0`` and return the row, else return ``None`` at once.
 
         ``step`` defaults to the number of earlier calls (0, 1, 2, ...). ``batch`` is the current training batch
         (measured on unless a ``probe`` was given). Call it before ``optimizer.step()`` (``when="before_step"``,
         the default) — see the module docs for what a row then describes.
+
+        Training-graph entry (no extra forward/backward pass, ``row["source"] == "training_graph"``): when the loop
+        ran ``loss.backward(create_graph=True)`` (and the tracker has no probe and no operator options such as
+        ``dtype``), the HVPs run through the first-order graph in ``p.grad``; or pass ``loss=`` (before
+        ``backward()``, graph alive). Set ``p.grad = None`` after ``optimizer.step()`` to free that graph.
         """
         if step is None:
             step = self._calls
         self._calls += 1
         if not self.should_measure(step):
             return None
-        return self.measure(model, optimizer, batch, step)
+        return self.measure(model, optimizer, batch, step, loss=loss)
 
-    def measure(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None) -> dict:
+    def measure(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None, *,
+                loss: torch.Tensor | None = None) -> dict:
         """Measure now (whatever ``every`` says), emit the row to the sinks and return it."""
-        row = self._measure(model, optimizer, batch, self._calls if step is None else int(step))
+        if loss is not None and self.probe is not None:
+            raise ValueError("loss= measures on the training step's own graph (its batch); the tracker has a "
+                             "probe= batch: use one or the other")
+        row = self._measure(model, optimizer, batch, self._calls if step is None else int(step), loss)
         self._emit(row)
         if row.get("error") and self.on_error == "raise":
             raise TrackingError(f"sharpness measurement at step {row['step']} failed: {row['error']}")
@@ -328,8 +397,9 @@ class SharpnessTracker:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"SharpnessTracker(every={self.every}, k={self.k}, solver={self.solver!r}, tol={self.tol:g}, "
-                f"when={self.when!r}, warm_start={self.warm_start}, rows={len(self.history)})")
+        tol = "None" if self.tol is None else f"{self.tol:g}"
+        return (f"SharpnessTracker(every={self.every}, k={self.k}, solver={self.solver!r}, eig_tol={self.eig_tol}, "
+                f"tol={tol}, when={self.when!r}, warm_start={self.warm_start}, rows={len(self.history)})")
 
     # -- internals ------------------------------------------------------------------------------------
     def _data(self, batch: Any) -> Any:
@@ -343,16 +413,55 @@ class SharpnessTracker:
             data = _own_loss_batch(data)
         return data
 
-    def _solve(self, fn: Callable[..., Any], X0: torch.Tensor | None) -> tuple[Any, int, bool]:
-        common = dict(k=self.k, solver=self.solver, tol=self.tol, max_iters=self.max_iters,
-                      solver_seed=self.solver_seed, **self.operator_options)
-        return warm_started_solve(lambda X0: fn(X0=X0, **common), X0 if self.warm_start else None,
-                                  retry_cold=self.retry_cold)
+    def _start(self, X: torch.Tensor | None) -> torch.Tensor | None:
+        """The warm start from stored Ritz vectors ``X`` (top-k, plus the guard (k+1)-th with ``warm_guard``):
+        a k-column block for LOBPCG (guard added to the k-th column); for Lanczos/power iteration one vector, the
+        sum of the columns (each of norm 1), whose Krylov space holds all of them."""
+        if X is None or not self.warm_start:
+            return None
+        if not self.warm_guard or X.shape[1] <= self.k:
+            return X[:, :self.k] if self.solver == "lobpcg" else X[:, :1]
+        if self.solver == "lobpcg":  # the guard joins the k-th column: no extra column, no exact eigenvector start
+            X = X[:, :self.k + 1].clone()
+            X[:, self.k - 1] += X[:, self.k]
+            return X[:, :self.k]
+        return X.sum(dim=1, keepdim=True)
 
-    def _measure(self, model: torch.nn.Module, optimizer: Any, batch: Any, step: int) -> dict:
+    def _keep(self, res: Any) -> torch.Tensor:
+        """Vectors to warm-start the next measurement from: the top-k Ritz vectors and, when the solver gives
+        it, the next one (``info["guard_vectors"]``)."""
+        guard = res.info.get("guard_vectors")
+        X = guard if isinstance(guard, torch.Tensor) and guard.shape[1] > self.k else res.eigenvectors
+        return X.detach().clone()
+
+    def _solve(self, op: Any, X: torch.Tensor | None) -> tuple[Any, int, bool]:
+        def run(X0: torch.Tensor | None) -> Any:
+            return solve(op, self.k, self.solver, self.tol, self.max_iters, X0, True, self.solver_seed, self.eig_tol)
+
+        return warm_started_solve(run, self._start(X), retry_cold=self.retry_cold)
+
+    def _graph_in_grads(self, net: torch.nn.Module) -> bool:
+        """Whether the loop ran ``backward(create_graph=True)`` on the batch being measured: every trainable
+        parameter's ``.grad`` carries a graph, no probe is set and no operator option asks for another setup."""
+        if self.probe is not None or set(self.operator_options) - {"params", "seed"}:
+            return False
+        named = select_parameters(net, self.operator_options.get("params"))
+        return bool(named) and all(p.grad is not None and p.grad.requires_grad for _, p in named)
+
+    def _operator(self, net: torch.nn.Module, data: Any, loss: torch.Tensor | None) -> Any:
+        """The Hessian operator of this measurement: on the training step's graph (``loss`` given, or the
+        first-order graph the loop left in ``.grad``) or a new one."""
+        if loss is not None or self._graph_in_grads(net):
+            return GraphHessianOperator(select_parameters(net, self.operator_options.get("params")), loss)
+        op_kw, rest = split_operator_options(dict(self.operator_options))
+        return HessianOperator(net, self.loss_fn, data, rest.get("params"), **op_kw)
+
+    def _measure(self, model: torch.nn.Module, optimizer: Any, batch: Any, step: int,
+                 loss: torch.Tensor | None = None) -> dict:
         t0 = time.perf_counter()
         row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
-        row.update(step=step, num_hvps=0, converged=False, when=self.when)
+        row.update(step=step, num_hvps=0, converged=False, when=self.when, eig_tol=self.eig_tol,
+                   solver=self.solver, source="operator" if loss is None else "training_graph")
         opt = unwrap_optimizer(optimizer)
         row["optimizer"] = type(opt).__name__ if opt is not None else None
         problems: list[str] = []
@@ -368,39 +477,52 @@ class SharpnessTracker:
                     row["threshold"] = float(stability_threshold(opt))
             device = next(iter(net.parameters()), torch.empty(0)).device
             with frozen_rng(device), torch.enable_grad():
-                data = self._data(batch)
-                res, hvps, warm = self._solve(lambda **kw: sharpness(net, self.loss_fn, data, **kw), self._X_h)
+                data = self._data(batch) if loss is None or batch is not None else None
+                H = self._operator(net, data, loss)
+                row["source"] = getattr(H, "method", None) == "training_graph" and "training_graph" or "operator"
+                res, hvps, warm = self._solve(H, self._X_h)
                 row["num_hvps"] += hvps
                 values = [float(v) for v in res.eigenvalues]
-                row.update(sharpness=values[0], eigenvalues=values, loss=float(res.info.get("loss", math.nan)),
-                           residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged))
+                row.update(sharpness=values[0], eigenvalues=values,
+                           loss=None if row["source"] == "training_graph" and math.isnan(H.loss) else float(H.loss),
+                           residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged),
+                           error_bound=_bound(res))
                 if not _finite(values):
                     self._X_h = None
                     raise FloatingPointError(f"non-finite eigenvalues {values}")
-                self._X_h = res.eigenvectors.detach().clone()
+                self._X_h = self._keep(res)
                 if not res.converged:
-                    problems.append(f"λ_max(H) did not converge (residual {row['residual']:.2e} > tol {self.tol:g})")
+                    problems.append(f"λ_max(H) did not converge ({_missed(res, self.tol, self.eig_tol)})")
 
                 # lr = 0 (the first step of a warm-up from 0): λ_max(P⁻¹H) is defined, the threshold is not
+                P_op = None
                 if opt is not None and self._wants_preconditioned(opt):
                     lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
                     row["lookahead"] = bool(lookahead)
-                    pres, phvps, _ = self._solve(
-                        lambda **kw: preconditioned_sharpness(net, self.loss_fn, data, opt, lookahead=lookahead, **kw),
-                        self._X_p)
+                    row["preconditioner"] = "next_step" if lookahead else "last_step"
+                    if self.share_graph:
+                        P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
+                                                             inner=H)
+                    else:
+                        P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
+                                                             inner=self._operator(net, data, loss))
+                    pres, phvps, _ = self._solve(P_op, self._X_p)
                     row["num_hvps"] += phvps
                     row["preconditioned_num_hvps"] = phvps
                     pvalues = [float(v) for v in pres.eigenvalues]
                     row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
-                               preconditioned_residual=float(pres.residuals.max()))
+                               preconditioned_residual=float(pres.residuals.max()),
+                               preconditioned_error_bound=_bound(pres))
                     row["converged"] = row["converged"] and bool(pres.converged)
                     if not _finite(pvalues):
                         self._X_p = None
                         raise FloatingPointError(f"non-finite pre-conditioned eigenvalues {pvalues}")
-                    self._X_p = pres.eigenvectors.detach().clone()
+                    self._X_p = self._keep(pres)
                     if not pres.converged:
-                        problems.append(f"λ_max(P⁻¹H) did not converge (residual "
-                                        f"{row['preconditioned_residual']:.2e} > tol {self.tol:g})")
+                        problems.append(f"λ_max(P⁻¹H) did not converge ({_missed(pres, self.tol, self.eig_tol)})")
+                if self.signals:
+                    row.update(self._signals(net, opt, H, P_op, data))
+                    row["num_hvps"] += row["signals_num_hvps"] or 0
             top = row["preconditioned_sharpness"] if row["preconditioned_sharpness"] is not None else row["sharpness"]
             if row["threshold"] is not None and top is not None:
                 row["edge_ratio"] = float(edge_ratio(opt, top))
@@ -416,6 +538,17 @@ class SharpnessTracker:
                 warnings.warn(f"curvature: sharpness measurement at step {step} failed ({row['error']}); "
                               "training continues", TrackingWarning, stacklevel=4)
         return row
+
+    def _signals(self, net: torch.nn.Module, opt: Any, H: Any, P_op: Any, data: Any) -> dict:
+        """The per-step signals on the measured batch (see :func:`curvature.signals.step_signals`)."""
+        update_opt = opt if isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) else None
+        named = list(zip(H.param_names, H.params))
+        loss_after = None
+        if data is not None and update_opt is not None:
+            def loss_after(delta: torch.Tensor) -> float:
+                return loss_at(net, self.loss_fn, data, named, delta)
+        pre = P_op.preconditioner if P_op is not None and P_op.lookahead else None
+        return step_signals(H, update_opt, preconditioner=pre, loss_after=loss_after)
 
     @staticmethod
     def _signature(net: torch.nn.Module) -> tuple:

@@ -100,3 +100,50 @@ def test_tracker_benchmark_quick(capsys):
     assert tracker.main(["--quick", "--models", "mlp", "--steps", "10", "--warm-steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "every=10" in out and "warm / cold" in out and "fixed probe" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# curvature bench / benchmark_solvers: solvers side by side on the user's own model
+# ---------------------------------------------------------------------------------------------------
+def _tiny():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    g = torch.Generator().manual_seed(1)
+    return model, torch.nn.functional.cross_entropy, (torch.randn(40, 6, generator=g),
+                                                      torch.randint(0, 3, (40,), generator=g))
+
+
+def test_benchmark_solvers_on_a_small_model():
+    from curvature.bench import benchmark_solvers, format_table
+
+    model, loss_fn, data = _tiny()
+    rows = benchmark_solvers(model, loss_fn, data, eig_tol=1e-3, seeds=2)
+    by = {r["solver"]: r for r in rows}
+    ref = torch.linalg.eigvalsh(__import__("conftest").dense_hessian_fd(
+        model.double(), loss_fn, (data[0].double(), data[1])))[-1]
+    model.float()
+    assert by["reference (lanczos, float64)"]["eigenvalue"] == pytest.approx(float(ref), rel=1e-6)
+    for name in ("lanczos", "lobpcg", "power_iteration", 'scipy eigsh(which="LA")'):
+        assert by[name]["max_rel_error"] <= 1e-3 and by[name]["hvps"] > 0 and by[name]["seconds"] > 0
+    for peer in ("pyhessian", "hessian_eigenthings", "curvlinops"):
+        assert peer in by
+    assert "| lanczos |" in format_table(rows)
+    with pytest.raises(ValueError, match="eig_tol"):
+        benchmark_solvers(model, loss_fn, data, eig_tol=float("inf"))
+
+
+def test_cli_bench(tmp_path, monkeypatch, capsys):
+    from curvature.cli import main
+
+    (tmp_path / "tinybench_mod.py").write_text(
+        "import torch\n"
+        "def model():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))\n"
+        "def data():\n    g = torch.Generator().manual_seed(1)\n"
+        "    return torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["bench", "--model", "tinybench_mod:model", "--data", "tinybench_mod:data", "--seeds", "1",
+                 "--no-peers"]) == 0
+    out = capsys.readouterr().out
+    assert "| lanczos |" in out and "scipy eigsh" in out and "reference" in out
+    assert main(["bench", "--model", "tinybench_mod:model", "--data", "tinybench_mod:data", "--eig-tol", "inf"]) == 2

@@ -90,7 +90,7 @@ def test_rows_match_direct_calls_and_logger(tmp_path):
         assert row["eigenvalues"] == pytest.approx(ref.eigenvalues.tolist(), rel=1e-6)
         torch.set_rng_state(rng)
         pre = preconditioned_sharpness(ref_model, F.cross_entropy, tuple(batch), ref_opt, k=2, tol=1e-6,
-                                       dtype=torch.float64, lookahead=row["step"] == 0)
+                                       dtype=torch.float64, lookahead=True)  # rows: P of the step about to be taken
         assert row["preconditioned_eigenvalues"] == pytest.approx(pre.eigenvalues.tolist(), rel=1e-6)
         assert row["lr"] == 1e-2 and row["optimizer"] == "Adam"
     # the Trainer's logger got the values (at the row's step), and callback_metrics has the last one

@@ -81,7 +81,7 @@ def test_rows_match_direct_sharpness_sgd():
 def test_adam_rows_lookahead_before_first_step_then_state():
     model, loss_fn, X, Y = problem(1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    tracker = SharpnessTracker(loss_fn, every=2, tol=1e-6, k=2, dtype=torch.float64)
+    tracker = SharpnessTracker(loss_fn, every=2, tol=1e-6, k=2, dtype=torch.float64, lookahead="auto")
     direct = {}
 
     def hook(i, m, o, batch):
@@ -103,13 +103,14 @@ def test_adam_rows_lookahead_before_first_step_then_state():
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_tracked_run_is_bit_identical(opt_name):
+@pytest.mark.parametrize("signals", [False, True])
+def test_tracked_run_is_bit_identical(opt_name, signals):
     def run(with_tracker):
         model, loss_fn, X, Y = problem(2, dropout=0.2)
         model.train()
         opt = (torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9) if opt_name == "sgd"
                else torch.optim.Adam(model.parameters(), lr=1e-2))
-        tracker = SharpnessTracker(loss_fn, every=2, k=2) if with_tracker else None
+        tracker = SharpnessTracker(loss_fn, every=2, k=2, signals=signals) if with_tracker else None
         torch.manual_seed(123)
         train(model, loss_fn, X, Y, opt, 6, tracker)
         return model, opt, torch.get_rng_state(), tracker
@@ -151,7 +152,9 @@ def test_warm_start_uses_fewer_hvps(opt_name):
         model, loss_fn, X, Y = problem(0, task="reg")
         opt = (torch.optim.SGD(model.parameters(), lr=0.1) if opt_name == "sgd"
                else torch.optim.Adam(model.parameters(), lr=1e-3))
-        tracker = SharpnessTracker(loss_fn, every=1, tol=1e-4, warm_start=warm, probe=(X[:128], Y[:128]))
+        # the old tracker's settings (LOBPCG, residual tol, no guard vector): the warm start alone
+        tracker = SharpnessTracker(loss_fn, every=1, tol=1e-4, warm_start=warm, probe=(X[:128], Y[:128]),
+                                   solver="lobpcg", eig_tol=None, warm_guard=False)
         train(model, loss_fn, X, Y, opt, 12, tracker)
         assert all(r["error"] is None for r in tracker.history)
         return tracker
@@ -435,3 +438,192 @@ def test_mlflow_run_as_sink_logs_numbers_on_the_row_step(tmp_path, monkeypatch):
     sink = MLflowSink(client=client, run_id=run.info.run_id)  # a client and a run id work too
     sink({"step": 10, "sharpness": 3.0, "eigenvalues": [3.0], "error": None})
     assert client.get_metric_history(run.info.run_id, "curvature/sharpness")[-1].step == 10
+
+
+# Issue #12.4 / #16: lookahead P by default, accuracy-controlled rows, one graph, training-graph entry, guard
+# ---------------------------------------------------------------------------------------------------
+from conftest import dense_hessian_fd  # noqa: E402
+
+
+def _hand_built_P(opt, params, grads, lookahead=True):
+    """Adam's P of the next step (v' = β₂v + (1−β₂)g², t' = t+1) or of the last one, with the lr fold."""
+    lr0 = opt.param_groups[0]["lr"]
+    parts = []
+    for p, g in zip(params, grads):
+        group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
+        b1, b2 = group["betas"]
+        st = opt.state.get(p, {})
+        t = float(st["step"]) if st else 0.0
+        v = st["exp_avg_sq"].clone() if st else torch.zeros_like(p)
+        if lookahead:
+            v, t = b2 * v + (1 - b2) * g * g, t + 1
+            if group.get("amsgrad") and st:
+                v = torch.maximum(st["max_exp_avg_sq"], v)
+        elif group.get("amsgrad"):
+            v = st["max_exp_avg_sq"]
+        P = (1 - b1 ** t) * ((v / (1 - b2 ** t)).sqrt() + group["eps"]) * (lr0 / group["lr"])
+        parts.append(P.reshape(-1))
+    return torch.cat(parts).detach()
+
+
+def _adam_problem(kind):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    X, Y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    if kind == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    else:  # AdamW + amsgrad + two groups with different learning rates
+        opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2},
+                                 {"params": model[2].parameters(), "lr": 3e-3}], amsgrad=True, weight_decay=0.1)
+    return model, F.mse_loss, X, Y, opt
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw_amsgrad_2groups"])
+def test_rows_use_the_P_of_the_step_about_to_be_taken(kind):
+    model, loss_fn, X, Y, opt = _adam_problem(kind)
+    tracker = SharpnessTracker(loss_fn, every=1, tol=1e-10, k=1)
+    last = SharpnessTracker(loss_fn, every=1, tol=1e-10, k=1, lookahead=False, on_error="warn")
+    params = list(model.parameters())
+    for i in range(6):
+        xb, yb = X[(i * 16) % 64:(i * 16) % 64 + 16], Y[(i * 16) % 64:(i * 16) % 64 + 16]
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        if i in (0, 1, 2, 5):
+            row = tracker.measure(model, opt, (xb, yb), step=i)
+            H = dense_hessian_fd(model, loss_fn, (xb, yb))
+            for la, r in ((True, row), (False, None if i == 0 else last.measure(model, opt, (xb, yb), step=i))):
+                if r is None:
+                    continue
+                P = _hand_built_P(opt, params, [p.grad for p in params], lookahead=la)
+                D = P.rsqrt()
+                ref = float(torch.linalg.eigvalsh(D[:, None] * H * D[None, :])[-1])
+                assert r["preconditioner"] == ("next_step" if la else "last_step")
+                assert r["preconditioned_sharpness"] == pytest.approx(ref, rel=1e-6), (i, la)
+            assert row["sharpness"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+        opt.step()
+
+
+def test_sgd_rows_have_no_preconditioner_and_report_the_bound():
+    model, loss_fn, X, Y = problem(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    row = SharpnessTracker(loss_fn, every=1).step(model, opt, (X[:64], Y[:64]), step=0)
+    assert row["preconditioner"] is None and row["solver"] == "lanczos" and row["eig_tol"] == 1e-3
+    assert row["converged"] and 0 <= row["error_bound"] <= 1e-3
+    ref = sharpness(model, loss_fn, (X[:64], Y[:64]), tol=1e-10, dtype=torch.float64).eigenvalue
+    assert abs(row["sharpness"] - ref) / ref <= 1e-3
+
+
+@pytest.mark.parametrize("bad", [{"eig_tol": float("inf")}, {"tol": float("nan")}, {"tol": 0.0}, {"tol": "1e-4"},
+                                 {"every": 0}, {"every": 2.5}, {"k": 0}, {"max_iters": 0}, {"solver_seed": "a"}])
+def test_tracker_options_are_validated(bad):
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        SharpnessTracker(F.cross_entropy, **bad)
+
+
+def test_one_first_order_graph_per_adam_measurement(monkeypatch):
+    import curvature.tracking as tracking
+
+    built = []
+    real = tracking.HessianOperator
+
+    def counting(*a, **kw):
+        built.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tracking, "HessianOperator", counting)
+    model, loss_fn, X, Y, opt = _adam_problem("adam")
+    rows = {}
+    for share in (True, False):
+        built.clear()
+        rows[share] = SharpnessTracker(loss_fn, every=1, tol=1e-10, share_graph=share).step(
+            model, opt, (X, Y), step=0)
+        assert len(built) == (1 if share else 2)
+    assert rows[True]["preconditioned_sharpness"] == pytest.approx(rows[False]["preconditioned_sharpness"],
+                                                                    rel=1e-9)
+
+
+@pytest.mark.parametrize("entry", ["create_graph", "loss"])
+def test_training_graph_entry_is_exact(entry):
+    model, loss_fn, X, Y, opt = _adam_problem("adam")
+    tracker = SharpnessTracker(loss_fn, every=1, tol=1e-10, k=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = loss_fn(model(X), Y)
+    if entry == "create_graph":
+        loss.backward(create_graph=True)
+        row = tracker.step(model, opt, (X, Y), step=0)
+    else:
+        row = tracker.step(model, opt, (X, Y), step=0, loss=loss)
+        loss.backward()
+    assert row["source"] == "training_graph" and row["error"] is None
+    H = dense_hessian_fd(model, loss_fn, (X, Y))
+    torch.testing.assert_close(torch.tensor(row["eigenvalues"], dtype=torch.float64),
+                               torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-7, atol=0)
+    g = torch.cat([p.grad.detach().reshape(-1) for p in model.parameters()])
+    P = _hand_built_P(opt, list(model.parameters()), [p.grad.detach() for p in model.parameters()])
+    D = P.rsqrt()
+    assert row["preconditioned_sharpness"] == pytest.approx(
+        float(torch.linalg.eigvalsh(D[:, None] * H * D[None, :])[-1]), rel=1e-7)
+    assert row["loss"] == (pytest.approx(float(loss.detach())) if entry == "loss" else None)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert torch.isfinite(g).all()
+    for p in model.parameters():  # the loop frees the graph it made
+        p.grad = None
+
+
+class _Quadratic(nn.Module):
+    """L(θ) = ½ θᵀ A θ with A a buffer the test changes between measurements."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(A.shape[0], dtype=A.dtype))
+        self.register_buffer("A", A)
+
+    def forward(self, x):
+        return 0.5 * self.theta @ self.A @ self.theta + 0 * x.sum()
+
+
+def test_warm_start_does_not_lock_onto_lambda2_when_they_swap():
+    """At the edge of stability λ1 and λ2 swap (3.362 / 3.315): the old warm start (previous top vector only,
+    loose stop) reports λ2; the guard vector keeps λ1."""
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    bulk = torch.linspace(0.01, 2.5, n - 2, dtype=torch.float64)
+    before = torch.cat([torch.tensor([3.362, 3.315], dtype=torch.float64), bulk])
+    after = torch.cat([torch.tensor([3.315, 3.362], dtype=torch.float64), bulk])  # the two top directions swap
+    data = (torch.zeros(1, 1, dtype=torch.float64), None)
+    loss_fn = lambda out, y: out  # noqa: E731
+    results = {}
+    for label, kw in (("old", dict(solver="lobpcg", warm_guard=False)), ("guard", dict(solver="lobpcg")),
+                      ("guard_lanczos", dict())):
+        model = _Quadratic(Q @ torch.diag(before) @ Q.T)
+        with torch.no_grad():
+            model.theta.copy_(torch.randn(n, generator=g, dtype=torch.float64) * 0.1)
+        tracker = SharpnessTracker(loss_fn, every=1, eig_tol=1e-3, probe=data, retry_cold=False, **kw)
+        first = tracker.step(model, None, step=0)
+        assert first["sharpness"] == pytest.approx(3.362, rel=1e-3)
+        model.A.copy_(Q @ torch.diag(after) @ Q.T)
+        results[label] = tracker.step(model, None, step=1)
+    assert results["old"]["sharpness"] == pytest.approx(3.315, rel=1e-3)  # the defect: λ2 reported
+    for label in ("guard", "guard_lanczos"):
+        assert results[label]["warm_start"]
+        assert results[label]["sharpness"] == pytest.approx(3.362, rel=1e-3), label
+
+
+def test_analyze_checkpoints_passes_the_accuracy_options_through(tmp_path):
+    from curvature.checkpoints import analyze_checkpoints
+
+    model, loss_fn, X, Y = problem(0)
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pt")
+
+    def factory():
+        return problem(0)[0]
+
+    rows = analyze_checkpoints(tmp_path, factory, (X[:64], Y[:64]), loss_fn, eig_tol=1e-3, tol=None,
+                               solver="lanczos")
+    ref = sharpness(model, loss_fn, (X[:64], Y[:64]), tol=1e-10, dtype=torch.float64).eigenvalue
+    assert rows[0]["error"] is None
+    assert abs(rows[0]["sharpness"] - ref) / ref <= 1e-3
+    with pytest.raises((ValueError, TypeError), match="eig_tol"):
+        analyze_checkpoints(tmp_path, factory, (X[:64], Y[:64]), loss_fn, eig_tol=float("nan"), errors="raise")

@@ -72,7 +72,8 @@ def test_trainer_rows_logs_and_bit_identical(tmp_path):
     rows = cb.history
     assert [r["step"] for r in rows] == [0, 2]
     assert all(r["error"] is None and r["converged"] for r in rows), rows
-    assert rows[0]["lookahead"] is True and rows[1]["lookahead"] is False
+    assert rows[0]["lookahead"] is True and rows[1]["lookahead"] is True  # P of the step about to be taken
+    assert rows[0]["preconditioner"] == rows[1]["preconditioner"] == "next_step"
     assert rows[0]["optimizer"] == "AdamW" and rows[1]["preconditioned_sharpness"] > rows[1]["sharpness"]
     assert rows[1]["warm_start"] and rows[1]["num_hvps"] < rows[0]["num_hvps"]
 

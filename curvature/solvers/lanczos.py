@@ -19,14 +19,15 @@ from typing import Any
 
 import torch
 
-from ._common import (CountedApply, as_operator, check_k, make_generator, random_block, residual_floor)
+from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, check_optional_positive_int, check_seed,
+                      column_norms, dot, residual_floor, vector_norm)
 from .result import EigenResult
 
 __all__ = ["lanczos", "lanczos_tridiagonal"]
 
 
 def _expand(apply: CountedApply, V: torch.Tensor, m: int, reorthogonalize: bool, beta_prev: float,
-            iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            iteration: int, op: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Lanczos step on the basis ``V[:, :m]`` (orthonormal): ``w = A v_m`` made orthogonal to the basis.
 
     Returns ``(h, w, A v_m)`` with ``h = V[:, :m]ᵀ A v_m`` (the new column of ``H``; with
@@ -37,14 +38,14 @@ def _expand(apply: CountedApply, V: torch.Tensor, m: int, reorthogonalize: bool,
     w = Av
     if reorthogonalize:
         B = V[:, :m]
-        h = B.T @ w
+        h = dot(op, B, w[:, None])[:, 0]
         w = w - B @ h
-        h2 = B.T @ w  # second pass ("twice is enough")
+        h2 = dot(op, B, w[:, None])[:, 0]  # second pass ("twice is enough")
         w = w - B @ h2
         h = h + h2
     else:
         h = torch.zeros(m, dtype=w.dtype, device=w.device)
-        alpha = torch.dot(v, w)
+        alpha = dot(op, v[:, None], w[:, None])[0, 0]
         w = w - alpha * v
         if m >= 2:
             w = w - beta_prev * V[:, m - 2]
@@ -78,7 +79,7 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     m_max = min(int(num_steps), n)
     v0 = v0.to(device=op.device, dtype=op.dtype)
-    nrm = float(torch.linalg.vector_norm(v0))
+    nrm = float(vector_norm(op, v0))
     if not (nrm > 0 and nrm < float("inf")):
         raise ValueError("v0 must be a finite, non-zero vector")
     apply = CountedApply(op)
@@ -90,12 +91,12 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
     scale = 0.0
     eps = torch.finfo(op.dtype).eps
     for m in range(1, m_max + 1):
-        h, w, _ = _expand(apply, V, m, reorthogonalize, beta_prev, m)
+        h, w, _ = _expand(apply, V, m, reorthogonalize, beta_prev, m, op)
         alphas.append(h[m - 1])
         scale = max(scale, abs(float(h[m - 1])))
         if m == m_max:
             break
-        beta = torch.linalg.vector_norm(w)
+        beta = vector_norm(op, w)
         beta_prev = float(beta)
         scale = max(scale, beta_prev)
         if beta_prev <= 10 * eps * max(scale, torch.finfo(op.dtype).tiny):
@@ -107,11 +108,23 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
 
 
 def _true_residuals(V: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor,
-                    floor: float) -> torch.Tensor:
+                    floor: float, op: Any = None) -> torch.Tensor:
     """``‖W y − θ V y‖ / max(|θ|, floor)`` per Ritz pair, from the stored ``W = A V`` (no application)."""
     Yd = Y.to(V.dtype)
     th = theta.to(V.dtype)
-    return torch.linalg.vector_norm(W @ Yd - (V @ Yd) * th[None, :], dim=0) / th.abs().clamp_min(floor)
+    return column_norms(op, W @ Yd - (V @ Yd) * th[None, :]) / th.abs().clamp_min(floor)
+
+
+def ritz_gaps(theta: torch.Tensor, sel: torch.Tensor) -> torch.Tensor | None:
+    """For the selected Ritz values, the distance to the nearest other Ritz value of the basis (``None`` when
+    the basis has a single one). ``theta`` is ascending (``eigh`` order)."""
+    m = theta.shape[0]
+    if m < 2:
+        return None
+    big = torch.full((1,), float("inf"), dtype=theta.dtype, device=theta.device)
+    up = torch.cat([theta[1:] - theta[:-1], big])      # to the next larger one
+    down = torch.cat([big, theta[1:] - theta[:-1]])    # to the next smaller one
+    return torch.minimum(up, down)[sel]
 
 
 def _select(theta: torch.Tensor, count: int, which: str) -> torch.Tensor:
@@ -124,9 +137,9 @@ def _select(theta: torch.Tensor, count: int, which: str) -> torch.Tensor:
     return idx[torch.argsort(theta[idx], descending=True, stable=True)]
 
 
-def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max_iters: int | None = None,
+def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = None, max_iters: int | None = None,
             v0: torch.Tensor | None = None, seed: int = 0, which: str | None = None,
-            max_basis: int | None = None) -> EigenResult:
+            max_basis: int | None = None, eig_tol: float | None = None) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by thick-restarted Lanczos (full reorthogonalisation).
 
     Args:
@@ -135,7 +148,11 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max
         largest: ``True`` → algebraically largest (largest first); ``False`` → algebraically smallest
             (smallest first).
         tol: stop when every relative residual ``|β_m e_mᵀ y| / max(|θ|, floor) <= tol``
-            (``floor = eps(dtype) · max|θ|``, guards ``θ ≈ 0``).
+            (``floor = eps(dtype) · max|θ|``, guards ``θ ≈ 0``). Default 1e-4 when ``eig_tol`` is not given,
+            else no residual requirement.
+        eig_tol: the relative eigenvalue accuracy wanted: stop when the bound ``‖r‖²/(gap·|θ|)`` (gap to the
+            neighbouring Ritz value) is ``<= eig_tol`` for every wanted pair and no wanted Ritz value moved by more
+            than ``eig_tol/10`` in the last step. ``info["error_bound"]`` reports the bound reached.
         max_iters: maximum Lanczos steps (= operator applications); default ``max(1000, 10 k)``.
         v0: start vector ``(n,)``; default a seeded Gaussian vector.
         seed: seed of the ``torch.Generator`` used for random vectors (deterministic results).
@@ -157,26 +174,27 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max
     which = which.upper()
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+    rule = StopRule(tol, eig_tol)
+    max_iters = check_optional_positive_int(max_iters, "max_iters")
+    seed = check_seed(seed)
     if max_iters is None:
         max_iters = max(1000, 10 * k)
-    if max_iters < 1:
-        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
     cap = min(n, max(30, 3 * k + 10)) if max_basis is None else min(n, int(max_basis))
     if cap < min(n, k + 2):
         raise ValueError(f"max_basis={max_basis} is too small for k={k}: need at least k + 2")
     keep = min(cap - 2, max(k + 5, cap // 2)) if cap < n else cap
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
-    gen = make_generator(seed)
+    starts = RandomStarts(op, seed, device)
     if v0 is None:
-        v = random_block(n, 1, gen, dtype, device)[:, 0]
+        v = starts.draw(1, dtype)[:, 0]
     else:
         if v0.ndim == 2 and v0.shape[1] == 1:
             v0 = v0[:, 0]
         if v0.ndim != 1 or v0.shape[0] != n:
             raise ValueError(f"v0 must have shape ({n},), got {tuple(v0.shape)}")
         v = v0.detach().to(device=device, dtype=dtype)
-    nrm = float(torch.linalg.vector_norm(v))
+    nrm = float(vector_norm(op, v))
     if not (0 < nrm < float("inf")):
         raise ValueError("v0 must be a finite, non-zero vector")
     apply = CountedApply(op)
@@ -190,11 +208,11 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max
     converged = False
     stopped = None
     while True:
-        h, w, W[:, m - 1] = _expand(apply, V, m, True, 0.0, steps + 1)
+        h, w, W[:, m - 1] = _expand(apply, V, m, True, 0.0, steps + 1, op)
         steps += 1
         H[:m, m - 1] = h.to(torch.float64)
         H[m - 1, :m] = h.to(torch.float64)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = float(vector_norm(op, w))
         Hm = H[:m, :m]
         theta, Y = torch.linalg.eigh(0.5 * (Hm + Hm.T))
         scale = max(scale, float(theta.abs().max()))
@@ -202,9 +220,11 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max
         sel = _select(theta, min(k, m), which)
         res = (beta * Y[m - 1, sel]).abs() / theta[sel].abs().clamp_min(floor)
         history.append(float(res.max()))
-        if m >= k and bool((res <= tol).all()):
-            true_res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor)
-            converged = bool((true_res <= tol).all())
+        gaps = ritz_gaps(theta, sel)
+        watched = theta[_select(theta, min(k + 1, m), which)] if k > 1 else None
+        if rule.check(theta[sel], res, gaps, floor, watched) and m >= k:
+            true_res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor, op)
+            converged = rule.satisfied(theta[sel], true_res, gaps, floor)
             if not converged:  # the estimate is below the rounding level of A V: cannot do better
                 stopped = "precision floor"
             break
@@ -213,10 +233,10 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max
         if beta <= 10 * eps * max(scale, 1e-300):
             # invariant subspace: continue from a random direction orthogonal to the basis
             breakdowns += 1
-            w = random_block(n, 1, gen, dtype, device)[:, 0]
+            w = starts.draw(1, dtype)[:, 0]
             for _ in range(2):
-                w = w - V[:, :m] @ (V[:, :m].T @ w)
-            wn = float(torch.linalg.vector_norm(w))
+                w = w - V[:, :m] @ dot(op, V[:, :m], w[:, None])[:, 0]
+            wn = float(vector_norm(op, w))
             if wn <= eps:
                 break
             w = w / wn
@@ -237,11 +257,16 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float = 1e-4, max
     vecs = V[:, :m] @ Ysel
     vals = theta[sel].to(dtype)
     # reported residuals are recomputed from the stored applications W = A V: ‖W y − θ V y‖ / |θ|
-    res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor)
+    res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor, op)
     if stopped is None and not converged:
         stopped = "max_iters" if steps >= max_iters else "basis exhausted"
-    info = {"stopped": stopped, "estimated_residuals": history[-1] if history else None, "restarts": restarts, "tol": tol, "history": history, "which": which, "max_basis": cap,
-            "residual_floor": floor, "invariant_subspaces": breakdowns, "basis_size": m}
+    gaps = ritz_gaps(theta, sel)
+    info = {"stopped": stopped, "estimated_residuals": history[-1] if history else None, "restarts": restarts,
+            "tol": rule.tol, "eig_tol": rule.eig_tol, "history": history, "which": which, "max_basis": cap,
+            "residual_floor": floor, "invariant_subspaces": breakdowns, "basis_size": m,
+            "error_bound": StopRule.bound(theta[sel], res, gaps, floor) if m >= k else float("inf"),
+            "ritz_gap": float(gaps.min()) if gaps is not None else None,
+            "guard_vectors": (V[:, :m] @ Y[:, _select(theta, min(m, k + 1), which)].to(dtype))}
     if vals.shape[0] < k:  # only possible when stopped before k steps (max_iters < k)
         info["note"] = f"stopped after {steps} steps, fewer than k={k} Ritz pairs"
         pad = k - vals.shape[0]
