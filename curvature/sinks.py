@@ -4,9 +4,10 @@ Each sink is a ``callable(row)`` with an optional ``close()``; :func:`make_sink`
 ``logging.Logger``, a ``SummaryWriter``, a ``wandb`` run, an MLflow run) into one.
 
 * **Resumable files.** Path sinks (:class:`CSVSink`, :class:`JSONLinesSink`) append to an existing file: on
-  open, a torn last record (a write cut short by a crash) is dropped and the steps already in the file are read;
-  a row whose ``step`` is already there is not written again (a resumed run does not duplicate or delete its
-  history; a warning says so once). ``append=False`` starts the file afresh.
+  open, a torn last record (a write cut short by a crash) is dropped and the rows already in the file are read;
+  a row whose ``step`` (and ``optimizer_index``) was already in the file is not written again (a resumed run does
+  not duplicate or delete its history; a warning says so once), while every row of this run is written.
+  ``append=False`` starts the file afresh.
 * **One writer under DDP.** With ``torch.distributed`` initialised (more than one process), the file,
   TensorBoard, logging, W&B and MLflow sinks write on rank 0 only (``rank_zero_only=True``, the default): every
   rank measures the same global values, so one copy is complete. Plain callables are called on every rank.
@@ -71,6 +72,12 @@ def numeric_items(row: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _row_id(row: dict) -> tuple:
+    """What identifies a row in a rows file: its step, and which optimizer it describes (Lightning's manual
+    optimization with several optimizers writes one row per optimizer at the same step)."""
+    return row.get("step"), row.get("optimizer_index")
+
+
 class _RankZeroSink:
     rank_zero_only: bool = True
 
@@ -93,6 +100,8 @@ class _FileSink(_RankZeroSink):
         self._warned = False
 
     def _open(self, row: dict) -> None:
+        """On first use: start the file, or (append) repair a torn last record and note the rows already there —
+        only those are skipped later (a resumed run); every row this sink is given is written."""
         if self._steps is not None:
             return
         self._steps = set()
@@ -105,7 +114,7 @@ class _FileSink(_RankZeroSink):
         if found.rows and not any("step" in r for r in found.rows) or (found.columns and "step" not in found.columns):
             raise ValueError(f"{self.path} exists and is not a rows file (no 'step' column); refusing to append to "
                              "it: give another path, or append=False to overwrite it")
-        self._steps = {r.get("step") for r in found.rows}
+        self._steps = {_row_id(r) for r in found.rows}
         if found.columns:
             self.columns = list(found.columns)
 
@@ -114,7 +123,7 @@ class _FileSink(_RankZeroSink):
             return
         self._open(row)
         step = row.get("step")
-        if step is not None and step in self._steps:  # type: ignore[operator]
+        if step is not None and _row_id(row) in self._steps:  # type: ignore[operator]
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"{self.path} already has a row for step {step} (an earlier or resumed run); rows of "
@@ -125,7 +134,6 @@ class _FileSink(_RankZeroSink):
             keys = _row_keys()
             self.columns = list(keys) + [k for k in row if k not in keys]
         append_rows(self.path, [row], self.columns, self._json_lines, fsync=False)
-        self._steps.add(step)  # type: ignore[union-attr]
 
     def close(self) -> None:
         """Nothing is held open (each row is appended and flushed); kept for the sink protocol."""

@@ -627,3 +627,22 @@ def test_analyze_checkpoints_passes_the_accuracy_options_through(tmp_path):
     assert abs(rows[0]["sharpness"] - ref) / ref <= 1e-3
     with pytest.raises((ValueError, TypeError), match="eig_tol"):
         analyze_checkpoints(tmp_path, factory, (X[:64], Y[:64]), loss_fn, eig_tol=float("nan"), errors="raise")
+
+
+def test_path_sink_writes_every_row_of_its_own_run(tmp_path):
+    """Only rows that were in the file before this run are skipped (a resumed run); two rows of this run with the same
+    step (measure() called twice, or one row per optimizer) are both written — none lost."""
+    from curvature.sinks import CSVSink, JSONLinesSink
+
+    for sink_cls, name in ((CSVSink, "r.csv"), (JSONLinesSink, "r.jsonl")):
+        path = tmp_path / name
+        sink = sink_cls(path)
+        sink({"step": 0, "sharpness": 1.0})
+        sink({"step": 0, "sharpness": 2.0})
+        sink({"step": 0, "sharpness": 3.0, "optimizer_index": 1})
+        assert [r["sharpness"] for r in read_rows(path)] == [1.0, 2.0, 3.0]
+        resumed = sink_cls(path)  # a resumed run: rows already there are not written again
+        with pytest.warns(RuntimeWarning, match="already has a row"):
+            resumed({"step": 0, "sharpness": 9.0})
+        resumed({"step": 1, "sharpness": 4.0})
+        assert [r["sharpness"] for r in read_rows(path)] == [1.0, 2.0, 3.0, 4.0]
