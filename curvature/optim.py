@@ -63,7 +63,7 @@ from .data import CurvatureWarning, as_batches, resolve_loss_fn
 from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import frozen_rng, unwrap_model
 from .distributed import all_reduce_sum, resolve_process_group
-from .operators import HessianOperator, LinearOperator
+from .operators import HessianOperator, LinearOperator, assert_ranks_agree
 from .solvers import EigenResult
 
 __all__ = ["PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
@@ -236,6 +236,17 @@ class PreconditionedHessianOperator(LinearOperator):
     The optimizer's state is only read (copies), never modified.
     """
 
+    def __new__(cls, model: nn.Module | None = None, *args: Any, inner: Any = None, **kwargs: Any) -> Any:
+        """A fully-sharded model (FSDP2 ``fully_shard``), or an ``inner`` operator built on one, gets a
+        :class:`~curvature.sharded.ShardedPreconditionedOperator` (P read shard by shard from the sharded state)."""
+        from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, is_sharded_model
+
+        if cls is PreconditionedHessianOperator and (isinstance(inner, ShardedHessianOperator) or (
+                inner is None and model is not None and is_sharded_model(model))):
+            kwargs.pop("lookahead_dtype", None)  # the sharded lookahead uses the operator's own gradient
+            return ShardedPreconditionedOperator(model, *args, inner=inner, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
                  lookahead: bool = True, lookahead_dtype: torch.dtype | None = torch.float64,
                  inner: HessianOperator | None = None, **operator_options: Any) -> None:
@@ -262,6 +273,8 @@ class PreconditionedHessianOperator(LinearOperator):
         self.lookahead_dtype = lookahead_dtype
         grad64 = self._lookahead_gradient(operator_options)
         P64 = self._build_preconditioner(opt, lr0, grad64)
+        # ranks whose Adam states differ would silently solve different operators: one collective says so on all
+        assert_ranks_agree(getattr(inner, "process_group", None), adam_preconditioner=P64)
         self.preconditioner = P64.to(self.dtype)
         self._scale = P64.rsqrt().to(self.dtype)  # 0 where a parameter is left out (P = inf)
 

@@ -240,8 +240,11 @@ class ShardedPreconditionedOperator(LinearOperator):
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
-                 lookahead: bool = True, **options: Any) -> None:
-        inner = ShardedHessianOperator(model, loss_fn, data, params, **options)
+                 lookahead: bool = True, inner: ShardedHessianOperator | None = None, **options: Any) -> None:
+        if inner is None:
+            inner = ShardedHessianOperator.from_operator_options(model, loss_fn, data, params, **options)
+        elif options or params is not None:
+            raise TypeError("pass either inner= (an existing ShardedHessianOperator) or params/options, not both")
         super().__init__(inner.shape[0], inner.dtype, inner.device)
         opt = getattr(optimizer, "optimizer", optimizer)
         if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
@@ -251,6 +254,8 @@ class ShardedPreconditionedOperator(LinearOperator):
         self.param_names, self.loss, self.gradient = inner.param_names, inner.loss, inner.gradient
         owners = {id(p): g for g in opt.param_groups for p in g["params"]}
         lr0 = float(opt.param_groups[0]["lr"])
+        self.lr, self.beta1 = lr0, float(opt.param_groups[0]["betas"][0])
+        self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step", "sharded": True}
         grads = inner.unflatten(inner.gradient)
         parts = []
         for name, p, g in zip(inner.param_names, inner.params, grads):

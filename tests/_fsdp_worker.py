@@ -94,8 +94,9 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         out["v_global"] = op.gather(V)
         opck = ShardedHessianOperator(mck, lm_loss, data)  # FSDP + activation checkpointing
         out["hv_checkpointed"] = opck.gather(opck.matmat(V))
-        from curvature.sharded import ShardedPreconditionedOperator
-        pop = ShardedPreconditionedOperator(model, lm_loss, data, opt, lookahead=False)
+        from curvature.optim import PreconditionedHessianOperator  # dispatches to the sharded operator
+        pop = PreconditionedHessianOperator(model, lm_loss, data, opt, lookahead=False)
+        out["precond_dispatch"] = type(pop).__name__
         out["precond_eig"], _ = sharded_lanczos(pop, 1, 40)
         out["P_local"] = pop.preconditioner.numel()
         op32 = ShardedHessianOperator(m32, lm_loss, data)
@@ -122,9 +123,10 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out["sharpness"] = sharpness(model, lm_loss, data, k=1, tol=1e-8).eigenvalues
             try:
                 from curvature.tracking import SharpnessTracker
-                tracker = SharpnessTracker(lm_loss, every=1, k=1, tol=1e-8, preconditioned=False)
+                tracker = SharpnessTracker(lm_loss, every=1, k=1, tol=1e-8)  # Adam: λ(H) and λ(P⁻¹H), next step's P
                 row = tracker.step(model, opt, data, step=0)
-                out["tracker_row"] = {k: row[k] for k in ("sharpness", "loss", "error") if k in row}
+                out["tracker_row"] = {k: row[k] for k in ("sharpness", "loss", "error", "preconditioned_sharpness",
+                                                          "preconditioner") if k in row}
             except Exception as exc:  # noqa: BLE001
                 out["tracker_row"] = f"{type(exc).__name__}: {exc}"
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -103,6 +103,14 @@ def test_adam_preconditioned_from_the_sharded_state(outs, reference):
     op = PreconditionedHessianOperator(model, lm_loss, (idx, y), opt, lookahead=False)
     ref = float(lanczos(op, 1, tol=1e-10).eigenvalues[0])
     for out in outs:
+        assert out["precond_dispatch"] == "ShardedPreconditionedOperator"
         assert abs(float(out["precond_eig"][0]) - ref) <= 1e-6 * abs(ref), (out["precond_eig"], ref)
         assert out["P_local"] == out["n_local"]
     assert torch.equal(outs[0]["precond_eig"], outs[1]["precond_eig"])
+    # the tracker's λ(P⁻¹H) on the sharded model: the P of the step about to be taken, as single-process
+    nxt = float(lanczos(PreconditionedHessianOperator(model, lm_loss, (idx, y), opt), 1, tol=1e-10).eigenvalues[0])
+    for out in outs:
+        row = out["tracker_row"]
+        assert not isinstance(row, str) and not row.get("error"), row
+        assert row["preconditioner"] == "next_step"
+        assert abs(row["preconditioned_sharpness"] - nxt) <= 1e-5 * abs(nxt), (row, nxt)
