@@ -57,11 +57,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .data import CurvatureWarning, as_batches, resolve_loss_fn
 from .diagnostics import check_solver_options, solve, split_operator_options
-from ._exact import frozen_rng, unwrap_model
+from ._exact import StateGuard, call_with_state, frozen_rng, unwrap_model
 from .distributed import all_reduce_sum, resolve_process_group
 from .operators import HessianOperator, LinearOperator, assert_ranks_agree
 from .solvers import EigenResult
@@ -479,7 +478,11 @@ def _first_order_gradient(model: nn.Module, loss_fn: Any, batch: Any, wanted: Se
             state: dict[str, torch.Tensor] = {n: p.detach() for n, p in named.items() if n not in leaves}
             state.update({n: buf.clone() for n, buf in model.named_buffers()})
             state.update(leaves)
-            out = functional_call(model, state, b.args, b.kwargs)
+            guard = StateGuard()  # interrupt-safe swap: the model keeps its own Parameter objects
+            try:
+                out = call_with_state(model, state, b.args, b.kwargs, guard)
+            finally:
+                guard.restore()
             loss = loss_fn(out, b.targets)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar (mean-reduced) loss")

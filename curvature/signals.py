@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.func import functional_call
 
-from .hvp import as_batches
+from ._exact import StateGuard, call_with_state
+from .data import as_batches, model_output_loss
 from .operators import LinearOperator
 
 __all__ = ["GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
@@ -213,20 +213,25 @@ def next_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
 def loss_at(model: torch.nn.Module, loss_fn: Any, data: Any, named_params: Sequence[tuple[str, torch.Tensor]],
             delta: torch.Tensor | None = None) -> float:
     """Mean loss (sample-weighted over the batches of ``data``) at θ + Δθ for the named parameters, by a
-    forward pass with :func:`torch.func.functional_call` on copies of the buffers (the model, its buffers and
-    ``.grad`` are untouched; no graph is built). Costs one forward pass per batch."""
+    forward pass with the parameters swapped in (:func:`curvature._exact.call_with_state`: interrupt-safe) on
+    copies of the buffers (the model, its buffers and ``.grad`` are untouched; no graph is built; batches weighted
+    as the operators weigh them). Costs one forward pass per batch."""
     numels = [p.numel() for _, p in named_params]
     shifts = torch.split(delta, numels) if delta is not None else [None] * len(numels)
     state: dict[str, torch.Tensor] = {n: b.detach().clone() for n, b in model.named_buffers()}
     for (name, p), s in zip(named_params, shifts):
         state[name] = p.detach() if s is None else p.detach() + s.view_as(p).to(device=p.device, dtype=p.dtype)
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     with torch.no_grad():
-        for b in as_batches(data):
-            out = functional_call(model, state, b.args, b.kwargs, strict=False)
-            total += float(loss_fn(out, b.targets)) * b.size
-            count += b.size
-    return total / max(count, 1)
+        for b in as_batches(data, model=model, own_loss=loss_fn is model_output_loss):
+            guard = StateGuard()
+            try:
+                out = call_with_state(model, state, b.args, b.kwargs, guard)
+            finally:
+                guard.restore()
+            total += float(loss_fn(out, b.targets)) * b.weight
+            count += b.weight
+    return total / max(count, 1e-300)
 
 
 def step_signals(H: Any, optimizer: Any = None, *, preconditioner: torch.Tensor | None = None,
