@@ -56,7 +56,7 @@ from torch import nn
 
 __all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_model", "has_train_mode_batchnorm",
            "StateGuard", "call_with_state", "SUBSTITUTIONS", "SecondOrderError", "explain_missing_derivative",
-           "autocast_state", "backward_context", "check_twice_differentiable"]
+           "autocast_state", "autocast_off", "backward_context", "check_twice_differentiable"]
 
 
 def _autocast_devices() -> tuple[str, ...]:
@@ -328,6 +328,20 @@ def second_order_context(model: nn.Module, guard: StateGuard | None = None, *,
         _substitute_ops(g)
         _checkpointing_off(g)
         yield g
+
+
+def autocast_off(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` with autocast off on every device type, restored on the way out (also when
+    interrupted). For the solvers' own arithmetic (Gram matrices, orthogonalisation), which a caller's
+    ``torch.autocast`` region would otherwise round to bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _restoring(None) as guard:
+            _set_autocast(guard, None)
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -111,11 +111,12 @@ def _repair(model, opt):
     torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(0)
 
 
-CALLS = {
-    "sharpness_1batch": lambda m, o, x, y: cv.sharpness(m, F.cross_entropy, (x, y), k=2, tol=1e-3, max_iters=6),
+CALLS = {  # LOBPCG where the block paths (batched double backward, vmap over jvp) must be interrupted too
+    "sharpness_1batch": lambda m, o, x, y: cv.sharpness(m, F.cross_entropy, (x, y), k=2, tol=1e-3, max_iters=6,
+                                                        solver="lobpcg"),
     "sharpness_2batches_fwd": lambda m, o, x, y: cv.sharpness(
         m, F.cross_entropy, [(x[:12], y[:12]), (x[12:], y[12:])], k=2, tol=1e-3, max_iters=4,
-        method="forward_over_reverse"),
+        method="forward_over_reverse", solver="lobpcg"),
     "sharpness_2batches": lambda m, o, x, y: cv.sharpness(
         m, F.cross_entropy, [(x[:12], y[:12]), (x[12:], y[12:])], k=3, tol=1e-3, max_iters=4),
     "preconditioned": lambda m, o, x, y: cv.preconditioned_sharpness(m, F.cross_entropy, (x, y), o, k=2, tol=1e-3,
@@ -255,7 +256,7 @@ def test_interrupt_before_the_legacy_vmap_level_is_popped(monkeypatch):
     monkeypatch.setattr(vi, "_unwrap_batched", unwrap)
     monkeypatch.setattr(torch._C, "_vmapmode_decrement_nesting", fake_dec)
     with pytest.raises(KeyboardInterrupt):
-        cv.sharpness(model, F.cross_entropy, (x, y), k=2, tol=1e-3, max_iters=3)
+        cv.sharpness(model, F.cross_entropy, (x, y), k=2, tol=1e-3, max_iters=3, solver="lobpcg")  # block HVPs
     monkeypatch.undo()
     assert legacy_vmap_level() == 0
     nn.Linear(3, 3)  # "vmap: We do not yet support calling random operations inside of vmap" before the fix
@@ -268,7 +269,7 @@ def test_interrupt_before_the_functorch_vmap_level_is_popped(monkeypatch):
     monkeypatch.setattr(fv, "_vmap_decrement_nesting", fake_dec)
     with pytest.raises(KeyboardInterrupt):
         cv.sharpness(model, F.cross_entropy, [(x[:12], y[:12]), (x[12:], y[12:])], k=2, tol=1e-3, max_iters=3,
-                     method="forward_over_reverse")
+                     method="forward_over_reverse", solver="lobpcg")  # block HVPs: vmap over forward-over-reverse
     monkeypatch.undo()
     assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0
     nn.Linear(3, 3)

@@ -21,6 +21,7 @@ import torch
 
 from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, check_optional_positive_int, check_seed,
                       column_norms, dot, residual_floor, vector_norm)
+from .._exact import autocast_off
 from .result import EigenResult
 
 __all__ = ["lanczos", "lanczos_tridiagonal"]
@@ -54,6 +55,7 @@ def _expand(apply: CountedApply, V: torch.Tensor, m: int, reorthogonalize: bool,
     return h, w, Av
 
 
+@autocast_off
 def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
                         reorthogonalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``num_steps`` Lanczos steps from ``v0``: ``A Q = Q T + β q e_mᵀ`` with ``T = tridiag(β, α, β)``.
@@ -137,6 +139,7 @@ def _select(theta: torch.Tensor, count: int, which: str) -> torch.Tensor:
     return idx[torch.argsort(theta[idx], descending=True, stable=True)]
 
 
+@autocast_off
 def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = None, max_iters: int | None = None,
             v0: torch.Tensor | None = None, seed: int = 0, which: str | None = None,
             max_basis: int | None = None, eig_tol: float | None = None) -> EigenResult:

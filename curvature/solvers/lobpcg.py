@@ -27,6 +27,7 @@ import torch
 from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, check_optional_positive_int, check_seed, dot,
                       eigenvalue_error_bound, orthonormalize, relative_residuals, residual_floor, rounding_residual,
                       svqb_gram, working_dtype)
+from .._exact import autocast_off
 from .result import EigenResult
 
 __all__ = ["lobpcg"]
@@ -80,6 +81,7 @@ def _dense(apply: Callable[[torch.Tensor, int], torch.Tensor], n: int, k: int, s
                              "note": "3 * block_size > n: formed the dense matrix with n applications"})
 
 
+@autocast_off
 def lobpcg(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = None, max_iters: int | None = None,
            X0: torch.Tensor | None = None, seed: int = 0, block_size: int | None = None,
            callback: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None,

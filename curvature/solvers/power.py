@@ -19,6 +19,7 @@ import torch
 
 from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, check_optional_positive_int, check_seed, dot,
                       relative_residuals, residual_floor, vector_norm)
+from .._exact import autocast_off
 from .result import EigenResult
 
 __all__ = ["power_iteration"]
@@ -38,6 +39,7 @@ def _aitken_error(deltas: list[float]) -> float:
     return d1 * rho / (1.0 - rho)
 
 
+@autocast_off
 def power_iteration(op: Any, k: int = 1, *, tol: float | None = None, max_iters: int | None = None,
                     v0: torch.Tensor | None = None, seed: int = 0, eig_tol: float | None = None) -> EigenResult:
     """Top-``k`` largest-magnitude eigenpairs by power iteration with projection deflation.
