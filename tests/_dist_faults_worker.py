@@ -7,11 +7,9 @@ rank's own loss (the lr they set must be the same on both ranks). Results go to 
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -22,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DT = torch.float64
 SHARDS = (7, 13)
+
+from _gloo import gloo_rank  # noqa: E402
 
 
 def problem():
@@ -42,10 +42,7 @@ def sgd(params, lr):
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, world, init_file, out_dir, timeout_s=60):
         from curvature.sinks import LoggingSink, TensorBoardSink
         from curvature.tracking import SharpnessTracker
         from curvature.warmup import CurvatureAwareWarmup, PersistentCatapultWarmup, find_critical_lr
@@ -103,9 +100,3 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             lambda o, m, f: CurvatureAwareWarmup(o, m, f, lr_target=5.0, every=1, tol=1e-6), 4)
         out["aware_reference"] = ctrl.reference
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DT = torch.float64
 SHARDS = (7, 13)  # unequal shard sizes: an unweighted average of the ranks' Hessians would be wrong
+
+from _gloo import gloo_rank  # noqa: E402
 
 
 def problem():
@@ -121,10 +122,7 @@ def compute(model, loss_fn, data, X, Y, *, distributed=None, with_extras=True) -
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, world, init_file, out_dir, timeout_s=60):
         model, loss_fn, X, Y = problem()
         data = shard(rank, X, Y)
         out = compute(model, loss_fn, data, X, Y)
@@ -164,12 +162,6 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def run_nonfinite(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -15,6 +13,8 @@ from conftest import lm_loss, transformer  # noqa: E402
 from curvature.sharded import sharded_lanczos  # noqa: E402
 
 SIZES = {0: (3, 2), 1: (1, 2)}  # unequal shards, the same number of batches on each rank
+
+from _gloo import gloo_rank  # noqa: E402
 
 
 def union():
@@ -44,10 +44,7 @@ class Checkpointed(torch.nn.Module):
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, world, init_file, out_dir, timeout_s=60):
         from torch.distributed.fsdp import fully_shard
 
         from curvature.sharded import ShardedHessianOperator
@@ -131,9 +128,3 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 out["tracker_row"] = f"{type(exc).__name__}: {exc}"
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()

@@ -5,11 +5,9 @@ each failure is part of what is checked); each scenario records (exception type,
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
-import traceback
 import warnings
 
 import torch
@@ -20,6 +18,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DT = torch.float64
+
+from _gloo import gloo_rank  # noqa: E402
 
 
 def problem(width: int = 8):
@@ -61,11 +61,8 @@ def _outcome(fn):
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
     out: dict = {}
-    try:
+    with gloo_rank(rank, world, init_file, out_dir, timeout_s=20):
         from curvature.operators import HessianOperator, assert_ranks_agree
         from curvature.solvers import lanczos
         model, X, Y = problem()
@@ -117,9 +114,3 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.all_reduce(t)
         out["final_allreduce"] = float(t.item())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
