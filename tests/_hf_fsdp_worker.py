@@ -4,7 +4,6 @@ CPU/gloo, a tiny GPT-2 built from a config, our HF ``SharpnessCallback``. Each r
 batch, and at every measured step the gathered parameters, for the single-process exact reference."""
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import warnings
@@ -13,31 +12,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import transformers  # noqa: E402
 
 from curvature.integrations.transformers import SharpnessCallback  # noqa: E402
+from test_transformers_callback import ByteChunks, make_model  # noqa: E402  (the tiny GPT-2 and its bytes)
 
-SEQ, EVERY, MAX_STEPS = 16, 2, 4
-
-
-class ByteChunks(torch.utils.data.Dataset):
-    def __init__(self, n=32):
-        data = torch.tensor(list(inspect.getsource(os).encode()[: n * SEQ]), dtype=torch.long)
-        self.chunks = data.view(n, SEQ)
-
-    def __len__(self):
-        return len(self.chunks)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
-
-
-def make_model():
-    transformers.set_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=256, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg)
+EVERY, MAX_STEPS = 2, 4
 
 
 class Snapshot(transformers.TrainerCallback):
@@ -65,7 +47,7 @@ def main(out_dir: str) -> None:
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}, ddp_timeout=60)
     snap = Snapshot()
     cb = SharpnessCallback(every=EVERY, k=1, tol=1e-4)
-    trainer = transformers.Trainer(model=make_model(), args=args, train_dataset=ByteChunks(),
+    trainer = transformers.Trainer(model=make_model(), args=args, train_dataset=ByteChunks(32),
                                    callbacks=[snap, cb])
     cb.attach(trainer)
     with warnings.catch_warnings():
