@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._own_loss import own_loss_data, own_loss_fn
+from .data import own_loss_batch, resolve_loss_fn
 from .rows import append_rows, is_json_lines, read_row_file, read_rows, write_rows
 from .tracking import ROW_KEYS, warm_started_solve
 
@@ -185,7 +185,7 @@ def resolve_loss(loss: Any) -> Callable:
     a callable, a short name (``"cross_entropy"``, ``"mse"``, ``"nll"``, ``"l1"``,
     ``"huber"``, ``"bce"``, ``"bce_with_logits"``) or ``"pkg.module:function"``."""
     if loss is None or (isinstance(loss, str) and loss.strip().lower() in ("model", "none", "own")):
-        return own_loss_fn(None)
+        return resolve_loss_fn(None)
     if callable(loss):
         return loss
     if isinstance(loss, str):
@@ -977,7 +977,7 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
     data_spec = data
     data = resolve_data(data)
     if own_loss:
-        data = own_loss_data(data)
+        data = own_loss_batch(data)
     options = _options_text(k=k, solver=solver, tol=tol, max_iters=max_iters, loss=_callable_name(loss_spec),
                             data=_data_fingerprint(data_spec, data), preconditioner="next_step",
                             optimizer=None if optimizer_spec is None else _callable_name(optimizer_spec),

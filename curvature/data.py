@@ -49,7 +49,7 @@ from torch import nn
 
 from ._validate import check_optional_positive_int
 
-__all__ = ["Batch", "BatchSource", "as_batches", "call_model", "model_output_loss", "resolve_loss_fn",
+__all__ = ["Batch", "BatchSource", "as_batches", "call_model", "model_output_loss", "resolve_loss_fn", "own_loss_batch",
            "token_count", "is_single_batch", "INPUTS_AS", "CurvatureWarning"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -99,6 +99,18 @@ def resolve_loss_fn(loss_fn: LossFn | None) -> LossFn:
                 "(thresholds such as 2/η compare with the mean loss's Hessian; a sum scales it by the batch size). "
                 f"Use {type(loss_fn).__name__}(reduction='mean') (the default).")
     return loss_fn
+
+
+def own_loss_batch(batch: Any) -> Any:
+    """For entry points that call the model themselves with ``loss_fn=None``: a Mapping batch (keyword inputs with
+    ``labels``, a ``BatchEncoding``) → ``(inputs_dict, None)`` of its tensors; a list → each batch so; anything
+    else unchanged."""
+    if isinstance(batch, list):
+        return [own_loss_batch(b) for b in batch]
+    if isinstance(batch, Mapping) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")
+                                      and not isinstance(batch, (tuple, list))):
+        return ({k: batch[k] for k in batch.keys() if isinstance(batch[k], torch.Tensor)}, None)
+    return batch
 
 
 def is_known_mean_loss(loss_fn: LossFn, model: nn.Module | None = None) -> bool:

@@ -121,16 +121,7 @@ class TrackingWarning(RuntimeWarning):
 # ---------------------------------------------------------------------------------------------------
 # Loss adapters
 # ---------------------------------------------------------------------------------------------------
-from .data import model_output_loss  # noqa: E402  (moved to curvature.data; re-exported here)
-
-
-def _own_loss_batch(batch: Any) -> Any:
-    """A dict batch (keyword inputs with labels) → ``(batch, None)``; anything else unchanged."""
-    if isinstance(batch, dict):
-        return ({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, None)
-    if hasattr(batch, "keys") and hasattr(batch, "__getitem__") and not isinstance(batch, (tuple, list)):
-        return ({k: batch[k] for k in batch.keys() if isinstance(batch[k], torch.Tensor)}, None)  # BatchEncoding
-    return batch
+from .data import model_output_loss, own_loss_batch  # noqa: E402  (model_output_loss re-exported here)
 
 
 # Row files and sinks live in rows.py and sinks.py; re-exported here (public names of this module).
@@ -410,7 +401,7 @@ class SharpnessTracker:
         if self.batch_transform is not None:
             data = self.batch_transform(data)
         if self.own_loss:
-            data = _own_loss_batch(data)
+            data = own_loss_batch(data)
         return data
 
     def _start(self, X: torch.Tensor | None) -> torch.Tensor | None:

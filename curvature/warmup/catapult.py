@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from .._exact import unwrap_model
-from .._own_loss import own_loss_batch as _own_loss_batch
-from .._own_loss import own_loss_fn
+from ..data import own_loss_batch, resolve_loss_fn
 from ..distributed import all_reduce_sum, collective_device, resolve_process_group
 from ..hvp import as_batches, call_model
 from .param_groups import group_lr, set_group_lr
@@ -277,8 +276,8 @@ def find_critical_lr(
 
     group = resolve_process_group(distributed, process_group)
     if loss_fn is None:
-        batch = _own_loss_batch(batch)
-    loss_fn = own_loss_fn(loss_fn)
+        batch = own_loss_batch(batch)
+    loss_fn = resolve_loss_fn(loss_fn)
     model_net = unwrap_model(model)  # DDP: call the inner module (no reducer hooks, no gradient sync)
     inputs, targets = _split_batch(batch)
     n_local = float(as_batches(batch)[0].size) if group is not None else 1.0
@@ -494,7 +493,7 @@ class PersistentCatapultWarmup:
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         group = resolve_process_group(self.distributed, self.process_group)
         if group is not None and not self.done:  # the global loss: every rank takes the same decision
-            own = batch if self.loss_fn is not None else _own_loss_batch(batch)
+            own = batch if self.loss_fn is not None else own_loss_batch(batch)
             value = global_mean(value, float(as_batches(own)[0].size), group)
         step = self.step_count
         self.step_count += 1

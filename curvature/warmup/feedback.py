@@ -251,7 +251,7 @@ class CurvatureAwareWarmup:
         fed on each rank is replaced by the global sample-weighted mean over the ranks, so spike checks and
         decisions, and so the lr, are the same on every rank (λ is already global: the tracker's operator
         all-reduces). Every rank must feed a loss, or none, on the same steps."""
-        from .._own_loss import own_loss_batch
+        from ..data import own_loss_batch
         from ..distributed import resolve_process_group
         from ..hvp import as_batches
         from .catapult import global_mean
