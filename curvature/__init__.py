@@ -3,9 +3,9 @@
 Sharpness λ_max(H), Adam's pre-conditioned sharpness λ_max(P⁻¹H), stability thresholds, trace and spectral
 density, training callbacks, offline checkpoint analysis and learning-rate warm-up tools.
 """
-import sys as _sys
+from ._safepath import running_curvature_module as _running_curvature_module
 
-if _sys.argv[:1] == ["-m"]:  # `python -m curvature`: the cwd is first on sys.path while this imports (#15.5)
+if _running_curvature_module():  # `python -m curvature`: the cwd is first on sys.path while this imports (#15.5)
     from ._safepath import drop_cwd_from_sys_path as _drop_cwd
 
     _drop_cwd()

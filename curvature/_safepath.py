@@ -12,7 +12,23 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["drop_cwd_from_sys_path"]
+__all__ = ["drop_cwd_from_sys_path", "running_curvature_module"]
+
+
+def running_curvature_module() -> bool:
+    """True while ``python -m curvature`` (or ``-m curvature.<submodule>``) is starting: only then may importing
+    the package drop the current directory. A user's own ``python -m mypkg`` whose package imports curvature keeps
+    its ``sys.path`` (its other modules in the current directory must stay importable)."""
+    if sys.argv[:1] != ["-m"]:
+        return False
+    argv = list(getattr(sys, "orig_argv", []))
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-m":
+            target = argv[i + 1]
+            return target == "curvature" or target.startswith("curvature.")
+        if arg.startswith("-m") and len(arg) > 2:  # -mcurvature
+            return arg[2:] == "curvature" or arg[2:].startswith("curvature.")
+    return False
 
 
 def drop_cwd_from_sys_path() -> list[str]:

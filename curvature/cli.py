@@ -362,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvature`` console script; returns the exit status."""
     from ._safepath import drop_cwd_from_sys_path
 
-    drop_cwd_from_sys_path()  # nothing in the current directory may shadow a module imported later (#15.5)
+    if argv is None:  # run as the program (console script, python -m): nothing in the current directory may
+        drop_cwd_from_sys_path()  # shadow a module imported later (#15.5); a call from Python keeps sys.path
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

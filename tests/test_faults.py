@@ -154,6 +154,28 @@ def test_model_module_in_the_cwd_is_not_imported_without_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_users_own_python_m_keeps_the_current_directory(tmp_path):
+    """Only ``python -m curvature`` drops the cwd: a user's ``python -m mypkg.train`` whose package imports curvature
+    must still import the project's other top-level modules from the current directory."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("import curvature\n")
+    (tmp_path / "mypkg" / "train.py").write_text("import helpers\nprint('ok', helpers.VALUE)\n")
+    (tmp_path / "helpers.py").write_text("VALUE = 7\n")
+    proc = subprocess.run([sys.executable, "-m", "mypkg.train"], cwd=tmp_path, env=env_for(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "ok 7" in proc.stdout, proc.stderr
+
+
+def test_cli_main_called_from_python_leaves_sys_path_alone(monkeypatch, capsys):
+    from curvature.cli import main
+
+    monkeypatch.syspath_prepend(os.getcwd())
+    before = list(sys.path)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert sys.path == before
+
+
 # ---------------------------------------------------------------------------------------------------
 # #15.11 + #15.7: one row writer / reader; torn records
 # ---------------------------------------------------------------------------------------------------
