@@ -30,7 +30,7 @@ from .operators import HessianOperator
 from ._cli_defaults import BENCH_SOLVERS
 from ._validate import check_tol
 
-__all__ = ["benchmark_solvers", "format_table", "add_parser", "run"]
+__all__ = ["benchmark_solvers", "format_table", "run"]
 
 OUR_SOLVERS = BENCH_SOLVERS  # one source with the CLI's choices
 PEERS = ("pyhessian", "hessian_eigenthings", "curvlinops")

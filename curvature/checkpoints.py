@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import importlib
 import json
 import math

@@ -6,7 +6,6 @@ Errors print one line to stderr and exit with status 2 (``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

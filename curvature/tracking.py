@@ -43,15 +43,11 @@ Rows (``tracker.history``, the CSV / JSON-lines columns, TensorBoard tags) carry
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,11 +59,11 @@ from .operators import HessianOperator
 from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
                     unwrap_optimizer)
 from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
-from .solvers._common import check_optional_positive_int, check_seed, check_tol
+from ._validate import check_optional_positive_int, check_seed, check_tol
 
-__all__ = ["SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
-           "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
-           "warm_started_solve"]
+__all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingWarning", "CSVSink",
+           "JSONLinesSink", "TensorBoardSink", "LoggingSink", "CallableSink", "WandbSink", "MLflowSink", "make_sink",
+           "format_row", "model_output_loss", "read_rows", "parse_value", "is_json_lines", "warm_started_solve"]
 
 log = logging.getLogger("curvature.tracking")
 
@@ -101,10 +97,6 @@ ROW_KEYS: tuple[str, ...] = (
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
 ) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
 
-_LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
-_INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps")
-_BOOL_KEYS = ("converged", "warm_start", "lookahead")
-_STR_KEYS = ("optimizer", "when", "error", "preconditioner", "solver", "source")
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
 SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
                "seconds", "residual")
@@ -534,12 +526,11 @@ class SharpnessTracker:
         """The per-step signals on the measured batch (see :func:`curvature.signals.step_signals`)."""
         update_opt = opt if isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)) else None
         named = list(zip(H.param_names, H.params))
-        loss_after = None
-        if data is not None and update_opt is not None:
-            def loss_after(delta: torch.Tensor) -> float:
-                return loss_at(net, self.loss_fn, data, named, delta)
+        def loss_after(delta: torch.Tensor) -> float:
+            return loss_at(net, self.loss_fn, data, named, delta)
         pre = P_op.preconditioner if P_op is not None and P_op.lookahead else None
-        return step_signals(H, update_opt, preconditioner=pre, loss_after=loss_after)
+        return step_signals(H, update_opt, preconditioner=pre,
+                            loss_after=loss_after if data is not None and update_opt is not None else None)
 
     @staticmethod
     def _signature(net: torch.nn.Module) -> tuple:

@@ -646,3 +646,19 @@ def test_path_sink_writes_every_row_of_its_own_run(tmp_path):
             resumed({"step": 0, "sharpness": 9.0})
         resumed({"step": 1, "sharpness": 4.0})
         assert [r["sharpness"] for r in read_rows(path)] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_rows_read_back_with_their_types(tmp_path):
+    """The one reader knows every column the tracker writes: ints stay ints, names stay strings."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "rows.csv"
+    tracker = SharpnessTracker(F.cross_entropy, every=1, signals=True, sinks=[path])
+    row = tracker.step(model, opt, (x, y), step=0)
+    back = read_rows(path)[0]
+    for key in ("step", "num_hvps", "signals_num_hvps"):
+        assert isinstance(back[key], int) and back[key] == row[key], key
+    for key in ("solver", "source", "when", "optimizer"):
+        assert back[key] == row[key], key

@@ -45,7 +45,7 @@ import warnings
 from typing import Any, Callable
 
 from ..optim import unwrap_optimizer
-from ..tracking import SCALAR_KEYS, SharpnessTracker, TrackingWarning, make_sink
+from ..tracking import SCALAR_KEYS, SharpnessTracker, TrackingWarning
 
 __all__ = ["SharpnessCallback", "PLSharpnessCallback"]
 

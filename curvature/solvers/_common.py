@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .._validate import check_optional_positive_int, check_seed, check_tol
+from .._validate import check_tol
 from ..operators import LinearOperator, MatrixOperator
 
 __all__ = ["as_operator", "CountedApply", "random_block", "svqb", "svqb_gram", "orthonormalize", "make_generator", "project_out", "relative_residuals",

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, check_optional_positive_int, check_seed,
+from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k,
                       column_norms, dot, residual_floor, vector_norm)
 from .._exact import autocast_off
+from .._validate import check_optional_positive_int, check_seed
 from .result import EigenResult
 
 __all__ = ["lanczos", "lanczos_tridiagonal"]

@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, check_optional_positive_int, check_seed, dot,
+from ._common import (CountedApply, RandomStarts, StopRule, as_operator, check_k, dot,
                       eigenvalue_error_bound, orthonormalize, relative_residuals, residual_floor, rounding_residual,
                       svqb_gram, working_dtype)
 from .._exact import autocast_off
+from .._validate import check_optional_positive_int, check_seed
 from .result import EigenResult
 
 __all__ = ["lobpcg"]
