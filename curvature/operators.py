@@ -166,7 +166,32 @@ class ShiftedOperator(LinearOperator):
         return self.op.matmat(V) - self.shift * V
 
 
-class HessianOperator(LinearOperator):
+class ParameterOperator(LinearOperator):
+    """An operator on flat vectors of a model's parameters, applied by an HVP engine (``engine.hvp_sum`` on
+    per-parameter ``(k, *shape)`` blocks): the layout shared by :class:`HessianOperator` and the sharded operator.
+    Subclasses set ``engine``, ``param_shapes`` and ``_numels`` (the numel of each block of a flat vector)."""
+
+    engine: Any
+    param_shapes: list[torch.Size]
+    _numels: list[int]
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter tensors → one flat vector in this operator's parameter order."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A flat vector → views shaped like the parameters."""
+        return [t.view(s) for t, s in zip(torch.split(flat, self._numels), self.param_shapes)]
+
+    def _local_hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
+        """This process's weighted sum Σ_b w_b ∇²L_b V for an ``(n, k)`` block (before any all-reduce)."""
+        k = V.shape[1]
+        tangents = [blk.T.reshape(k, *s) for blk, s in zip(torch.split(V, self._numels, dim=0), self.param_shapes)]
+        out = self.engine.hvp_sum(tangents)
+        return torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
+
+
+class HessianOperator(ParameterOperator):
     """The Hessian ∇²_θ L of a model's mean loss w.r.t. its trainable parameters, as a linear operator.
 
     ``L(θ) = Σ_b n_b L_b(θ) / N`` over the batches of ``data`` (each weighted by its number of samples; over
@@ -268,20 +293,6 @@ class HessianOperator(LinearOperator):
     def method(self) -> str:
         """The HVP route in use (after any automatic fallback)."""
         return self.engine.method
-
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-parameter tensors → one flat vector in this operator's parameter order."""
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """A flat vector → views shaped like the parameters."""
-        return [t.view(s) for t, s in zip(torch.split(flat, self._numels), self.param_shapes)]
-
-    def _local_hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
-        tangents = [blk.T.reshape(k, *s) for blk, s in zip(torch.split(V, self._numels, dim=0), self.param_shapes)]
-        out = self.engine.hvp_sum(tangents)
-        return torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         # The local HVP and the all-reduce are one fail-together step: a rank whose HVP raises (e.g. out of

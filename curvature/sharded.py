@@ -26,7 +26,6 @@ one global seeded random block (the same global block whatever the number of ran
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import all_reduce_sum, disagreeing, ranks_disagree
 from .finite_difference import FiniteDifferenceEngine, is_dtensor
-from .operators import LinearOperator
+from .operators import LinearOperator, ParameterOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
 
@@ -45,7 +44,7 @@ def is_sharded_model(model: torch.nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
-class ShardedHessianOperator(LinearOperator):
+class ShardedHessianOperator(ParameterOperator):
     """The Hessian of a fully-sharded model's global mean loss, acting on rank-local slices of vectors.
 
     Args:
@@ -131,20 +130,11 @@ class ShardedHessianOperator(LinearOperator):
     def method(self) -> str:
         return "finite_difference"
 
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [t.view(s) for t, s in zip(torch.split(flat, self._numels), self.param_shapes)]
-
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        # Every rank takes part in every FSDP collective of the HVP; a rank that fails before them cannot be
-        # rescued (the others are inside FSDP's all-gather), but a failure in our own part is shared.
-        k = V.shape[1]
-        tangents = [blk.T.reshape(k, *s) for blk, s in zip(torch.split(V, self._numels, dim=0), self.param_shapes)]
-        out = self.engine.hvp_sum(tangents)
-        HV = torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
-        return HV / self.num_samples
+        # Every rank takes part in every FSDP collective of the HVP (the gradients come back reduce-scattered, so
+        # no all-reduce of our own); a rank that fails inside them cannot be rescued (the others are in FSDP's
+        # all-gather).
+        return self._local_hvp_sum(V) / self.num_samples
 
     # -- solver hooks --------------------------------------------------------------------------------
     def dot(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
