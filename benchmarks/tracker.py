@@ -102,7 +102,7 @@ def warm_cold_rows(name: str, make, opt_name: str, batches: list, lr: float) -> 
 #: training step's own graph (backward(create_graph=True) on the measured steps).
 VARIANTS = {
     "old (7865d25 settings)": (dict(solver="lobpcg", tol=1e-4, eig_tol=None, warm_guard=False, lookahead="auto",
-                                    share_graph=False), False),
+                                    share_graph=False, gradient_start=False), False),
     "new (defaults)": ({}, False),
     "new, training graph": ({}, True),
 }
@@ -112,11 +112,11 @@ def _mse_onehot(out, y):
     return torch.nn.functional.mse_loss(out, torch.nn.functional.one_hot(y, out.shape[-1]).to(out.dtype))
 
 
-def trajectories(quick: bool, gpt_steps: int = 200) -> dict:
+def trajectories(quick: bool, gpt_steps: int = 200, mlp_steps: int = 300) -> dict:
     """name -> (make(): (model, loss_fn), optimizer factory, batches, description)."""
     size = "tiny" if quick else "small"
     out = {}
-    steps = 20 if quick else 300
+    steps = 20 if quick else mlp_steps
 
     def make_mlp():
         w = mlp(size)
@@ -177,10 +177,12 @@ def _reference(model, loss_fn, batch, opt, tracker_kw: dict) -> dict:
     return ref
 
 
-def compare_rows(name: str, make, make_opt, batches, repeat: int) -> tuple[list[dict], list[dict]]:
-    """Overhead (interleaved, medians), HVPs per tracked step and error vs a tight solve, per variant and every."""
+def compare_rows(name: str, make, make_opt, batches, repeat: int, everies: Sequence[int] = (100, 10)
+                 ) -> tuple[list[dict], list[dict]]:
+    """Overhead (interleaved, medians), HVPs per tracked step and error vs a tight solve, per variant and every;
+    and the cost of one row in training steps, (t_tracked − t_plain) / rows / (t_plain / steps)."""
     summary, errors = [], []
-    for every in (100, 10):
+    for every in everies:
         times: dict[str, list[float]] = {"no tracker": []}
         for _ in range(repeat):
             times["no tracker"].append(_run(make, make_opt, batches, None, every, False)[0])
@@ -212,6 +214,7 @@ def compare_rows(name: str, make, make_opt, batches, repeat: int) -> tuple[list[
                 "max err λ(P⁻¹H)": f"{max(perrs):.1e}" if perrs else "—",
                 "errors": "; ".join(sorted({str(r['error']) for r in rows if r.get('error')})) or "none",
                 "time (median)": fmt_s(med), "plain run": fmt_s(base),
+                "row cost (training steps)": fmt_num((med - base) / max(len(rows), 1) / (base / len(batches)), 3),
                 "overhead": f"{(med - base) / base * 100:+.1f} %"})
     return summary, errors
 
@@ -236,6 +239,8 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="interleaved timed rounds (default 3; quick 1)")
     ap.add_argument("--only", nargs="+", default=None, choices=["mlp", "gpt"])
     ap.add_argument("--gpt-steps", type=int, default=200, help="training steps of the GPT trajectory")
+    ap.add_argument("--mlp-steps", type=int, default=300, help="training steps of the MLP trajectory")
+    ap.add_argument("--every", type=int, nargs="+", default=[100, 10], help="tracker intervals to compare")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -244,10 +249,10 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
         env = environment("cpu", torch.float32, args.threads)
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         summary, errors = [], []
-        for name, (make, make_opt, batches) in trajectories(args.quick, args.gpt_steps).items():
+        for name, (make, make_opt, batches) in trajectories(args.quick, args.gpt_steps, args.mlp_steps).items():
             if args.only and not any(k in name.lower() for k in args.only):
                 continue
-            s, e = compare_rows(name, make, make_opt, batches, repeat)
+            s, e = compare_rows(name, make, make_opt, batches, repeat, args.every)
             summary += s
             errors += e
             print(markdown_table(s), flush=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -272,8 +273,12 @@ class HVPEngine:
         with the batch size (measured on a few samples, for callables whose reduction is not known)."""
         self.loss_dtype = loss.dtype
         warn_if_low_precision_loss(loss, self.dtype)
-        if not is_known_mean_loss(self.loss_fn, self.model):
-            warn_if_sum_reduced(lambda b: self._loss(self._primals, 0, b, guard), batch)
+        # the model's own loss (loss_fn=None) is the model's property: remembered per model
+        owner = self.model if self.loss_fn is model_output_loss else self.loss_fn
+        if not is_known_mean_loss(self.loss_fn, self.model) and not _seen_mean_reduced(owner):
+            factor = warn_if_sum_reduced(lambda b: self._loss(self._primals, 0, b, guard), batch)
+            if factor is not None and abs(factor - 2.0) >= 0.05:
+                _remember_mean_reduced(owner)
 
     def _check_finite_loss(self, loss: torch.Tensor, index: int) -> None:
         if not torch.isfinite(loss.detach()).item():
@@ -423,6 +428,26 @@ class HVPEngine:
 
     def numel(self) -> int:
         return sum(math.prod(s) for s in self.shapes)
+
+
+#: Loss callables this process has measured as mean-reduced: a tracker builds an operator per row, and the two
+#: extra forward passes of the check are paid once, not on every row (a sum-reduced one is checked, and warned
+#: about, every time).
+_MEAN_REDUCED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _seen_mean_reduced(loss_fn: Any) -> bool:
+    try:
+        return loss_fn in _MEAN_REDUCED
+    except TypeError:  # not weak-referenceable
+        return False
+
+
+def _remember_mean_reduced(loss_fn: Any) -> None:
+    try:
+        _MEAN_REDUCED.add(loss_fn)
+    except TypeError:
+        pass
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

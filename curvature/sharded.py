@@ -278,6 +278,12 @@ class ShardedPreconditionedOperator(LinearOperator):
     def method(self) -> str:
         return "finite_difference"
 
+    @property
+    def whitened_gradient(self) -> torch.Tensor:
+        """This rank's slice of P^{-1/2} g (as
+        :attr:`curvature.optim.PreconditionedHessianOperator.whitened_gradient`)."""
+        return self._scale * self.gradient.to(self.dtype)
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         D = self._scale[:, None]
         return D * self.inner.matmat(D * V)

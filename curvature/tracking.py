@@ -55,6 +55,7 @@ import torch
 from ._exact import frozen_rng, unwrap_model
 from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_options
 from .hvp import select_parameters
+from .solvers import combined_start
 from .operators import HessianOperator
 from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
                     unwrap_optimizer)
@@ -206,6 +207,12 @@ class SharpnessTracker:
             still sees both and cannot settle on the second (Lanczos / power iteration: the sum of the vectors as
             the start vector; LOBPCG: the guard added to the k-th column). ``False``: the previous top-k only (the
             old behaviour).
+        gradient_start: start from the measured batch's gradient g (P^{-1/2}g for λ(P⁻¹H)), which the operator
+            has already computed, instead of a random vector: ``"cold"`` (default) when there are no earlier
+            Ritz vectors (the first row, after a reset); ``True`` also added to the warm start; ``False`` never.
+            g leans towards the top eigenvectors (at the edge of stability the iterates oscillate along them):
+            the cold GPT row took 23 HVPs instead of 33; added to a warm start it helped at every=100 on the MLP
+            and cost a little at every=1/10 (``docs/tracking.md``).
         preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
             ``False`` never.
         lookahead: ``True`` (default): P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = the
@@ -233,7 +240,8 @@ class SharpnessTracker:
                  tol: float | None = None, max_iters: int | None = None, probe: Any = None,
                  when: str = "before_step", warm_start: bool = True, preconditioned: bool | str = "auto",
                  sinks: Iterable[Any] = (), on_error: str = "warn", *, eig_tol: float | None = 1e-3,
-                 lookahead: bool | str = True, warm_guard: bool = True, share_graph: bool = True,
+                 lookahead: bool | str = True, warm_guard: bool = True, gradient_start: bool | str = "cold",
+                 share_graph: bool = True,
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
                  solver_seed: int = 0, **operator_options: Any) -> None:
@@ -265,6 +273,10 @@ class SharpnessTracker:
         self.when = when
         self.warm_start = bool(warm_start)
         self.warm_guard = bool(warm_guard)
+        if gradient_start not in ("cold", True, False):
+            raise ValueError(f"gradient_start must be 'cold' (the first solve, or any without earlier vectors), "
+                             f"True (every solve) or False, got {gradient_start!r}")
+        self.gradient_start = gradient_start
         self.share_graph = bool(share_graph)
         self.signals = bool(signals)
         self.preconditioned = preconditioned
@@ -396,19 +408,31 @@ class SharpnessTracker:
             data = own_loss_batch(data)
         return data
 
-    def _start(self, X: torch.Tensor | None) -> torch.Tensor | None:
-        """The warm start from stored Ritz vectors ``X`` (top-k, plus the guard (k+1)-th with ``warm_guard``):
-        a k-column block for LOBPCG (guard added to the k-th column); for Lanczos/power iteration one vector, the
-        sum of the columns (each of norm 1), whose Krylov space holds all of them."""
-        if X is None or not self.warm_start:
-            return None
-        if not self.warm_guard or X.shape[1] <= self.k:
-            return X[:, :self.k] if self.solver == "lobpcg" else X[:, :1]
-        if self.solver == "lobpcg":  # the guard joins the k-th column: no extra column, no exact eigenvector start
+    def _start(self, op: Any, X: torch.Tensor | None, hint: torch.Tensor | None) -> torch.Tensor | None:
+        """The start of this measurement's solve: the stored Ritz vectors ``X`` (top-k, plus the guard (k+1)-th
+        with ``warm_guard``) and, with ``gradient_start``, ``hint`` (the gradient in the operator's coordinates).
+        Lanczos/power iteration get one vector, the sum of the normalised hints (:func:`combined_start`), whose
+        Krylov space holds all of them; LOBPCG a k-column block (guard added to the k-th column, gradient to
+        the first)."""
+        X = X if self.warm_start else None
+        if self.gradient_start is False or (self.gradient_start == "cold" and X is not None):
+            hint = None
+        if self.solver != "lobpcg":
+            if X is not None:
+                X = X[:, :self.k + 1] if self.warm_guard and X.shape[1] > self.k else X[:, :1]
+            return combined_start(op, [X, hint])
+        if X is not None:
             X = X[:, :self.k + 1].clone()
-            X[:, self.k - 1] += X[:, self.k]
-            return X[:, :self.k]
-        return X.sum(dim=1, keepdim=True)
+            if self.warm_guard and X.shape[1] > self.k:  # the guard joins the k-th column: no extra column
+                X[:, self.k - 1] += X[:, self.k]
+            X = X[:, :self.k]
+        g = combined_start(op, [hint])
+        if g is None:
+            return X
+        if X is None:
+            return g[:, None]
+        X[:, 0] += g
+        return X
 
     def _keep(self, res: Any) -> torch.Tensor:
         """Vectors to warm-start the next measurement from: the top-k Ritz vectors and, when the solver gives
@@ -417,11 +441,12 @@ class SharpnessTracker:
         X = guard if isinstance(guard, torch.Tensor) and guard.shape[1] > self.k else res.eigenvectors
         return X.detach().clone()
 
-    def _solve(self, op: Any, X: torch.Tensor | None) -> tuple[Any, int, bool]:
+    def _solve(self, op: Any, X: torch.Tensor | None, hint: torch.Tensor | None = None) -> tuple[Any, int, bool]:
         def run(X0: torch.Tensor | None) -> Any:
             return solve(op, self.k, self.solver, self.tol, self.max_iters, X0, True, self.solver_seed, self.eig_tol)
 
-        return warm_started_solve(run, self._start(X), retry_cold=self.retry_cold)
+        res, hvps, started = warm_started_solve(run, self._start(op, X, hint), retry_cold=self.retry_cold)
+        return res, hvps, started and X is not None and self.warm_start  # warm: from the previous vectors
 
     def _graph_in_grads(self, net: torch.nn.Module) -> bool:
         """Whether the loop ran ``backward(create_graph=True)`` on the batch being measured: every trainable
@@ -463,7 +488,7 @@ class SharpnessTracker:
                 data = self._data(batch) if loss is None or batch is not None else None
                 H = self._operator(net, data, loss)
                 row["source"] = getattr(H, "method", None) == "training_graph" and "training_graph" or "operator"
-                res, hvps, warm = self._solve(H, self._X_h)
+                res, hvps, warm = self._solve(H, self._X_h, getattr(H, "gradient", None))
                 row["num_hvps"] += hvps
                 values = [float(v) for v in res.eigenvalues]
                 row.update(sharpness=values[0], eigenvalues=values,
@@ -489,7 +514,7 @@ class SharpnessTracker:
                     else:
                         P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
                                                              inner=self._operator(net, data, loss))
-                    pres, phvps, _ = self._solve(P_op, self._X_p)
+                    pres, phvps, _ = self._solve(P_op, self._X_p, P_op.whitened_gradient)
                     row["num_hvps"] += phvps
                     row["preconditioned_num_hvps"] = phvps
                     pvalues = [float(v) for v in pres.eigenvalues]

@@ -336,3 +336,28 @@ def test_tracker_with_the_models_own_loss_weights_tokens():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     row = tracker.step(model, opt, batch)
     assert row["error"] is None and abs(row["sharpness"] - whole) / whole < 1e-10
+
+
+def test_sum_reduction_check_runs_once_per_mean_loss_and_every_time_for_a_sum_loss():
+    """A tracker builds an operator per row: the two extra forward passes of the sum-reduction check are paid
+    for the first operator of a mean-reduced callable only; a sum-reduced one is still warned about each time."""
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3).to(DT)
+    data = (torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,)))
+    calls = []
+
+    def mean_loss(out, y):
+        calls.append(out.shape[0])
+        return F.cross_entropy(out, y)
+
+    cv.HessianOperator(model, mean_loss, data)
+    first = len(calls)
+    cv.HessianOperator(model, mean_loss, data)
+    assert first == 3 and len(calls) - first == 1  # the loss itself, then the check's pair; later: the loss only
+
+    def sum_loss(out, y):
+        return F.cross_entropy(out, y, reduction="sum")
+
+    for _ in range(2):
+        with pytest.warns(CurvatureWarning, match=r"sum-reduced.*2\.000x"):
+            cv.HessianOperator(model, sum_loss, data)

@@ -449,3 +449,32 @@ def test_unused_head_does_not_block_and_is_left_out():
         grad, theta = flat_grad_fn(model, loss_fn, data, used)
         _, ev = reference(H, hand_P(opt, model, used, lookahead=lookahead, grad=grad(theta)))
         assert rel_err(res.eigenvalues[:1], ev[:1]) < 1e-8
+
+
+def test_lookahead_gradient_auto_is_float64_only_before_the_first_step():
+    """lookahead_dtype="auto" (default): the float64 gradient pass runs while a parameter has no Adam state (P ∝ |g|
+    there); after a step the operator's own float32 gradient gives the same λ(P⁻¹H) to float32 accuracy (v's
+    history dominates) without the extra pass."""
+    model, loss_fn, data = _float32_lm()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = preconditioned_sharpness(model, loss_fn, data, opt, tol=1e-7, max_iters=500)
+    assert before.info["lookahead_gradient"] == "float64"
+    opt.zero_grad()
+    loss_fn(model(data[0]), data[1]).backward()
+    opt.step()
+    auto = preconditioned_sharpness(model, loss_fn, data, opt, tol=1e-7, max_iters=500)
+    wide = preconditioned_sharpness(model, loss_fn, data, opt, tol=1e-7, max_iters=500,
+                                    lookahead_dtype=torch.float64)
+    assert auto.info["lookahead_gradient"] == "float32" and wide.info["lookahead_gradient"] == "float64"
+    # reference: float64 model, dense FD Hessian, hand-built lookahead P from the float64 gradient
+    ref_model = copy.deepcopy(model).double()
+    names = names_of(ref_model)
+    grad, theta = flat_grad_fn(ref_model, loss_fn, data, names)
+    H = dense_hessian_fd(ref_model, loss_fn, data, names)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=1e-3)
+    ref_opt.load_state_dict(opt.state_dict())
+    _, ev = reference(H, hand_P(ref_opt, ref_model, names, lookahead=True, grad=grad(theta)))
+    for res in (auto, wide):
+        assert abs(float(res.eigenvalues[0]) - float(ev[0])) / float(ev[0]) <= 1e-5
+    with pytest.raises(TypeError, match="lookahead_dtype"):
+        preconditioned_sharpness(model, loss_fn, data, opt, lookahead_dtype="float64")

@@ -154,7 +154,7 @@ def test_warm_start_uses_fewer_hvps(opt_name):
                else torch.optim.Adam(model.parameters(), lr=1e-3))
         # the old tracker's settings (LOBPCG, residual tol, no guard vector): the warm start alone
         tracker = SharpnessTracker(loss_fn, every=1, tol=1e-4, warm_start=warm, probe=(X[:128], Y[:128]),
-                                   solver="lobpcg", eig_tol=None, warm_guard=False)
+                                   solver="lobpcg", eig_tol=None, warm_guard=False, gradient_start=False)
         train(model, loss_fn, X, Y, opt, 12, tracker)
         assert all(r["error"] is None for r in tracker.history)
         return tracker
@@ -662,3 +662,54 @@ def test_rows_read_back_with_their_types(tmp_path):
         assert isinstance(back[key], int) and back[key] == row[key], key
     for key in ("solver", "source", "when", "optimizer"):
         assert back[key] == row[key], key
+
+
+class _ShiftedParameter(nn.Module):
+    """Outputs θ for every sample; with the loss below, L(θ) = ½ Σ a_i (θ_i − c_i)²: H = diag(a), g = a ⊙ (θ − c)."""
+
+    def __init__(self, theta):
+        super().__init__()
+        self.theta = nn.Parameter(theta.clone())
+
+    def forward(self, x):
+        return self.theta.expand(x.shape[0], -1)
+
+
+def test_cold_row_starts_from_the_gradient():
+    """gradient_start="cold": a row without earlier Ritz vectors starts Lanczos from the batch's gradient, not a
+    random vector. On L = ½Σ a_i(θ_i − c_i)² with θ − c along the top eigenvector, g is that eigenvector: the row
+    is exact (λ = a_max analytically) in 3 HVPs (the stop rule needs two Ritz values and two moves); from a
+    random start it takes many more."""
+    n = 200
+    a = torch.linspace(0.1, 2.0, n, dtype=torch.float64)
+    a[-1] = 2.2  # λ1 = 2.2, gap 10 %
+    c = torch.zeros(n, dtype=torch.float64)
+    theta = torch.zeros(n, dtype=torch.float64)
+    theta[-1] = 0.5  # θ − c ∝ e_n: g = a_n (θ_n − c_n) e_n
+
+    def loss_fn(out, target):
+        return 0.5 * ((out.mean(0) - target[0]) ** 2 * a).sum()
+
+    batch = (torch.zeros(4, 1, dtype=torch.float64), c[None].expand(4, -1))
+    rows = {}
+    for start in ("cold", False):
+        model = _ShiftedParameter(theta)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tracker = SharpnessTracker(loss_fn, every=1, gradient_start=start)
+        rows[start] = tracker.measure(model, opt, batch, step=0)
+    g_row, r_row = rows["cold"], rows[False]
+    print(f"\nHVPs from the gradient {g_row['num_hvps']}, from a random vector {r_row['num_hvps']}")
+    assert g_row["error"] is None and g_row["sharpness"] == pytest.approx(2.2, rel=1e-12)
+    assert g_row["num_hvps"] <= 3 and r_row["num_hvps"] >= 2 * g_row["num_hvps"]
+    assert not g_row["warm_start"]  # the gradient is not a warm start from earlier rows
+    with pytest.raises(ValueError, match="gradient_start"):
+        SharpnessTracker(loss_fn, gradient_start="always")
+
+
+def test_whitened_gradient_is_p_to_the_minus_half_g():
+    model, loss_fn, X, Y = problem(0, task="reg")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train(model, loss_fn, X, Y, opt, 3)
+    from curvature.optim import PreconditionedHessianOperator
+    op = PreconditionedHessianOperator(model, loss_fn, (X[:64], Y[:64]), opt)
+    assert torch.allclose(op.whitened_gradient, op.gradient / op.preconditioner.sqrt(), rtol=1e-6, atol=0)

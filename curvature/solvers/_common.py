@@ -16,6 +16,7 @@ from ..operators import LinearOperator, MatrixOperator
 
 __all__ = ["as_operator", "CountedApply", "random_block", "svqb", "svqb_gram", "orthonormalize", "make_generator", "project_out", "relative_residuals",
            "residual_floor", "check_k", "dot", "column_norms", "vector_norm", "RandomStarts", "check_tol",
+           "combined_start",
            "eigenvalue_error_bound", "StopRule"]
 
 
@@ -104,6 +105,25 @@ def vector_norm(op: Any, x: torch.Tensor) -> torch.Tensor:
     if getattr(op, "dot", None) is None:
         return torch.linalg.vector_norm(x)
     return dot(op, x[:, None], x[:, None])[0, 0].clamp_min(0).sqrt()
+
+
+def combined_start(op: Any, vectors: Any) -> torch.Tensor | None:
+    """One start vector from several hints (columns of blocks and single vectors, in the operator's layout):
+    the sum of each one normalised, ``Σ x_i/‖x_i‖`` (norms through :func:`dot`, so a sharded operator's ranks
+    agree), whose Krylov space holds every one of them. Zero or non-finite hints are skipped; ``None`` when
+    none is left (start at random)."""
+    total = None
+    for x in vectors:
+        if x is None:
+            continue
+        cols = x[:, None] if x.ndim == 1 else x
+        for j in range(cols.shape[1]):
+            c = cols[:, j].to(device=op.device, dtype=op.dtype)
+            nrm = float(vector_norm(op, c))
+            if not (0.0 < nrm < math.inf):
+                continue
+            total = c / nrm if total is None else total + c / nrm
+    return total
 
 
 class RandomStarts:

@@ -86,7 +86,7 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
     if not (nrm > 0 and nrm < float("inf")):
         raise ValueError("v0 must be a finite, non-zero vector")
     apply = CountedApply(op)
-    V = torch.zeros(n, m_max, dtype=op.dtype, device=op.device)
+    V = _basis(n, m_max, op.dtype, op.device)
     V[:, 0] = v0 / nrm
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
@@ -108,6 +108,13 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
         V[:, m] = w / beta
     m = len(alphas)
     return torch.stack(alphas), (torch.stack(betas) if betas else V.new_zeros(0)), V[:, :m]
+
+
+def _basis(n: int, m: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """An uninitialised ``(n, m)`` block stored column by column (``.T`` of an ``(m, n)`` tensor): each column
+    (one basis vector) is contiguous, and ``B.T @ w`` / ``B @ h`` on a leading block ``B = V[:, :j]`` run on
+    contiguous memory."""
+    return torch.empty(m, n, dtype=dtype, device=device).T
 
 
 def _true_residuals(V: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor,
@@ -202,8 +209,10 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
     if not (0 < nrm < float("inf")):
         raise ValueError("v0 must be a finite, non-zero vector")
     apply = CountedApply(op)
-    V = torch.zeros(n, cap, dtype=dtype, device=device)
-    W = torch.zeros(n, cap, dtype=dtype, device=device)  # W = A V (the applications themselves)
+    # column-major (each basis vector contiguous) and uninitialised: a column is read only after it is written,
+    # and writing/reading a strided column of an (n, cap) row-major block costs more than the HVP on large n
+    V = _basis(n, cap, dtype, device)
+    W = _basis(n, cap, dtype, device)  # W = A V (the applications themselves)
     H = torch.zeros(cap, cap, dtype=torch.float64, device=device)
     V[:, 0] = v / nrm
     m, steps, restarts, breakdowns = 1, 0, 0, 0
