@@ -274,17 +274,19 @@ class PreconditionedHessianOperator(LinearOperator):
         self.beta1 = _scalar(opt.param_groups[0]["betas"][0])
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step"}
         self.lookahead_dtype = lookahead_dtype
-        grad64 = self._lookahead_gradient(operator_options)
+        grad64 = self._lookahead_gradient(operator_options, (model, loss_fn, data))
         P64 = self._build_preconditioner(opt, lr0, grad64)
         # ranks whose Adam states differ would silently solve different operators: one collective says so on all
         assert_ranks_agree(getattr(inner, "process_group", None), adam_preconditioner=P64)
         self.preconditioner = P64.to(self.dtype)
         self._scale = P64.rsqrt().to(self.dtype)  # 0 where a parameter is left out (P = inf)
 
-    def _lookahead_gradient(self, options: dict) -> torch.Tensor:
+    def _lookahead_gradient(self, options: dict, source: tuple | None = None) -> torch.Tensor:
         """g for the lookahead P, in float64: P ∝ |g| before the first step, so float32 rounding of small gradient
         entries would show up in λ(P⁻¹H) (~1e-3); one extra float64 gradient pass over the same batches (same
-        frozen randomness) makes P float64-accurate."""
+        frozen randomness) makes P float64-accurate. ``source`` = (model, loss_fn, data) as given to the
+        constructor: used when ``inner`` has no engine (the training step's own graph); without data the inner
+        gradient is used and ``info["lookahead_gradient"]`` says its dtype."""
         g = self.inner.gradient
         want = self.lookahead_dtype
         if want == "auto":
@@ -297,9 +299,20 @@ class PreconditionedHessianOperator(LinearOperator):
         if not self.lookahead or want is None or torch.finfo(want).eps >= torch.finfo(g.dtype).eps:
             self.info["lookahead_gradient"] = str(g.dtype).replace("torch.", "") if self.lookahead else None
             return g.double()
+        e = getattr(self.inner, "engine", None)
+        if e is None:  # an inner operator on the training step's own graph: no engine, only what was given here
+            if source is None or source[0] is None or source[2] is None:
+                self.info["lookahead_gradient"] = str(g.dtype).replace("torch.", "")
+                return g.double()
+            model, loss_fn, data = source
+            pairs = list(zip(self.param_names, self.params))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CurvatureWarning)
+                ref = HessianOperator(model, loss_fn, data, [p for _, p in pairs], dtype=want, cache_graph=False)
+            self.info["lookahead_gradient"] = str(want).replace("torch.", "")
+            return ref.gradient.double()
         self.info["lookahead_gradient"] = str(want).replace("torch.", "")
         # everything from the inner engine (same model, loss, parameters, batches, frozen randomness, group)
-        e = self.inner.engine
         group = getattr(self.inner, "process_group", None)
         opts = {k: options[k] for k in ("method", "device", "chunk_size") if k in options}
         with warnings.catch_warnings():  # the inner operator has already said what it had to about the loss

@@ -713,3 +713,22 @@ def test_whitened_gradient_is_p_to_the_minus_half_g():
     from curvature.optim import PreconditionedHessianOperator
     op = PreconditionedHessianOperator(model, loss_fn, (X[:64], Y[:64]), opt)
     assert torch.allclose(op.whitened_gradient, op.gradient / op.preconditioner.sqrt(), rtol=1e-6, atol=0)
+
+
+def test_training_graph_row_before_adams_first_step_has_a_float64_lookahead():
+    """The training-graph entry on an Adam run's first row (no Adam state: P ∝ |g|) used to fail the row
+    (AttributeError: the graph operator has no engine for the float64 lookahead gradient); now the float64
+    gradient comes from the batch passed, and λ(P⁻¹H) matches a float64 solve."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Embedding(13, 8), nn.Tanh(), nn.Linear(8, 13))
+    x, y = torch.randint(0, 13, (24,)), torch.randint(0, 13, (24,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tracker = SharpnessTracker(F.cross_entropy, every=1, tol=1e-6)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward(create_graph=True)
+    row = tracker.step(model, opt, (x, y), step=0)
+    for p in model.parameters():
+        p.grad = None
+    ref = preconditioned_sharpness(model, F.cross_entropy, (x, y), opt, tol=1e-10, dtype=torch.float64)
+    assert row["error"] is None and row["source"] == "training_graph"
+    assert abs(row["preconditioned_sharpness"] - ref.eigenvalue) / ref.eigenvalue <= 1e-5

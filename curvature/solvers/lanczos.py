@@ -39,12 +39,24 @@ def _expand(apply: CountedApply, V: torch.Tensor, m: int, reorthogonalize: bool,
     Av = apply(v[:, None], iteration)[:, 0]
     w = Av
     if reorthogonalize:
+        # the large components first, against the last two vectors only (the three-term recurrence: 2n reads),
+        # then one classical Gram–Schmidt pass against the whole basis for what rounding left; a second pass
+        # only when that one removed a lot (DGKS: ‖w‖ fell below ‖w_before‖/√2, e.g. after a thick restart, whose
+        # kept Ritz vectors all couple to the next vector). Half the basis traffic of two full passes.
+        lo = max(m - 2, 0)
+        L = V[:, lo:m]
+        h = torch.zeros(m, dtype=w.dtype, device=w.device)
+        c = dot(op, L, w[:, None])[:, 0]
+        w = w - L @ c
+        h[lo:m] = c
         B = V[:, :m]
-        h = dot(op, B, w[:, None])[:, 0]
-        w = w - B @ h
-        h2 = dot(op, B, w[:, None])[:, 0]  # second pass ("twice is enough")
-        w = w - B @ h2
-        h = h + h2
+        for _ in range(2):
+            before = vector_norm(op, w)
+            h2 = dot(op, B, w[:, None])[:, 0]
+            w = w - B @ h2
+            h = h + h2
+            if float(vector_norm(op, w)) >= 0.7071 * float(before):
+                break
     else:
         h = torch.zeros(m, dtype=w.dtype, device=w.device)
         alpha = dot(op, v[:, None], w[:, None])[0, 0]
