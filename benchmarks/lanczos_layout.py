@@ -2,7 +2,8 @@
 ``torch.zeros(n, cap)``, every basis vector a strided column) and column-major (``torch.empty(cap, n).T``, every
 basis vector contiguous), side by side in one run.
 
-The operator is diagonal (an O(n) elementwise product), so the time per step is the solver's own work:
+Only the layout differs between the two (the same Gram–Schmidt code runs on both). The operator is diagonal
+(an O(n) elementwise product), so the time per step is the solver's own work:
 writing the new vector, two Gram–Schmidt passes against the basis, the Ritz problem. Both layouts run the same
 iterations (same start vector, same stop), so their eigenvalues agree to rounding; times are medians of
 interleaved repeats. On a real model the HVP comes on top (the 438k GPT: ≈ 50 ms per HVP on one CPU thread).

@@ -7,8 +7,10 @@ the stopping test costs no operator application. That estimate ignores rounding,
 that are reported (and confirm convergence) are recomputed as ``‖W y − θ V y‖`` from the stored
 applications ``W = A V`` (memory: two ``n × max_basis`` blocks). When the basis reaches ``max_basis`` vectors it is
 thick-restarted (Wu & Simon 2000) from the best Ritz vectors plus the residual direction, so no
-progress is lost. Full reorthogonalisation (classical Gram–Schmidt twice) keeps ``V`` orthonormal
-to working precision, which also keeps spurious ("ghost") copies of converged eigenvalues away.
+progress is lost. Full reorthogonalisation (the three-term step, then classical Gram–Schmidt against the whole
+basis, repeated when it removed much: the DGKS test) keeps ``V`` orthonormal to working precision, which also keeps
+spurious ("ghost") copies of converged eigenvalues away. The basis is stored column by column (each vector
+contiguous): on n = 437,760 a step's bookkeeping is 11 ms instead of 52 ms (``benchmarks/lanczos_layout.py``).
 Limitation: a single start vector spans at most one direction of a repeated eigenvalue, so an
 eigenvalue of multiplicity p > 1 is found once; use :func:`~curvature.solvers.lobpcg` (a block
 method) when multiplicities matter.
