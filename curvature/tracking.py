@@ -30,13 +30,14 @@ about to be taken from the probe batch's gradient (``lookahead=True`` in
 without it. A failed measurement (NaN loss, no convergence, an exception in a sink) gives a warning and a row
 with an ``error`` field, and training goes on; ``on_error="raise"`` raises instead.
 
-**Warm start.** The eigenvectors of the last measurement (of H and of P^{-1/2}HP^{-1/2}, separately) start the next
-LOBPCG solve (``X0=``). The saving depends on how much the top eigenvectors move between measurements: on a fixed
-``probe`` batch with a separated top eigenvalue (every step, k=1, tol 1e-4) a tracked step costs about a third of
-a cold start (measured 12.1 → 4.2 HVPs for SGD, 12.6 → 3.5 for λ(H) under Adam, 13.3 → 7.7 for λ(P⁻¹H)); on the
-current mini-batch the batch-to-batch noise moves them more (about 0.7–0.9 of cold; k=3 every 10 steps on
-digits: 0.7). Use a fixed ``probe`` when the cost matters. When a warm start does not converge, the tracker
-retries once from a random start.
+**Starts and cost.** Each solve (Lanczos by default, stopped once the eigenvalue is within ``eig_tol=1e-3``) starts
+from the previous measurement's Ritz vectors plus a guard vector (the next one), so a λ1/λ2 swap between rows
+cannot lock it onto λ2; a row without earlier vectors starts from the measured batch's gradient (P^{-1/2}g for
+λ(P⁻¹H); ``gradient_start``) instead of a random vector. λ(H), λ(P⁻¹H) and the signals share one first-order graph,
+or the training step's own (``backward(create_graph=True)``). Measured on CPU (``docs/tracking.md``,
+``benchmarks/results/tracker-every100-cpu-2026-12-02.md``): ≈ 13 HVPs and ≈ 40 training steps per row on a digits
+MLP at the edge of stability and on a 438k GPT with Adam, every row within 1e-3 of a tight float64 solve. When a
+warm start does not converge, the tracker retries once from a random start.
 
 Rows (``tracker.history``, the CSV / JSON-lines columns, TensorBoard tags) carry the keys of :data:`ROW_KEYS`.
 """
@@ -411,8 +412,8 @@ class SharpnessTracker:
     def _start(self, op: Any, X: torch.Tensor | None, hint: torch.Tensor | None) -> torch.Tensor | None:
         """The start of this measurement's solve: the stored Ritz vectors ``X`` (top-k, plus the guard (k+1)-th
         with ``warm_guard``) and, with ``gradient_start``, ``hint`` (the gradient in the operator's coordinates).
-        Lanczos/power iteration get one vector, the sum of the normalised hints (:func:`combined_start`), whose
-        Krylov space holds all of them; LOBPCG a k-column block (guard added to the k-th column, gradient to
+        Lanczos/power iteration get one vector, the sum of the normalised hints (:func:`combined_start`), with a
+        component along each; LOBPCG a k-column block (guard added to the k-th column, gradient to
         the first)."""
         X = X if self.warm_start else None
         if self.gradient_start is False or (self.gradient_start == "cold" and X is not None):

@@ -110,7 +110,8 @@ def vector_norm(op: Any, x: torch.Tensor) -> torch.Tensor:
 def combined_start(op: Any, vectors: Any) -> torch.Tensor | None:
     """One start vector from several hints (columns of blocks and single vectors, in the operator's layout):
     the sum of each one normalised, ``Σ x_i/‖x_i‖`` (norms through :func:`dot`, so a sharded operator's ranks
-    agree), whose Krylov space holds every one of them. Zero or non-finite hints are skipped; ``None`` when
+    agree): it has a component along every hint, so a Krylov solve from it sees each direction they lean to (when
+    the hints are near-eigenvectors, all of them after a few steps). Zero or non-finite hints are skipped; ``None`` when
     none is left (start at random)."""
     total = None
     for x in vectors:
