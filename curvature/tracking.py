@@ -35,7 +35,7 @@ from the previous measurement's Ritz vectors plus a guard vector (the next one),
 cannot lock it onto λ2; a row without earlier vectors starts from the measured batch's gradient (P^{-1/2}g for
 λ(P⁻¹H); ``gradient_start``) instead of a random vector. λ(H), λ(P⁻¹H) and the signals share one first-order graph,
 or the training step's own (``backward(create_graph=True)``). Measured on CPU (``docs/tracking.md``,
-``benchmarks/results/tracker-every100-cpu-2026-12-02.md``): ≈ 13 HVPs and ≈ 40 training steps per row on a digits
+``benchmarks/results/tracker-every100-cpu-2026-12-02.md``): ≈ 13 HVPs and 40–47 training steps per row on a digits
 MLP at the edge of stability and on a 438k GPT with Adam, every row within 1e-3 of a tight float64 solve. When a
 warm start does not converge, the tracker retries once from a random start.
 
