@@ -44,15 +44,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import operator
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 import torch.utils.checkpoint as _checkpoint_module
 from torch import nn
+
+log = logging.getLogger("curvature.exact")
 
 __all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_model", "has_train_mode_batchnorm",
            "StateGuard", "call_with_state", "SUBSTITUTIONS", "SecondOrderError", "explain_missing_derivative",
@@ -117,6 +121,30 @@ def _legacy_vmap_level() -> int:
     return tuple(map(operator.call, (torch._C._vmapmode_increment_nesting, torch._C._vmapmode_decrement_nesting)))[1]
 
 
+def _close_leaked_dual_level() -> None:
+    """Close a forward-AD level left open by an interrupt, and put Python's copy of the level back to "none".
+
+    torch supports one forward-AD level at a time (level 0; entering a second raises "Nested forward mode AD is not
+    supported"), and Python keeps its own copy (``torch.autograd.forward_ad._current_level``): an interrupt between
+    the C++ call and that assignment leaves the two apart, and every later ``jvp`` then fails. Probing by entering
+    a level tells whether one is open."""
+    try:
+        level = torch._C._enter_dual_level()
+    except RuntimeError:  # one is open: the one the interrupt left
+        torch._C._exit_dual_level(level=0)
+    else:
+        torch._C._exit_dual_level(level=level)
+    _fwad._current_level = -1
+
+
+def _jvp_nesting_module() -> Any:
+    """``torch._functorch.eager_transforms`` (its ``JVP_NESTING`` counter decides whether ``jvp`` opens a dual
+    level), or None on a torch without it."""
+    import sys
+
+    return sys.modules.get("torch._functorch.eager_transforms")
+
+
 class StateGuard:
     """An undo log for process and model state switched during a curvature computation.
 
@@ -129,6 +157,9 @@ class StateGuard:
         self._undo: list[Callable[[], Any]] = []
         self._functorch_depth = torch._C._functorch.get_dynamic_layer_stack_depth()
         self._vmap_level = _legacy_vmap_level()
+        et = _jvp_nesting_module()
+        self._jvp_nesting = getattr(et, "JVP_NESTING", None)
+        self._dual_level = _fwad._current_level
 
     def push(self, undo: Callable[[], Any]) -> None:
         """Add an idempotent undo action (a C-level callable where possible, e.g. a ``functools.partial``)."""
@@ -142,17 +173,32 @@ class StateGuard:
             self._undo.append(functools.partial(mapping.pop, key, None))
         mapping[key] = value
 
-    def _repair_levels(self) -> None:
+    def _pop_functorch_levels(self) -> None:
         if torch._C._functorch.get_dynamic_layer_stack_depth() > self._functorch_depth:
             torch._C._functorch.pop_dynamic_layer_stack_and_undo_to_depth(self._functorch_depth)
+
+    def _pop_legacy_vmap_levels(self) -> None:
         while _legacy_vmap_level() > self._vmap_level:
             torch._C._vmapmode_decrement_nesting()
+
+    def _repair_jvp_bookkeeping(self) -> None:
+        """The Python halves of ``torch.func.jvp``'s bookkeeping: its nesting counter and the forward-AD level."""
+        et = _jvp_nesting_module()
+        if self._jvp_nesting is not None and et is not None and et.JVP_NESTING != self._jvp_nesting:
+            et.JVP_NESTING = self._jvp_nesting
+        if self._dual_level < 0:  # (inside a caller's own dual level nothing is touched)
+            _close_leaked_dual_level()
+
+    def _repair_levels(self) -> None:
+        self._pop_functorch_levels()
+        self._pop_legacy_vmap_levels()
+        self._repair_jvp_bookkeeping()
 
     def restore(self) -> None:
         """Undo everything (newest first); an exception raised meanwhile (a second Ctrl-C) is re-raised after a
         complete pass."""
         pending: BaseException | None = None
-        while True:
+        for _ in range(3):
             try:
                 self._repair_levels()
                 list(map(operator.call, reversed(self._undo)))
@@ -160,8 +206,19 @@ class StateGuard:
             except BaseException as exc:  # noqa: BLE001 - finish restoring, then re-raise
                 if pending is None:
                     pending = exc
+        else:  # the same step keeps failing (not an interrupt): every action on its own, none left out, no hang
+            self._restore_each()
         if pending is not None:
             raise pending
+
+    def _restore_each(self) -> None:
+        """The slow path of :meth:`restore`: each repair and undo action run by itself, failures skipped."""
+        for action in (self._pop_functorch_levels, self._pop_legacy_vmap_levels, self._repair_jvp_bookkeeping,
+                       *reversed(self._undo)):
+            try:
+                action()
+            except Exception:  # noqa: BLE001 - best effort: the first error is what restore() re-raises
+                log.debug("an undo action failed during restore", exc_info=True)
 
 
 @contextlib.contextmanager

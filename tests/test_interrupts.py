@@ -274,3 +274,62 @@ def test_interrupt_before_the_functorch_vmap_level_is_popped(monkeypatch):
     assert torch._C._functorch.get_dynamic_layer_stack_depth() == 0
     nn.Linear(3, 3)
     assert torch.is_grad_enabled()
+
+
+# --- an interrupt between the C++ and the Python half of torch.func.jvp's bookkeeping ---------------------------
+def _after_real_raise_once(real):
+    state = {"armed": True}
+
+    def fake(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if state["armed"]:
+            state["armed"] = False
+            raise KeyboardInterrupt("injected between the C++ call and the Python counter")
+        return out
+    return fake
+
+
+def _forward_over_reverse_works(model, x, y):
+    ref = cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-10).eigenvalue
+    got = cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-10, method="forward_over_reverse")
+    assert got.info["method"] == "forward_over_reverse" and got.eigenvalue == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("where", ["jvp_nesting", "dual_level"])
+def test_interrupt_inside_jvp_bookkeeping_leaves_later_jvps_working(monkeypatch, where):
+    """``torch.func.jvp`` keeps a Python counter (``JVP_NESTING``) and a Python copy of the forward-AD level next to
+    the C++ state; an interrupt between the two (seen once in CI's random-interrupt test: every later jvp then
+    failed with "no level exists" / "requires_grad_() inside of a function being transformed") left them apart for
+    the rest of the process. The guard now puts both back."""
+    import torch._functorch.eager_transforms as et
+    import torch._functorch.predispatch as pd
+    model, opt, x, y = _setup()
+    if where == "jvp_nesting":
+        monkeypatch.setattr(et, "_jvp_decrement_nesting", _after_real_raise_once(et._jvp_decrement_nesting))
+    else:
+        monkeypatch.setattr(pd, "_exit_dual_level", _after_real_raise_once(pd._exit_dual_level))
+    with pytest.raises(KeyboardInterrupt):
+        cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-3, max_iters=3, method="forward_over_reverse")
+    monkeypatch.undo()
+    assert et.JVP_NESTING == 0 and torch.autograd.forward_ad._current_level == -1
+    _forward_over_reverse_works(model, x, y)
+
+
+def test_restore_with_an_undo_that_always_fails_does_not_hang_and_restores_the_rest():
+    """restore() retries a pass that an interrupt broke; an action that fails every time used to make that loop
+    spin forever (seen as a hang of the random-interrupt harness when a leaked forward-AD level made the level
+    repair raise each pass). Now: three passes, then every action on its own, then the first error is raised."""
+    from curvature._exact import StateGuard
+    box = {"a": 1, "b": 2}
+    guard = StateGuard()
+    guard.set_item(box, "a", 10)
+
+    def broken():
+        raise RuntimeError("this undo always fails")
+
+    guard.push(broken)
+    guard.set_item(box, "b", 20)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="always fails"):
+        guard.restore()
+    assert box == {"a": 1, "b": 2} and time.perf_counter() - t0 < 5
