@@ -286,7 +286,7 @@ class PreconditionedHessianOperator(LinearOperator):
         entries would show up in λ(P⁻¹H) (~1e-3); one extra float64 gradient pass over the same batches (same
         frozen randomness) makes P float64-accurate. ``source`` = (model, loss_fn, data) as given to the
         constructor: used when ``inner`` has no engine (the training step's own graph); without data the inner
-        gradient is used and ``info["lookahead_gradient"]`` says its dtype."""
+        gradient is used. ``info["lookahead_gradient"]`` says which dtype P was built from."""
         g = self.inner.gradient
         want = self.lookahead_dtype
         if want == "auto":
@@ -296,29 +296,27 @@ class PreconditionedHessianOperator(LinearOperator):
             want = torch.float64 if fresh else None
         elif want is not None and not isinstance(want, torch.dtype):
             raise TypeError(f"lookahead_dtype must be 'auto', a torch.dtype or None, got {want!r}")
-        if not self.lookahead or want is None or torch.finfo(want).eps >= torch.finfo(g.dtype).eps:
+        # what the extra pass runs on: the inner engine (same model, loss, parameters, batches, frozen randomness,
+        # group), or what was given here for an inner operator on the training step's own graph (no engine)
+        e = getattr(self.inner, "engine", None)
+        if e is not None:
+            group = getattr(self.inner, "process_group", None)
+            opts = {k: options[k] for k in ("method", "device", "chunk_size") if k in options}
+            spec = ((e.model, e.loss_fn, e.batches, list(e.names)),
+                    dict(seed=e.seed, distributed=group is not None, process_group=group, **opts))
+        elif source is not None and source[0] is not None and source[2] is not None:
+            spec = ((*source, list(self.params)), {})
+        else:
+            spec = None
+        if (not self.lookahead or want is None or spec is None
+                or torch.finfo(want).eps >= torch.finfo(g.dtype).eps):
             self.info["lookahead_gradient"] = str(g.dtype).replace("torch.", "") if self.lookahead else None
             return g.double()
-        e = getattr(self.inner, "engine", None)
-        if e is None:  # an inner operator on the training step's own graph: no engine, only what was given here
-            if source is None or source[0] is None or source[2] is None:
-                self.info["lookahead_gradient"] = str(g.dtype).replace("torch.", "")
-                return g.double()
-            model, loss_fn, data = source
-            pairs = list(zip(self.param_names, self.params))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CurvatureWarning)
-                ref = HessianOperator(model, loss_fn, data, [p for _, p in pairs], dtype=want, cache_graph=False)
-            self.info["lookahead_gradient"] = str(want).replace("torch.", "")
-            return ref.gradient.double()
-        self.info["lookahead_gradient"] = str(want).replace("torch.", "")
-        # everything from the inner engine (same model, loss, parameters, batches, frozen randomness, group)
-        group = getattr(self.inner, "process_group", None)
-        opts = {k: options[k] for k in ("method", "device", "chunk_size") if k in options}
+        args, kwargs = spec
         with warnings.catch_warnings():  # the inner operator has already said what it had to about the loss
             warnings.simplefilter("ignore", CurvatureWarning)
-            ref = HessianOperator(e.model, e.loss_fn, e.batches, list(e.names), dtype=want, cache_graph=False,
-                                  seed=e.seed, distributed=group is not None, process_group=group, **opts)
+            ref = HessianOperator(*args, dtype=want, cache_graph=False, **kwargs)
+        self.info["lookahead_gradient"] = str(want).replace("torch.", "")
         return ref.gradient.double()
 
     def _build_preconditioner(self, opt: torch.optim.Optimizer, lr0: float, grad: torch.Tensor) -> torch.Tensor:
