@@ -47,6 +47,7 @@ import functools
 import logging
 import operator
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -140,8 +141,6 @@ def _close_leaked_dual_level() -> None:
 def _jvp_nesting_module() -> Any:
     """``torch._functorch.eager_transforms`` (its ``JVP_NESTING`` counter decides whether ``jvp`` opens a dual
     level), or None on a torch without it."""
-    import sys
-
     return sys.modules.get("torch._functorch.eager_transforms")
 
 

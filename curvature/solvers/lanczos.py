@@ -111,13 +111,12 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_steps: int, *,
     scale = 0.0
     eps = torch.finfo(op.dtype).eps
     for m in range(1, m_max + 1):
-        h, w, _, _ = _expand(apply, V, m, reorthogonalize, beta_prev, m, op)
+        h, w, _, beta_prev = _expand(apply, V, m, reorthogonalize, beta_prev, m, op)
         alphas.append(h[m - 1])
         scale = max(scale, abs(float(h[m - 1])))
         if m == m_max:
             break
-        beta = vector_norm(op, w)
-        beta_prev = float(beta)
+        beta = w.new_tensor(beta_prev)
         scale = max(scale, beta_prev)
         if beta_prev <= 10 * eps * max(scale, torch.finfo(op.dtype).tiny):
             break  # invariant Krylov space: T's eigenvalues are exact
