@@ -229,14 +229,16 @@ if __name__ == "__main__":
 
 
 # --- #15.2: an interrupt that lands just before a transform level is popped --------------------------------------
-def _raise_once_then(real):
+def _raise_once_then(real, *, after: bool = False):
+    """``real`` wrapped to raise one KeyboardInterrupt: before calling it, or (``after``) once it has run."""
     state = {"armed": True}
 
-    def fake(*args):
+    def fake(*args, **kwargs):
+        out = real(*args, **kwargs) if after else None
         if state["armed"]:
             state["armed"] = False
-            raise KeyboardInterrupt("injected just before the level is popped")
-        return real(*args)
+            raise KeyboardInterrupt("injected after the call" if after else "injected just before the level is popped")
+        return out if after else real(*args, **kwargs)
     return fake, state
 
 
@@ -277,18 +279,6 @@ def test_interrupt_before_the_functorch_vmap_level_is_popped(monkeypatch):
 
 
 # --- an interrupt between the C++ and the Python half of torch.func.jvp's bookkeeping ---------------------------
-def _after_real_raise_once(real):
-    state = {"armed": True}
-
-    def fake(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if state["armed"]:
-            state["armed"] = False
-            raise KeyboardInterrupt("injected between the C++ call and the Python counter")
-        return out
-    return fake
-
-
 def _forward_over_reverse_works(model, x, y):
     ref = cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-10).eigenvalue
     got = cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-10, method="forward_over_reverse")
@@ -305,9 +295,9 @@ def test_interrupt_inside_jvp_bookkeeping_leaves_later_jvps_working(monkeypatch,
     import torch._functorch.predispatch as pd
     model, opt, x, y = _setup()
     if where == "jvp_nesting":
-        monkeypatch.setattr(et, "_jvp_decrement_nesting", _after_real_raise_once(et._jvp_decrement_nesting))
+        monkeypatch.setattr(et, "_jvp_decrement_nesting", _raise_once_then(et._jvp_decrement_nesting, after=True)[0])
     else:
-        monkeypatch.setattr(pd, "_exit_dual_level", _after_real_raise_once(pd._exit_dual_level))
+        monkeypatch.setattr(pd, "_exit_dual_level", _raise_once_then(pd._exit_dual_level, after=True)[0])
     with pytest.raises(KeyboardInterrupt):
         cv.sharpness(model, F.cross_entropy, (x, y), tol=1e-3, max_iters=3, method="forward_over_reverse")
     monkeypatch.undo()
