@@ -58,6 +58,7 @@ from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_option
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
+from .route_check import check_one_sided, rayleigh_quotient
 from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
                     unwrap_optimizer)
 from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
@@ -97,6 +98,9 @@ ROW_KEYS: tuple[str, ...] = (
     "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
     "solver",                     # eigensolver used
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
+    "hvp_route",                  # "one_sided" (one gradient per HVP, central check on the Ritz vector) or "exact"
+    "num_gradients",              # first-order gradient passes of the row (one-sided route: G(θ), 1/HVP, 2/check)
+    "hvp_route_note",             # why the route is exact where one-sided was eligible (None otherwise)
 ) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
@@ -166,6 +170,21 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+#: ``hvp_route`` values of the tracker (see :class:`SharpnessTracker`).
+HVP_ROUTES = ("auto", "exact", "one_sided")
+#: Operator options that choose a route or a setup the one-sided route does not take over.
+_EXACT_ONLY_OPTIONS = ("method", "fd_order", "fd_epsilon", "autocast", "distributed", "process_group")
+
+
+def _gradient_passes(op: Any) -> int:
+    """First-order gradient passes an operator spent: the one-sided engine counts them (G(θ), one per HVP, two
+    per check); an exact engine made one (its cached first-order graph); the training graph none."""
+    engine = getattr(op, "engine", None)
+    if engine is None:
+        return 0
+    return int(getattr(engine, "gradients", 1))
+
+
 def _bound(res: Any) -> float | None:
     """The solver's bound on the relative eigenvalue error, when it gives one."""
     b = res.info.get("error_bound")
@@ -231,6 +250,16 @@ class SharpnessTracker:
             ``"raise"`` (:class:`TrackingError`, after the row is written).
         retry_cold: when a warm-started solve does not converge, retry once from a random start.
         batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
+        hvp_route: how the solves apply the Hessian. ``"exact"``: double backward through a cached first-order
+            graph (1.6–2.6 training steps per HVP on CPU). ``"one_sided"``: Hv ≈ (∇L(θ+εv) − ∇L(θ))/ε, one
+            gradient per HVP (≈ 1.1 training steps), ∇L(θ) computed once per row under the row's frozen RNG (so
+            dropout masks match), ε = u^{1/2}·max(1, ‖θ‖/√n); two more gradients on the converged Ritz vector give
+            the central Rayleigh quotient (the reported value) and the route's own error, folded into
+            ``error_bound`` (:mod:`curvature.route_check`); a row whose bound exceeds ``eig_tol`` is solved again
+            with exact HVPs. ``"auto"`` (default): one-sided when eligible (``eig_tol`` given, float32/float64,
+            no autocast, no route/distributed operator option, not the training-graph entry) and when the first
+            row's check against one exact HVP on its Ritz vector shows the route's error below ``eig_tol/4``;
+            exact otherwise (``row["hvp_route_note"]`` says why). ``row["hvp_route"]`` is the route used.
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
         **operator_options: passed to the operator (``method``, ``dtype``, ``device``, ``max_batch_size``,
@@ -245,7 +274,7 @@ class SharpnessTracker:
                  share_graph: bool = True,
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
-                 solver_seed: int = 0, **operator_options: Any) -> None:
+                 solver_seed: int = 0, hvp_route: str = "auto", **operator_options: Any) -> None:
         self.every = _positive_int(every, "every")
         self.k = _positive_int(k, "k")
         if solver not in SOLVERS:
@@ -287,6 +316,13 @@ class SharpnessTracker:
         self.batch_transform = batch_transform
         self.keep_history = bool(keep_history)
         self.solver_seed = check_seed(solver_seed, "solver_seed")
+        if hvp_route not in HVP_ROUTES:
+            raise ValueError(f"hvp_route must be one of {HVP_ROUTES} ('auto': one-sided differences when a first-row "
+                             f"check against an exact HVP shows they meet eig_tol), got {hvp_route!r}")
+        self.hvp_route = hvp_route
+        self._route: str | None = None  # the route decided on the first row ("auto")
+        self._route_note: str | None = None
+        self._route_scale = 1.0  # multiplies the one-sided bias in the route's error bound (first-row check)
         self.operator_options = dict(operator_options)
         self.sinks: list[Callable[[dict], Any]] = [make_sink(s) for s in sinks]
         self.history: list[dict] = []
@@ -457,13 +493,99 @@ class SharpnessTracker:
         named = select_parameters(net, self.operator_options.get("params"))
         return bool(named) and all(p.grad is not None and p.grad.requires_grad for _, p in named)
 
-    def _operator(self, net: torch.nn.Module, data: Any, loss: torch.Tensor | None) -> Any:
+    def _operator(self, net: torch.nn.Module, data: Any, loss: torch.Tensor | None, route: str = "exact") -> Any:
         """The Hessian operator of this measurement: on the training step's graph (``loss`` given, or the
-        first-order graph the loop left in ``.grad``) or a new one."""
+        first-order graph the loop left in ``.grad``) or a new one (``route="one_sided"``: one-sided gradient
+        differences, :class:`~curvature.finite_difference.FiniteDifferenceEngine` with ``order=1``)."""
         if loss is not None or self._graph_in_grads(net):
             return GraphHessianOperator(select_parameters(net, self.operator_options.get("params")), loss)
         op_kw, rest = split_operator_options(dict(self.operator_options))
+        if route == "one_sided":
+            op_kw.update(method="finite_difference", fd_order=1)
         return HessianOperator(net, self.loss_fn, data, rest.get("params"), **op_kw)
+
+    def _route_for(self, net: torch.nn.Module, loss: torch.Tensor | None) -> tuple[str, str | None]:
+        """The HVP route of this row and, when one-sided differences were eligible in principle but are not used,
+        why (see ``hvp_route``)."""
+        if self.hvp_route == "exact":
+            return "exact", None
+        if loss is not None or self._graph_in_grads(net):
+            return "exact", "the training step's own graph (exact HVPs, no extra gradient)"
+        asked = sorted(set(self.operator_options) & set(_EXACT_ONLY_OPTIONS))
+        if asked:
+            return "exact", f"operator option(s) {asked} given: the one-sided route is not used with them"
+        if self.eig_tol is None:
+            return "exact", "no eig_tol: one-sided differences cannot meet a residual tol (their error is O(√u))"
+        dtype = self.operator_options.get("dtype") or next(iter(net.parameters()), torch.empty(0)).dtype
+        if torch.finfo(dtype).bits < 32:
+            return "exact", f"{dtype} parameters: gradient differences are unreliable at this precision"
+        device = next(iter(net.parameters()), torch.empty(0)).device
+        with contextlib.suppress(TypeError, AttributeError, RuntimeError):
+            if torch.is_autocast_enabled(device.type):
+                return "exact", "autocast is active: gradient differences carry its low-precision rounding"
+        if self.hvp_route == "one_sided":
+            return "one_sided", None
+        if self._route == "exact":
+            return "exact", self._route_note
+        return "one_sided", None
+
+    def _h_row(self, H: Any, X: torch.Tensor | None, row: dict) -> Any:
+        """Solve for λ(H) from ``X`` (or the gradient), write the row's λ(H) fields, keep the Ritz vectors."""
+        res, hvps, warm = self._solve(H, X, getattr(H, "gradient", None))
+        row["num_hvps"] += hvps
+        values = [float(v) for v in res.eigenvalues]
+        row.update(sharpness=values[0], eigenvalues=values,
+                   loss=None if row["source"] == "training_graph" and math.isnan(H.loss) else float(H.loss),
+                   residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged),
+                   error_bound=_bound(res))
+        if not _finite(values):
+            self._X_h = None
+            raise FloatingPointError(f"non-finite eigenvalues {values}")
+        self._X_h = self._keep(res)
+        return res
+
+    def _p_row(self, P_op: Any, X: torch.Tensor | None, row: dict) -> Any:
+        """Solve for λ(P⁻¹H) from ``X`` (or P^{-1/2}g), write the row's pre-conditioned fields, keep the vectors."""
+        pres, phvps, _ = self._solve(P_op, X, P_op.whitened_gradient)
+        row["num_hvps"] += phvps
+        row["preconditioned_num_hvps"] = (row["preconditioned_num_hvps"] or 0) + phvps
+        pvalues = [float(v) for v in pres.eigenvalues]
+        row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
+                   preconditioned_residual=float(pres.residuals.max()), preconditioned_error_bound=_bound(pres))
+        if not _finite(pvalues):
+            self._X_p = None
+            raise FloatingPointError(f"non-finite pre-conditioned eigenvalues {pvalues}")
+        self._X_p = self._keep(pres)
+        return pres
+
+    def _first_row_check(self, exact_H: Any, res: Any, row: dict, bias: float) -> tuple[bool, str | None]:
+        """``hvp_route="auto"``'s measurement on its first one-sided row: one exact HVP on the Ritz vector. The
+        one-sided route is kept when the central Rayleigh quotient it reports is within ``eig_tol/4`` of the exact
+        one; the bias term of later bounds is scaled so that it covers twice the error measured here."""
+        exact = rayleigh_quotient(exact_H, res.eigenvectors[:, 0])
+        row["num_hvps"] += 1
+        err = abs(row["sharpness"] - exact) / max(abs(exact), torch.finfo(torch.float64).tiny)
+        if not err <= self.eig_tol / 4:
+            return False, (f"one-sided gradient differences are {err:.1e} off an exact HVP on the first row's Ritz "
+                           f"vector (more than eig_tol/4 = {self.eig_tol / 4:.1e}; non-smooth activations such as "
+                           "ReLU kinks, or rounding): exact HVPs from now on")
+        self._route_scale = max(1.0, 2.0 * err / bias) if bias > 0 else (1.0 if err == 0 else math.inf)
+        if math.isinf(self._route_scale):
+            return False, "the one-sided route's error estimate is 0 but the exact check is not: exact HVPs"
+        row["error_bound"] += (self._route_scale - 1.0) * bias
+        return row["error_bound"] <= self.eig_tol, None
+
+    def _one_sided_value(self, op: Any, H: Any, res: Any, row: dict, key: str) -> tuple[bool, float]:
+        """Central check of the one-sided solve ``res`` on ``op`` (H or P⁻¹H over H's engine): writes the central
+        Rayleigh quotient, residual and bound into ``row`` (``key``: ``""`` or ``"preconditioned_"``); returns
+        whether the bound meets ``eig_tol`` and the (scaled) one-sided bias term of the bound."""
+        chk = check_one_sided(op, H.engine, res.eigenvectors[:, 0], res.info.get("ritz_gap"), self._route_scale)
+        values = list(row[f"{key}eigenvalues"])
+        values[0] = chk.value
+        name = "sharpness" if not key else "preconditioned_sharpness"
+        row.update({name: chk.value, f"{key}eigenvalues": values, f"{key}residual": chk.residual,
+                    f"{key}error_bound": chk.error_bound})
+        return chk.error_bound <= self.eig_tol, chk.route_error
 
     def _measure(self, model: torch.nn.Module, optimizer: Any, batch: Any, step: int,
                  loss: torch.Tensor | None = None) -> dict:
@@ -480,6 +602,7 @@ class SharpnessTracker:
             if signature != self._signature_seen:
                 self.reset()
                 self._signature_seen = signature
+                self._route, self._route_note, self._route_scale = None, None, 1.0  # another model: decide again
             if opt is not None:
                 row["lr"] = float(opt.param_groups[0]["lr"])
                 with contextlib.suppress(TypeError, ValueError):
@@ -487,19 +610,31 @@ class SharpnessTracker:
             device = next(iter(net.parameters()), torch.empty(0)).device
             with frozen_rng(device), torch.enable_grad():
                 data = self._data(batch) if loss is None or batch is not None else None
-                H = self._operator(net, data, loss)
+                route, note = self._route_for(net, loss)
+                H = self._operator(net, data, loss, route)
+                engines = [H]
                 row["source"] = getattr(H, "method", None) == "training_graph" and "training_graph" or "operator"
-                res, hvps, warm = self._solve(H, self._X_h, getattr(H, "gradient", None))
-                row["num_hvps"] += hvps
-                values = [float(v) for v in res.eigenvalues]
-                row.update(sharpness=values[0], eigenvalues=values,
-                           loss=None if row["source"] == "training_graph" and math.isnan(H.loss) else float(H.loss),
-                           residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged),
-                           error_bound=_bound(res))
-                if not _finite(values):
-                    self._X_h = None
-                    raise FloatingPointError(f"non-finite eigenvalues {values}")
-                self._X_h = self._keep(res)
+                res = self._h_row(H, self._X_h, row)
+                exact_H = None
+                if route == "one_sided":
+                    chk_ok, bias = self._one_sided_value(H, H, res, row, "")
+                    if chk_ok and self.hvp_route == "auto" and self._route is None:
+                        exact_H = self._operator(net, data, None, "exact")
+                        engines.append(exact_H)
+                        chk_ok, note = self._first_row_check(exact_H, res, row, bias)
+                    elif not chk_ok:
+                        note = (f"the one-sided route's error bound {row['error_bound']:.1e} is above eig_tol "
+                                f"{self.eig_tol:g}: this row solved again with exact HVPs")
+                    if not chk_ok:  # exact HVPs, warm-started from the one-sided Ritz vectors
+                        route = "exact"
+                        if self.hvp_route == "auto" and self._route is None:
+                            self._route, self._route_note = "exact", note
+                        H = exact_H if exact_H is not None else self._operator(net, data, None, "exact")
+                        engines.append(H)
+                        res = self._h_row(H, self._keep(res), row)
+                    elif self.hvp_route == "auto" and self._route is None:
+                        self._route = "one_sided"
+                row.update(hvp_route=route, hvp_route_note=note)
                 if not res.converged:
                     problems.append(f"λ_max(H) did not converge ({_missed(res, self.tol, self.eig_tol)})")
 
@@ -509,26 +644,35 @@ class SharpnessTracker:
                     lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
                     row["lookahead"] = bool(lookahead)
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
+
+                    def preconditioned(inner: Any) -> Any:
+                        return PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
+                                                             inner=inner)
                     if self.share_graph:
-                        P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=H)
+                        P_op = preconditioned(H)
                     else:
-                        P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=self._operator(net, data, loss))
-                    pres, phvps, _ = self._solve(P_op, self._X_p, P_op.whitened_gradient)
-                    row["num_hvps"] += phvps
-                    row["preconditioned_num_hvps"] = phvps
-                    pvalues = [float(v) for v in pres.eigenvalues]
-                    row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
-                               preconditioned_residual=float(pres.residuals.max()),
-                               preconditioned_error_bound=_bound(pres))
+                        inner = self._operator(net, data, loss, route)
+                        engines.append(inner)
+                        P_op = preconditioned(inner)
+                    pres = self._p_row(P_op, self._X_p, row)
+                    if route == "one_sided":
+                        ok, _ = self._one_sided_value(P_op, P_op.inner, pres, row, "preconditioned_")
+                        if not ok:
+                            row["hvp_route_note"] = (f"the one-sided route's error bound on λ(P⁻¹H) "
+                                                     f"{row['preconditioned_error_bound']:.1e} is above eig_tol "
+                                                     f"{self.eig_tol:g}: λ(P⁻¹H) solved again with exact HVPs")
+                            row["hvp_route"] = "one_sided (H), exact (P⁻¹H)"
+                            exact_H = exact_H if exact_H is not None else self._operator(net, data, None, "exact")
+                            engines.append(exact_H)
+                            P_op = preconditioned(exact_H)
+                            pres = self._p_row(P_op, self._keep(pres), row)
                     row["converged"] = row["converged"] and bool(pres.converged)
-                    if not _finite(pvalues):
-                        self._X_p = None
-                        raise FloatingPointError(f"non-finite pre-conditioned eigenvalues {pvalues}")
-                    self._X_p = self._keep(pres)
                     if not pres.converged:
                         problems.append(f"λ_max(P⁻¹H) did not converge ({_missed(pres, self.tol, self.eig_tol)})")
+                if route == "one_sided":
+                    row["converged"] = row["converged"] and row["error_bound"] <= self.eig_tol and (
+                        row["preconditioned_error_bound"] is None or row["preconditioned_error_bound"] <= self.eig_tol)
+                row["num_gradients"] = sum(_gradient_passes(e) for e in {id(e): e for e in engines}.values())
                 if self.signals:
                     row.update(self._signals(net, opt, H, P_op, data))
                     row["num_hvps"] += row["signals_num_hvps"] or 0
