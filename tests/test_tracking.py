@@ -695,7 +695,7 @@ def test_cold_row_starts_from_the_gradient():
     for start in ("cold", False):
         model = _ShiftedParameter(theta)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        tracker = SharpnessTracker(loss_fn, every=1, gradient_start=start)
+        tracker = SharpnessTracker(loss_fn, every=1, gradient_start=start, hvp_route="exact")
         rows[start] = tracker.measure(model, opt, batch, step=0)
     g_row, r_row = rows["cold"], rows[False]
     print(f"\nHVPs from the gradient {g_row['num_hvps']}, from a random vector {r_row['num_hvps']}")
