@@ -164,21 +164,27 @@ def _run(make, make_opt, batches, tracker_kw: dict | None, every: int, graph: bo
     tracker = None if tracker_kw is None else SharpnessTracker(loss_fn, every=every, **tracker_kw)
     refs = []
     spent_on_refs = 0.0
+    step_times = []
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches):
+        ts = time.perf_counter()
         opt.zero_grad()
         measure = tracker is not None and tracker.should_measure(i)
         loss_fn(model(x), y).backward(create_graph=graph and measure)
+        step_times.append(time.perf_counter() - ts)
         if tracker is not None:
             tracker.step(model, opt, (x, y), step=i)
+        ts = time.perf_counter()
         if reference and measure:
             tr = time.perf_counter()
             refs.append(_reference(model, loss_fn, (x, y), opt, tracker_kw or {}))
             spent_on_refs += time.perf_counter() - tr
         opt.step()
+        step_times[-1] += time.perf_counter() - ts
         if graph and measure:
             for p in model.parameters():
                 p.grad = None  # frees the create_graph graph
+    _run.step_times = step_times  # per-step seconds of the training itself (tracker calls left out)
     return time.perf_counter() - t0 - spent_on_refs, (tracker.history if tracker is not None else []), refs
 
 
@@ -205,10 +211,17 @@ def compare_rows(name: str, make, make_opt, batches, repeat: int, everies: Seque
     variants = VARIANTS if variants is None else variants
     for every in everies:
         times: dict[str, list[float]] = {"no tracker": []}
+        row_seconds: dict[str, list[float]] = {}
+        step_seconds: list[float] = []
         for _ in range(repeat):
             times["no tracker"].append(_run(make, make_opt, batches, None, every, False)[0])
+            step_seconds += _run.step_times
             for label, (kw, graph) in variants.items():
-                times.setdefault(label, []).append(_run(make, make_opt, batches, kw, every, graph)[0])
+                t, trows, _ = _run(make, make_opt, batches, kw, every, graph)
+                times.setdefault(label, []).append(t)
+                step_seconds += _run.step_times
+                row_seconds.setdefault(label, []).extend(r["seconds"] for r in trows[1:])  # warm rows
+        step_s = statistics.median(step_seconds)
         base = statistics.median(times["no tracker"])
         for label, (kw, graph) in variants.items():
             _, rows, refs = _run(make, make_opt, batches, kw, every, graph, reference=True)
@@ -245,8 +258,15 @@ def compare_rows(name: str, make, make_opt, batches, repeat: int, everies: Seque
                 "errors": "; ".join(sorted({str(r['error']) for r in rows if r.get('error')})) or "none",
                 "time (median)": fmt_s(med), "plain run": fmt_s(base),
                 "row cost (training steps)": fmt_num((med - base) / max(len(rows), 1) / (base / len(batches)), 3),
-                "overhead": f"{(med - base) / base * 100:+.1f} %"})
+                "overhead": f"{(med - base) / base * 100:+.1f} %",
+                "warm row / step (medians)": fmt_num(_ratio(row_seconds.get(label), step_s), 3),
+                "→ overhead at this every": f"{_ratio(row_seconds.get(label), step_s) / every * 100:.1f} %"})
     return summary, errors
+
+
+def _ratio(row_seconds: list[float] | None, step_s: float) -> float:
+    """Median warm-row seconds over the median training-step seconds of the same runs (robust to load drift)."""
+    return statistics.median(row_seconds) / step_s if row_seconds else float("nan")
 
 
 def _emit(text: str, out: str | None) -> int:

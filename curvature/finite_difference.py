@@ -314,7 +314,8 @@ class FiniteDifferenceEngine:
         """≈ Σ_b n_b ∇²L_b(θ) V for V given per parameter as ``(k, *shape)`` tensors; same layout out."""
         k = tangents[0].shape[0]
         out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
-        sq = torch.stack([sum(t[c].double().pow(2).sum() for t in tangents) for c in range(k)]).reshape(k)
+        # squared column norms in float64 without float64 copies of the tangents (one reduction per tensor)
+        sq = sum(torch.linalg.vector_norm(t.reshape(k, -1), dim=1, dtype=torch.float64) ** 2 for t in tangents)
         norms = self._sum(sq.to(self.device)).sqrt().tolist()
         for c in range(k):
             if norms[c] == 0.0:
