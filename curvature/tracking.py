@@ -327,6 +327,7 @@ class SharpnessTracker:
         self._route: str | None = None  # the route decided on the first row ("auto")
         self._route_note: str | None = None
         self._route_scale = 1.0  # multiplies the one-sided bias in the route's error bound (first-row check)
+        self._per_hvp_seconds = 0.0  # of the last λ(H) solve
         self.operator_options = dict(operator_options)
         self.sinks: list[Callable[[dict], Any]] = [make_sink(s) for s in sinks]
         self.history: list[dict] = []
@@ -524,6 +525,9 @@ class SharpnessTracker:
             return "exact", f"operator option(s) {asked} given: the one-sided route is not used with them"
         if self.eig_tol is None or self.tol is not None:
             return "exact", "a residual tol= was asked: one-sided differences cannot meet it (their error is O(√u))"
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return "exact", "a distributed run: the one-sided route's check is not yet collective (exact HVPs)"
         first = next(iter(net.parameters()), torch.empty(0))
         dtype, device = first.dtype, first.device
         if self.operator_options.get("dtype") not in (None, dtype) or self.operator_options.get("device") not in (
@@ -543,7 +547,9 @@ class SharpnessTracker:
 
     def _h_row(self, H: Any, X: torch.Tensor | None, row: dict) -> Any:
         """Solve for λ(H) from ``X`` (or the gradient), write the row's λ(H) fields, keep the Ritz vectors."""
+        ts = time.perf_counter()
         res, hvps, warm = self._solve(H, X, getattr(H, "gradient", None))
+        self._per_hvp_seconds = (time.perf_counter() - ts) / max(hvps, 1)  # solver bookkeeping included
         row["num_hvps"] += hvps
         values = [float(v) for v in res.eigenvalues]
         row.update(sharpness=values[0], eigenvalues=values,
@@ -570,12 +576,26 @@ class SharpnessTracker:
         self._X_p = self._keep(pres)
         return pres
 
-    def _first_row_check(self, exact_H: Any, res: Any, row: dict, bias: float) -> tuple[bool, str | None]:
+    def _first_row_check(self, exact_H: Any, res: Any, row: dict, bias: float, t_grad: float = 0.0,
+                         t_build: float = 0.0) -> tuple[bool, str | None]:
         """``hvp_route="auto"``'s measurement on its first one-sided row: one exact HVP on the Ritz vector. The
         one-sided route is kept when the central Rayleigh quotient it reports is within ``eig_tol/4`` of the exact
-        one; the bias term of later bounds is scaled so that it covers twice the error measured here."""
-        exact = rayleigh_quotient(exact_H, res.eigenvectors[:, 0])
-        row["num_hvps"] += 1
+        one **and** a row costs less on it (timed here: a gradient ``t_grad`` against an exact HVP and the
+        first-order graph ``t_build``; a one-sided row is G(θ) + its HVPs + 2 check gradients, an exact row the
+        graph + about one HVP fewer, since the one-sided solve stops at ``eig_tol/2``); the bias term of later
+        bounds is scaled so that it covers twice the error measured here."""
+        t_hvp = math.inf
+        for _ in range(2):  # twice, the faster counts (one timing on a shared machine is noisy)
+            th = time.perf_counter()
+            exact = rayleigh_quotient(exact_H, res.eigenvectors[:, 0])
+            t_hvp = min(t_hvp, time.perf_counter() - th)
+        row["num_hvps"] += 2
+        n = max(int(row["num_hvps"]) - 2, 1)
+        one_sided_cost, exact_cost = (n + 3) * t_grad, t_build + max(n - 1, 1) * t_hvp
+        if t_grad > 0 and t_hvp > 0 and one_sided_cost > exact_cost:
+            return False, (f"exact HVPs are cheaper on this model (measured on the first row: a gradient "
+                           f"{t_grad * 1e3:.3g} ms, an exact HVP {t_hvp * 1e3:.3g} ms, the graph {t_build * 1e3:.3g} ms:"
+                           f" a row ≈ {one_sided_cost * 1e3:.3g} vs {exact_cost * 1e3:.3g} ms): exact HVPs from now on")
         err = abs(row["sharpness"] - exact) / max(abs(exact), torch.finfo(torch.float64).tiny)
         if not err <= self.eig_tol / 4:
             return False, (f"one-sided gradient differences are {err:.1e} off an exact HVP on the first row's Ritz "
@@ -629,11 +649,15 @@ class SharpnessTracker:
                 res = self._h_row(H, self._X_h, row)
                 exact_H = None
                 if route == "one_sided":
+                    tc = time.perf_counter()
                     chk_ok, bias = self._one_sided_value(H, H, res, row, "")
+                    t_grad = min((time.perf_counter() - tc) / 2, self._per_hvp_seconds)  # the check: 2 gradients
                     if chk_ok and self.hvp_route == "auto" and self._route is None:
+                        tb = time.perf_counter()
                         exact_H = self._operator(net, data, None, "exact")
+                        t_build = time.perf_counter() - tb
                         engines.append(exact_H)
-                        chk_ok, note = self._first_row_check(exact_H, res, row, bias)
+                        chk_ok, note = self._first_row_check(exact_H, res, row, bias, t_grad, t_build)
                     elif not chk_ok:
                         note = (f"the one-sided route's error bound {row['error_bound']:.1e} is above eig_tol "
                                 f"{self.eig_tol:g}: this row solved again with exact HVPs")

@@ -83,13 +83,12 @@ def _train(model, loss_fn, data, opt, steps, tracker=None):
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_tracker_rows_on_the_one_sided_route_within_their_bound(opt_name):
-    """The default route on a smooth float32 model is one-sided (decided on the first row against one exact HVP);
-    every row's λ(H) (and λ(P⁻¹H) with Adam) is within its error_bound of the dense float64 reference, and the
+    """The one-sided route on a smooth float32 model: every row's λ(H) (and λ(P⁻¹H) with Adam) is within its error_bound of the dense float64 reference, and the
     bound meets eig_tol; gradients counted: G(θ), one per one-sided HVP, two per check."""
     model, loss_fn, data = _gelu_problem(3)
     opt = (torch.optim.SGD(model.parameters(), lr=0.5) if opt_name == "sgd"
            else torch.optim.Adam(model.parameters(), lr=1e-2))
-    tracker = SharpnessTracker(loss_fn, every=3)
+    tracker = SharpnessTracker(loss_fn, every=3, hvp_route="one_sided")
     checked = []
 
     def hook_step(i):
@@ -100,8 +99,7 @@ def test_tracker_rows_on_the_one_sided_route_within_their_bound(opt_name):
         lam = _dense_top(model, loss_fn, data)
         assert abs(row["sharpness"] - lam) / lam <= row["error_bound"] <= 1e-3
         checks = 2 if opt_name == "sgd" else 4
-        exact_check = 1 if i == 0 else 0
-        assert row["num_gradients"] == 1 + row["num_hvps"] - exact_check + checks + exact_check  # + exact graph
+        assert row["num_gradients"] == 1 + row["num_hvps"] + checks
         if opt_name == "adam":
             m64 = _copy64(model)
             X, y = data
@@ -205,3 +203,18 @@ def test_low_precision_and_residual_tol_use_exact_hvps():
     assert row["hvp_route"] == "exact" and row["hvp_route_note"] is None
     with pytest.raises(ValueError, match="hvp_route"):
         SharpnessTracker(loss_fn, hvp_route="fast")
+
+
+def test_auto_route_decides_on_the_first_row_and_keeps_it():
+    """hvp_route="auto": the first row checks the one-sided value against two exact HVPs on its Ritz vector and
+    times both routes; the route (and, when exact, the reason) holds for the later rows; every row within 1e-3."""
+    model, loss_fn, data = _gelu_problem(7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = SharpnessTracker(loss_fn, every=2)
+    _train(model, loss_fn, data, opt, 5, tracker)
+    routes = {r["hvp_route"] for r in tracker.history}
+    assert len(routes) == 1 and routes <= {"one_sided", "exact"}
+    first = tracker.history[0]
+    assert first["error"] is None and first["error_bound"] <= 1e-3
+    if routes == {"exact"}:
+        assert "cheaper" in first["hvp_route_note"] or "off an exact HVP" in first["hvp_route_note"]
