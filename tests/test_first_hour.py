@@ -216,3 +216,73 @@ def test_targets_passed_as_a_separate_argument_are_named():
     with pytest.raises(TypeError, match=r"optimizer got Tensor \(16,\) int64.*landed in `optimizer`"):
         cv.preconditioned_sharpness(model, F.cross_entropy, x, y, opt)
     assert tracker.history == []
+
+
+# -- the same policy in the framework callbacks -----------------------------------------------------------
+def test_lightning_callback_raises_on_a_misconfigured_first_measurement():
+    pytest.importorskip("lightning.pytorch")
+    from curvature.integrations.lightning import SharpnessCallback
+    from test_lightning import fit
+
+    with pytest.raises(TrackingSetupError, match=r"parameters are \(model, batch\)"):
+        fit("sgd", callbacks=[SharpnessCallback(loss_model_batch, every=2)], max_steps=2)
+
+
+def test_hf_callback_raises_on_a_misconfigured_first_measurement(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from curvature.integrations.transformers import SharpnessCallback
+    from test_transformers_callback import train
+
+    with pytest.raises(TrackingSetupError, match=r"loss_fn\(outputs, targets\).*\n.*parameters are \(model, batch\)"):
+        train(tmp_path, callbacks=[SharpnessCallback(loss_model_batch, every=2)], steps=2)
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+SEQ_MODULE = '''
+import torch, torch.nn as nn
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(16, 8), nn.Linear(8, 16)
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)))
+def build():
+    torch.manual_seed(0)
+    return LM()
+def data():
+    ids = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(0))
+    return ids, ids
+def lm_loss(logits, y):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())
+'''
+
+
+def test_cli_default_loss_failure_is_printed_once_and_points_to_loss(tmp_path, capsys):
+    from curvature.cli import main
+
+    (tmp_path / "seqlm.py").write_text(SEQ_MODULE)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("seqlm_for_cli", tmp_path / "seqlm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (1, 2):
+        torch.save({"model": mod.build().state_dict(), "step": step}, folder / f"c{step}.pt")
+    spec_args = ["--model", f"{tmp_path / 'seqlm.py'}:build", "--data", f"{tmp_path / 'seqlm.py'}:data"]
+    assert main(["analyze", str(folder), *spec_args, "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "Expected target size" not in out  # the table marks the rows; the error itself is printed once, below
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].count("Expected target size") == 1, err
+    assert "c1.pt" in lines[0] and "c2.pt" in lines[0]
+    assert "default --loss cross_entropy" in lines[0] and "--loss" in lines[0] and "(B, T, V)" in lines[0]
+
+    assert main(["check-hvp", *spec_args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("Expected target size") == 1 and "default --loss cross_entropy" in err, err
+    # with the right loss, it works (and an explicit --loss gets no hint)
+    assert main(["analyze", str(folder), *spec_args, "--loss", f"{tmp_path / 'seqlm.py'}:lm_loss",
+                 "--no-progress", "--tol", "1e-6"]) == 0
+    assert "--loss" not in capsys.readouterr().err
