@@ -286,3 +286,35 @@ def test_cli_default_loss_failure_is_printed_once_and_points_to_loss(tmp_path, c
     assert main(["analyze", str(folder), *spec_args, "--loss", f"{tmp_path / 'seqlm.py'}:lm_loss",
                  "--no-progress", "--tol", "1e-6"]) == 0
     assert "--loss" not in capsys.readouterr().err
+
+
+# -- plots ------------------------------------------------------------------------------------------------
+def test_plot_of_failed_adamw_rows_names_adams_threshold_and_says_it_is_empty(tmp_path):
+    pytest.importorskip("matplotlib")
+    from curvature.plotting import plot_sharpness, threshold_label
+
+    model, loss_fn, batch, _ = _setups()["loss(model, batch)"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = SharpnessTracker(loss_fn, every=1, setup_errors="warn", sinks=[tmp_path / "rows.csv"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrackingWarning)
+        for i in range(3):
+            tracker.step(model, opt, batch, step=i)
+    with pytest.warns(UserWarning, match="no finite sharpness values: 3 of 3 measurements failed"):
+        fig = plot_sharpness(tmp_path / "rows.csv", tmp_path / "p.png")
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert any("Adam threshold" in lb and "38/η" in lb and "β₁ = 0.9" in lb for lb in labels), labels
+    assert not any("SGD" in lb for lb in labels)
+    assert any("no finite sharpness values" in t.get_text() for t in fig.axes[0].texts)
+
+    def rows(opt_name, lr, threshold):
+        return [{"step": 0, "lr": lr, "threshold": threshold, "optimizer": opt_name, "sharpness": 1.0}]
+
+    assert "2/\\eta" in threshold_label(rows("SGD", 0.1, 20.0))
+    assert "(2+2\\mu)/\\eta" in threshold_label(rows("SGD", 0.1, 38.0)) and "μ = 0.9" in threshold_label(
+        rows("SGD", 0.1, 38.0))
+    assert "β₁ = 0.8" in threshold_label(rows("Adam", 0.01, 1800.0))  # (2+1.6)/(0.2·η) = 18/η
+    crit = rows("AdamW", 1e-3, 38000.0)
+    crit[0]["critical_sharpness"] = 1500.0
+    fig = plot_sharpness(crit)
+    assert any("2/\\eta" in ln.get_label() and "lambda_c" in ln.get_label() for ln in fig.axes[0].get_lines())
