@@ -64,7 +64,7 @@ def test_a_misconfigured_tracker_raises_at_the_first_measurement(case, optimizer
     text = str(info.value)
     assert "loss_fn(outputs, targets)" in text and "batch = tuple of 2" in text and hint in text, text
     assert "setup_errors='warn'" in text  # the opt-out is named
-    assert isinstance(info.value, cv.TrackingError) if hasattr(cv, "TrackingError") else True
+    assert isinstance(info.value, cv.TrackingError) and cv.TrackingSetupError is TrackingSetupError
     assert tracker.history == [] and not (tmp_path / "rows.csv").exists()  # no empty row poisons the file
     assert_same_state(before, model, opt)
 
