@@ -64,12 +64,14 @@ if TYPE_CHECKING:
     # second-order errors, finite differences, fully-sharded models, ranks that fail together
     from ._exact import SecondOrderError
     from .distributed import RemoteRankError
-    from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes
+    from .diagnostics import RouteComparison, compare_hvp_routes
+    from .finite_difference import FiniteDifferenceEngine
     from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos
 
     # per-step signals for mini-batch training; solver benchmarks on the user's model
     from .bench import benchmark_solvers
-    from .signals import (GraphHessianOperator, batch_sharpness, next_update, preconditioned_batch_sharpness,
+    from .operators import GraphHessianOperator
+    from .signals import (batch_sharpness, next_update, preconditioned_batch_sharpness,
                           step_signals, update_sharpness)
 
 _LAZY: dict[str, str] = {
@@ -151,12 +153,12 @@ _LAZY: dict[str, str] = {
     "SecondOrderError": "._exact",
     "RemoteRankError": ".distributed",
     "FiniteDifferenceEngine": ".finite_difference",
-    "RouteComparison": ".finite_difference",
-    "compare_hvp_routes": ".finite_difference",
+    "RouteComparison": ".diagnostics",
+    "compare_hvp_routes": ".diagnostics",
     "ShardedHessianOperator": ".sharded",
     "ShardedPreconditionedOperator": ".sharded",
     "sharded_lanczos": ".sharded",
-    "GraphHessianOperator": ".signals",
+    "GraphHessianOperator": ".operators",
     "batch_sharpness": ".signals",
     "preconditioned_batch_sharpness": ".signals",
     "update_sharpness": ".signals",
