@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from .checkpoints import Checkpoint, CheckpointError, UnsafeCheckpointError, analyze_checkpoints, load_checkpoint
 
     # schedule comparison harness
-    from .compare import ComparisonResult, compare_schedules, find_required_warmup
+    from .warmup import ComparisonResult, compare_schedules, find_required_warmup
 
     # batches, weights, the model's own loss; experiment-tracker sinks
     from .data import CurvatureWarning, resolve_loss_fn, token_count
@@ -142,9 +142,9 @@ _LAZY: dict[str, str] = {
     "UnsafeCheckpointError": ".checkpoints",
     "analyze_checkpoints": ".checkpoints",
     "load_checkpoint": ".checkpoints",
-    "ComparisonResult": ".compare",
-    "compare_schedules": ".compare",
-    "find_required_warmup": ".compare",
+    "ComparisonResult": ".warmup",
+    "compare_schedules": ".warmup",
+    "find_required_warmup": ".warmup",
     "CurvatureWarning": ".data",
     "resolve_loss_fn": ".data",
     "token_count": ".data",
