@@ -1,4 +1,4 @@
-"""Sharpness during training: :class:`SharpnessTracker` and the sinks its rows go to.
+"""Sharpness during training: :class:`SharpnessTracker` (its rows go to the sinks of :mod:`curvature.sinks`).
 
 A tracker measures, every ``every`` steps, the top Hessian eigenvalue λ_max(H) of the loss at the model's current
 parameters (and, for Adam/AdamW, the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
