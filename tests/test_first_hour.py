@@ -215,6 +215,10 @@ def test_targets_passed_as_a_separate_argument_are_named():
         cv.sharpness(model, F.cross_entropy, x)
     with pytest.raises(TypeError, match=r"optimizer got Tensor \(16,\) int64.*landed in `optimizer`"):
         cv.preconditioned_sharpness(model, F.cross_entropy, x, y, opt)
+    with pytest.raises(TypeError, match=r"params got Tensor \(16,\) int64.*landed in `params`"):
+        cv.HessianOperator(model, F.cross_entropy, x, y)
+    with pytest.raises(TypeError, match=r"data must be a batch \(inputs, targets\).*got Tensor \(16, 5\)"):
+        cv.hessian_spectral_density(model, F.cross_entropy, x)
     assert tracker.history == []
 
 
@@ -318,3 +322,28 @@ def test_plot_of_failed_adamw_rows_names_adams_threshold_and_says_it_is_empty(tm
     crit[0]["critical_sharpness"] = 1500.0
     fig = plot_sharpness(crit)
     assert any("2/\\eta" in ln.get_label() and "lambda_c" in ln.get_label() for ln in fig.axes[0].get_lines())
+
+
+def test_hf_callback_without_a_probe_batch_raises_at_once_or_warns_once():
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from curvature.integrations.transformers import SharpnessCallback
+
+    class Stream(torch.utils.data.IterableDataset):  # no probe can be built from it without iterating it
+        def __iter__(self):
+            yield from ({"input_ids": torch.zeros(4, dtype=torch.long)} for _ in range(2))
+
+    model, _, _ = mlp()
+    event = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                 train_dataloader=torch.utils.data.DataLoader(Stream(), batch_size=2))
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[])
+    with pytest.raises(TrackingSetupError, match="probe_batch="):
+        SharpnessCallback(every=1, log_to_trainer=False).on_pre_optimizer_step(None, state, None, **event)
+    cb = SharpnessCallback(every=1, log_to_trainer=False, setup_errors="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            state.global_step = step
+            cb.on_pre_optimizer_step(None, state, None, **event)
+    assert len([w for w in caught if "no probe batch" in str(w.message)]) == 1 and cb.history == []
