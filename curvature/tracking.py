@@ -650,8 +650,12 @@ class SharpnessTracker:
         if step is None:
             return None
         try:
-            return operator.index(step) if not isinstance(step, bool) else int("bool")
-        except (TypeError, ValueError):
+            if isinstance(step, bool):
+                raise TypeError
+            if isinstance(step, float) and step.is_integer():
+                return int(step)
+            return operator.index(step)  # int, numpy integers, 0-d integer tensors
+        except TypeError:
             raise TypeError(f"{call}: step got {describe(step)}; expected the int label of this training step "
                             "(or None: the tracker counts its own calls)") from None
 
