@@ -562,3 +562,19 @@ def warn_if_low_precision_loss(loss: torch.Tensor, dtype: torch.dtype) -> None:
                       f"{dtype} reference compute the loss on the logits yourself, e.g. loss_fn=lambda out, y: "
                       "F.cross_entropy(out.logits[..., :-1, :].flatten(0, 1).double(), y[..., 1:].flatten())",
                       CurvatureWarning, stacklevel=4)
+
+
+def warn_if_low_precision_modules(islands: Mapping[str, str], dtype: torch.dtype, model: nn.Module) -> None:
+    """Warn when modules compute below the operator's dtype (``islands``: module name → dtype, found by
+    :func:`curvature._exact.low_precision_islands`), naming them: λ is then only as accurate as that dtype."""
+    if not islands:
+        return
+    modules = dict(model.named_modules())
+    named = [f"'{n or type(model).__name__}' ({type(modules[n]).__name__}, {d})" if n in modules else f"'{n}' ({d})"
+             for n, d in islands.items()]
+    shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    warnings.warn(f"{len(named)} module(s) compute below the operator's {dtype} whatever the input dtype: {shown} "
+                  "(e.g. Hugging Face RMSNorm/T5LayerNorm cast to float32): curvature is only as accurate as that "
+                  "dtype. The names are in the operator's .low_precision_modules and in info['low_precision_modules']."
+                  " For a full-precision reference, make those modules compute in the input dtype",
+                  CurvatureWarning, stacklevel=4)
