@@ -600,9 +600,12 @@ def low_precision_islands(model: nn.Module, dtype: torch.dtype, run: Callable[[]
                for a in (*args, *kwargs.values())):
             islands[module] = str(out.dtype).replace("torch.", "")
 
-    with spying_forward(model, note, guard):
-        result = run()
-    return result, islands
+    try:
+        with spying_forward(model, note, guard):
+            return run(), islands
+    except Exception:  # noqa: BLE001 - the spy may be what failed (a model with its own function mode): run plainly
+        log.debug("the spied forward pass failed; running it without the spy", exc_info=True)
+        return run(), {}
 
 
 def explain_missing_derivative(exc: BaseException, model: nn.Module, rerun: Callable[[], Any] | None = None
