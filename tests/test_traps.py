@@ -236,6 +236,9 @@ def test_mixtral_grouped_mm_experts_float64_and_block_solvers():
     eager.config._experts_implementation = "eager"  # the reference runs the experts one by one
     H = dense_hessian_fd(eager, loss_fn, ({"input_ids": ids}, ids), names=experts)
     assert rel_err(A, H) < 1e-6
+    # the finite-difference route runs the model's own kernel: float64 is a clear error naming it and the ways out
+    with pytest.raises(TypeError, match=r"grouped_mm.*method='auto'.*_experts_implementation"):
+        cv.HessianOperator(model, loss_fn, ({"input_ids": ids}, ids), params=experts, method="finite_difference")
     # float32 block LOBPCG (batched double backward) raised "Invalid strides/sizes"
     res = cv.sharpness(model.float(), loss_fn, ({"input_ids": ids}, ids), params=experts, k=2, solver="lobpcg")
     top = torch.linalg.eigvalsh(H).flip(0)[:2]
