@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,6 +84,10 @@ def check_not_a_batch_half(value: Any, name: str, call: str, batch_name: str = "
             f"{batch_name}=(inputs, targets) ({BATCH_FORM}).")
 
 
+_SETUP_TYPES = (TypeError, ValueError, IndexError, KeyError, AttributeError, NotImplementedError, RuntimeError)
+_SETUP_ERRORS = frozenset(t.__name__ for t in _SETUP_TYPES) | {"SecondOrderError", "TrackingSetupError"}
+
+
 def failure_kind(exc: BaseException, *, first: bool) -> str:
     """The kind of a failed measurement (one of :data:`FAILURE_KINDS`). ``first``: no measurement has succeeded
     yet, so an error of the kinds a wrong set-up raises (TypeError, ValueError, IndexError, KeyError,
@@ -93,10 +98,13 @@ def failure_kind(exc: BaseException, *, first: bool) -> str:
         return "out_of_memory"
     if isinstance(exc, FloatingPointError):
         return "non_finite"
-    if type(exc).__name__ == "RemoteRankError":
-        return "remote_rank"
-    if first and isinstance(exc, (TypeError, ValueError, IndexError, KeyError, AttributeError, NotImplementedError,
-                                  RuntimeError)) and not isinstance(exc, (TimeoutError, ConnectionError)):
+    if type(exc).__name__ == "RemoteRankError":  # "rank 1 failed ...: ValueError: ...": sorted as that rank's error,
+        quoted = re.search(r": (\w+): ", str(exc))  # so that every rank raises (or warns) alike
+        name = quoted.group(1) if quoted else ""
+        if name == "FloatingPointError":
+            return "non_finite"
+        return "setup" if first and name in _SETUP_ERRORS else "remote_rank"
+    if first and type(exc).__name__ in _SETUP_ERRORS or first and isinstance(exc, _SETUP_TYPES):
         return "setup"
     return "error"
 

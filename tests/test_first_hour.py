@@ -347,3 +347,20 @@ def test_hf_callback_without_a_probe_batch_raises_at_once_or_warns_once():
             state.global_step = step
             cb.on_pre_optimizer_step(None, state, None, **event)
     assert len([w for w in caught if "no probe batch" in str(w.message)]) == 1 and cb.history == []
+
+
+def test_failure_kinds_agree_between_ranks():
+    # the failing rank raises its own error, the others a RemoteRankError quoting it: both sort it the same way,
+    # so every rank raises a set-up error together (or warns together) instead of one rank leaving the others
+    # waiting in the next collective
+    from curvature.distributed import RemoteRankError
+    from curvature.usage import failure_kind
+
+    local = ValueError("Expected input batch_size (8) to match target batch_size (5).")
+    remote = RemoteRankError(f"rank 1 failed to build the Hessian operator: ValueError: {local}")
+    assert failure_kind(local, first=True) == failure_kind(remote, first=True) == "setup"
+    assert (failure_kind(local, first=False), failure_kind(remote, first=False)) == ("error", "remote_rank")
+    oom = RemoteRankError("rank 1 failed in an HVP: RuntimeError: CUDA out of memory (simulated)")
+    assert failure_kind(oom, first=True) == "out_of_memory"
+    assert failure_kind(FloatingPointError("the loss is nan"), first=True) == "non_finite"
+    assert failure_kind(TimeoutError("gloo"), first=True) == "error"
