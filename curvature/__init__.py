@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .plotting import plot_sharpness, plot_spectrum
     from .tracking import (
         ROW_KEYS, CallableSink, CSVSink, JSONLinesSink, LoggingSink, SharpnessTracker, TensorBoardSink, TrackingError,
-        TrackingWarning, model_output_loss, read_rows,
+        TrackingSetupError, TrackingWarning, model_output_loss, read_rows,
     )
 
     # trace, spectral density, per-layer curvature
@@ -105,6 +105,7 @@ _LAZY: dict[str, str] = {
     "SharpnessTracker": ".tracking",
     "TensorBoardSink": ".tracking",
     "TrackingError": ".tracking",
+    "TrackingSetupError": ".tracking",
     "TrackingWarning": ".tracking",
     "model_output_loss": ".tracking",
     "read_rows": ".tracking",
@@ -202,7 +203,7 @@ __all__ = [
     "PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
     "is_adam_like", "gi_adam_init", "GIAdam", "unwrap_optimizer",
     # tracking and plots
-    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
+    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingSetupError", "TrackingWarning", "CSVSink", "JSONLinesSink",
     "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
     "plot_sharpness", "plot_spectrum",
     # spectrum

@@ -67,6 +67,7 @@ from .operators import HessianOperator, LinearOperator
 from .sharded import clip_factor
 from ._validate import check_positive_float
 from .solvers import EigenResult
+from .usage import check_batch_argument, check_not_a_batch_half
 
 __all__ = ["PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
            "is_adam_like", "gi_adam_init", "GIAdam"]
@@ -452,6 +453,10 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    call = "preconditioned_sharpness(model, loss_fn, data, optimizer)"
+    check_not_a_batch_half(optimizer, "optimizer", call, batch_name="data")
+    check_not_a_batch_half(k, "k", call, batch_name="data")
+    check_batch_argument(data, "data", call)
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead,
                                        lookahead_dtype=lookahead_dtype, max_grad_norm=max_grad_norm, **op_kw)
