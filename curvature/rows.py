@@ -38,7 +38,8 @@ INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "
 #: Boolean columns.
 BOOL_KEYS = ("converged", "warm_start", "lookahead")
 #: Text columns (never parsed as numbers).
-STR_KEYS = ("optimizer", "when", "error", "file", "preconditioner", "file_id", "options", "run", "solver", "source")
+STR_KEYS = ("optimizer", "when", "error", "file", "preconditioner", "file_id", "options", "run", "solver", "source",
+            "stability_note")
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
               "-infinity": -math.inf}

@@ -58,8 +58,8 @@ from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_option
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
-from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
-                    unwrap_optimizer)
+from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, lookahead_required,
+                    require_diagonal_preconditioner, stability_note, stability_threshold, unwrap_optimizer)
 from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
 from ._validate import check_optional_positive_int, check_seed, check_tol
 
@@ -75,7 +75,7 @@ ROW_KEYS: tuple[str, ...] = (
     "lr",                         # optimizer.param_groups[0]["lr"] at the time of measurement
     "loss",                       # mean loss at the measured parameters, on the probe data
     "sharpness",                  # λ_max(H)
-    "preconditioned_sharpness",   # λ_max(P⁻¹H) for Adam/AdamW, else None
+    "preconditioned_sharpness",   # λ_max(P⁻¹H) for optimizers with a diagonal P (Adam, RMSprop, ...), else None
     "threshold",                  # stability_threshold(optimizer): 2/η (SGD), (2+2μ)/η, (2+2β₁)/((1−β₁)η) (Adam)
     "edge_ratio",                 # λ / threshold (λ^{P⁻¹H} for Adam): 1.0 = edge of stability
     "num_hvps",                   # Hessian-vector products spent on this row (H and P⁻¹H, retries included)
@@ -97,6 +97,7 @@ ROW_KEYS: tuple[str, ...] = (
     "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
     "solver",                     # eigensolver used
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
+    "stability_note",             # why threshold / edge_ratio / preconditioned_sharpness is empty; None when all are there
 ) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
@@ -151,10 +152,6 @@ def warm_started_solve(fn: Callable[..., Any], X0: torch.Tensor | None, *, retry
 # ---------------------------------------------------------------------------------------------------
 def _finite(values: Sequence[float]) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
-
-
-def _has_adam_state(optimizer: torch.optim.Optimizer) -> bool:
-    return any("exp_avg_sq" in optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"])
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -506,7 +503,7 @@ class SharpnessTracker:
                 # lr = 0 (the first step of a warm-up from 0): λ_max(P⁻¹H) is defined, the threshold is not
                 P_op = None
                 if opt is not None and self._wants_preconditioned(opt):
-                    lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
+                    lookahead = self.lookahead if self.lookahead != "auto" else lookahead_required(opt)
                     row["lookahead"] = bool(lookahead)
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
                     if self.share_graph:
@@ -532,7 +529,9 @@ class SharpnessTracker:
                 if self.signals:
                     row.update(self._signals(net, opt, H, P_op, data))
                     row["num_hvps"] += row["signals_num_hvps"] or 0
-            top = row["preconditioned_sharpness"] if row["preconditioned_sharpness"] is not None else row["sharpness"]
+            # the threshold of an optimizer with a diagonal P is one for λ(P⁻¹H), never for λ(H)
+            top = row["preconditioned_sharpness"] if opt is not None and has_diagonal_preconditioner(opt) \
+                else row["sharpness"]
             if row["threshold"] is not None and top is not None:
                 row["edge_ratio"] = float(edge_ratio(opt, top))
         except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
@@ -541,6 +540,8 @@ class SharpnessTracker:
             row["converged"] = False
             log.debug("measurement at step %s failed", step, exc_info=True)
         row["seconds"] = time.perf_counter() - t0
+        if opt is not None:
+            row["stability_note"] = self._stability_note(opt, row, problems)
         if problems:
             row["error"] = "; ".join(problems)
             if self.on_error == "warn":
@@ -565,10 +566,27 @@ class SharpnessTracker:
 
     def _wants_preconditioned(self, opt: Any) -> bool:
         if self.preconditioned == "auto":
-            return is_adam_like(opt)
-        if self.preconditioned and not is_adam_like(opt):
-            raise TypeError(f"preconditioned=True needs torch.optim.Adam/AdamW, got {type(opt).__name__}")
+            return has_diagonal_preconditioner(opt)
+        if self.preconditioned and not has_diagonal_preconditioner(opt):
+            require_diagonal_preconditioner(opt, "preconditioned=True")  # names it and what to use instead
         return bool(self.preconditioned)
+
+    def _stability_note(self, opt: Any, row: dict, problems: list[str]) -> str | None:
+        """Why a stability column of this row is empty (None when threshold and edge_ratio are there)."""
+        if row["threshold"] is not None and row["edge_ratio"] is not None:
+            return None
+        try:
+            note = stability_note(opt) if row["threshold"] is None else None
+            if row["threshold"] is None and note is None:
+                stability_threshold(opt)  # raises what is wrong (lr = 0, beta1 = 1, dampening = 1, ...)
+        except (TypeError, ValueError) as exc:
+            note = f"no stability threshold: {str(exc).splitlines()[0]}"
+        if note is None and row["preconditioned_sharpness"] is None and has_diagonal_preconditioner(opt):
+            note = (f"edge_ratio needs λ(P⁻¹H) for {type(opt).__name__} (its threshold is one for P⁻¹H, not H), "
+                    "and preconditioned=False")
+        if note is None and problems:
+            note = "the measurement did not complete; see error"
+        return note
 
     def _emit(self, row: dict) -> None:
         self.last = row
