@@ -1,6 +1,7 @@
-"""Optimizer-aware curvature: Adam's pre-conditioned sharpness, stability thresholds, GI-Adam.
+"""Optimizer-aware curvature: pre-conditioned sharpness (Adam and other diagonal pre-conditioners), stability
+thresholds, GI-Adam.
 
-**Pre-conditioned sharpness.** PyTorch's Adam/AdamW step is θ ← θ − η·m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ),
+**Pre-conditioned sharpness (Adam).** PyTorch's Adam/AdamW step is θ ← θ − η·m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ),
 v̂ = v/(1−β₂ᵗ). Written as θ ← θ − η·P⁻¹m with the diagonal pre-conditioner
 
     P = (1−β₁ᵗ)·diag(√v̂ + ε),
@@ -24,8 +25,29 @@ built from the current batch gradient g (computed in float64): v ← β₂v + (1
 ``lookahead=False`` reads the P of the last step taken (v, t as stored). ``info["preconditioner"]`` says which
 (``"next_step"`` / ``"last_step"``). The Hessian H is always that of the loss alone (no decay term).
 
+**Other diagonal pre-conditioners.** The same operator serves every optimizer whose step is
+Δ = −η·P⁻¹·(numerator) with a diagonal P, η the group's lr; scalar factors of η (bias corrections, Adagrad's lr
+decay, Adafactor's relative step) go into P, as Adam's (1−β₁ᵗ) does. With g' = g (+ wd·θ for L2 decay) and t' =
+step + 1, torch 2.13's rules give (lookahead; the last-step P uses the state as stored):
+
+* RMSprop: P = √(αv + (1−α)g'²) + ε; centered: √(αv + (1−α)g'² − ḡ'²) + ε with ḡ' = αḡ + (1−α)g'; with momentum
+  μ the buffer is buf ← μ·buf + P⁻¹g', θ ← θ − η·buf (same P). Numerator g'.
+* Adagrad: P = (1 + (t'−1)·lr_decay)·(√(sum + g'²) + ε). Numerator g'.
+* Adamax: P = (1−β₁^{t'})·max(β₂u, |g'| + ε). Numerator m' (the EMA).
+* NAdam: Δ = −η·D⁻¹(a·g' + b·m'), D = √(v'/(1−β₂^{t'})) + ε, a = (1−μ_t)/(1−Π_t), b = μ_{t+1}/(1−Π_{t+1}) (μ_t the
+  momentum cache, Π_t its running product); P = D·(1−β₁)/(a(1+β₁) + b(1−β₁)), the factor that makes Adam's threshold
+  the one for λ(P⁻¹H) (for Adam, a = 0 and b = 1/(1−β₁ᵗ) give P = (1−β₁ᵗ)·D).
+* RAdam: rectified (ρ_t > 5): P = (1−β₁^{t'})·(√v' + ε)/(r_t·√(1−β₂^{t'})) (ε outside the bias correction, as torch
+  adds it); not rectified (ρ_t ≤ 5, the first steps): the step is un-preconditioned momentum SGD, P = (1−β₁^{t'})·I
+  (``info["unrectified"]`` lists those parameters). Numerator m'.
+* Adafactor: P = (η·c/α)·√max(V̂, ε₁²), V̂ the factored (row·col / mean row) or full second moment, α =
+  max(ε₂, RMS(θ))·min(η, 1/√t'), c = max(1, RMS(g/√V̂)/d) the update clipping of this gradient. Lookahead only.
+* Adadelta: P = √(v' + ε)/√(u + ε), u = ``acc_delta`` before the step. Lookahead only.
+* SGD has P = I (use λ_max(H)); Muon's orthogonalised update is not diagonal: :func:`preconditioned_sharpness`
+  raises a ``TypeError`` that says so and points to λ_c (critical sharpness).
+
 **Stability thresholds** (:func:`stability_threshold`, derived on a quadratic with curvature λ, for PyTorch's
-update rules; η = the first group's current lr, i.e. whatever a scheduler set):
+update rules, P frozen; η = the first group's current lr, i.e. whatever a scheduler set):
 
 * SGD: λ < 2/η.
 * SGD with momentum μ and dampening d (buf ← μ·buf + (1−d)·g, θ ← θ − η·buf): the iteration
@@ -34,7 +56,16 @@ update rules; η = the first group's current lr, i.e. whatever a scheduler set):
 * Nesterov (PyTorch form: buf ← μ·buf + (1−d)·g, θ ← θ − η·(g + μ·buf)): with x = ηλ the characteristic
   polynomial is z² − (1+μ−x(1+μ−μd))z + μ(1−x) = 0; the Jury conditions give λ < (2+2μ)/((1+2μ−μd)η), i.e.
   (2+2μ)/((1+2μ)η) for d = 0 (PyTorch requires d = 0 with Nesterov): ≈ 1.357/η for μ = 0.9.
-* Adam/AdamW: λ^{P⁻¹H} < (2+2β₁)/((1−β₁)η), β₁ of the first group.
+* Adam/AdamW: λ^{P⁻¹H} < (2+2β₁)/((1−β₁)η), β₁ of the first group. The same for Adamax and RAdam (the same
+  heavy ball m ← β₁m + (1−β₁)g on P⁻¹H; RAdam's un-rectified steps too, with P = (1−β₁ᵗ)·I).
+* NAdam: with x = ηλ(D⁻¹H) the iteration (θ, m) has z² − (1 + β₁ − x(a + b(1−β₁)))z + β₁(1 − a·x) = 0; the Jury
+  conditions give x < 2(1+β₁)/(a(1+β₁) + b(1−β₁)) (the |det| < 1 condition is weaker), i.e. λ(P⁻¹H) <
+  (2+2β₁)/((1−β₁)η) with NAdam's P above.
+* RMSprop: λ^{P⁻¹H} < 2/η; with momentum μ (heavy ball on P⁻¹H, buffer from 0): (2+2μ)/η once the buffer exists,
+  2/η before the first step.
+* Adagrad, Adafactor, Adadelta, Muon: ``None`` (:func:`stability_note` says why: Adagrad's accumulator only grows,
+  so P is never quasi-static; Adafactor's step is relative to ‖θ‖ and clipped; Adadelta's P divides by its own past
+  updates; Muon has no diagonal P). The stability figure there is λ_c·η (critical sharpness).
 
 With (L2) ``weight_decay`` wd in SGD the optimizer sees H + wd·I: the threshold applies to λ^H + wd, where λ^H
 is the loss Hessian's sharpness that :func:`~curvature.sharpness` reports (without the decay term).
@@ -248,8 +279,9 @@ def stability_threshold(optimizer: Any) -> float | None:
 def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
     """``eigenvalue / stability_threshold(optimizer)``: 1.0 is the edge of stability.
 
-    Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW (a float, a 0-d tensor, or an
-    :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2.
+    Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW and the other diagonal pre-conditioners (a float, a 0-d
+    tensor, or an :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2. An optimizer
+    without a derived threshold (Adagrad, ...) is a ``ValueError`` that says why (:func:`stability_note`).
     """
     if isinstance(eigenvalue, EigenResult):
         eigenvalue = eigenvalue.eigenvalue
@@ -407,7 +439,8 @@ def _diagonal_P(kind: str, group: dict, state: dict, p: torch.Tensor, g: torch.T
 # The pre-conditioned operator
 # ---------------------------------------------------------------------------------------------------
 class PreconditionedHessianOperator(LinearOperator):
-    """P^{-1/2} H P^{-1/2} for Adam/AdamW's diagonal pre-conditioner P (same eigenvalues as P⁻¹H).
+    """P^{-1/2} H P^{-1/2} for an optimizer's diagonal pre-conditioner P (same eigenvalues as P⁻¹H): Adam/AdamW as
+    below; RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor and Adadelta with the P of the module docstring.
 
     H is a :class:`~curvature.operators.HessianOperator` built with the same ``params`` and options
     (``method``, ``dtype``, ``device``, ``seed``, ``max_batch_size``, ``distributed``, ...), available as
@@ -421,8 +454,10 @@ class PreconditionedHessianOperator(LinearOperator):
 
     Args:
         model, loss_fn, data, params: as for :class:`HessianOperator`; frozen parameters are not in it.
-        optimizer: a ``torch.optim.Adam`` / ``AdamW`` that owns every parameter of the operator (for-loop,
-            foreach or fused implementation; ``step`` stored as a tensor or a number).
+        optimizer: a ``torch.optim.Adam`` / ``AdamW`` (or another optimizer with a diagonal P:
+            :func:`has_diagonal_preconditioner`) that owns every parameter of the operator (for-loop, foreach or
+            fused implementation; ``step`` stored as a tensor or a number). SGD and Muon: a ``TypeError`` that
+            says what to use instead.
         lookahead: ``True`` (default): the P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, then the
             running max with amsgrad; g = this data's gradient, computed in float64, plus wd·θ for Adam's L2
             weight decay); works before the first step (v = (1−β₂)g², t = 1). ``False``: the P of the last step
@@ -638,16 +673,18 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
                              lookahead_dtype: torch.dtype | str | None = "auto",
                              largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
                              **operator_options: Any) -> EigenResult:
-    """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
-    those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
+    """Top-k eigenvalues of the pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are those of
+    the symmetric form) for Adam/AdamW and the other diagonal pre-conditioners (RMSprop, Adagrad, Adamax, NAdam,
+    RAdam, Adafactor, Adadelta), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
 
     Compare ``eigenvalues[0]`` with :func:`stability_threshold` ``(2+2β₁)/((1−β₁)η)``, or use
     :func:`edge_ratio`. Solver options as in :func:`~curvature.sharpness`; extra keyword options go to the
     inner :class:`HessianOperator`. ``lookahead=True`` (default) uses the P of the step about to be taken,
     ``False`` that of the last step taken. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead``,
     ``preconditioner`` (``"next_step"`` / ``"last_step"``), ``left_out`` (parameters without Adam state and
-    without gradient, whose zero rows of H are left out) and ``threshold`` (``None`` at lr = 0, where it is
-    undefined).
+    without gradient, whose zero rows of H are left out), ``threshold`` (``None`` at lr = 0, where it is
+    undefined, and for optimizers without a derived threshold), ``stability_note`` (why ``threshold`` is ``None``;
+    ``None`` when it is there), ``optimizer`` (its class name) and, for RAdam, ``unrectified``.
     """
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:

@@ -1,8 +1,10 @@
 """Sharpness during training: :class:`SharpnessTracker` and the sinks its rows go to.
 
 A tracker measures, every ``every`` steps, the top Hessian eigenvalue λ_max(H) of the loss at the model's current
-parameters (and, for Adam/AdamW, the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
-stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement::
+parameters (and, for an optimizer with a diagonal pre-conditioner — Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam,
+RAdam, Adafactor, Adadelta — the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
+stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement; where no
+threshold is derived, ``stability_note`` says so (and what to use instead)::
 
     tracker = SharpnessTracker(F.cross_entropy, every=50, sinks=["sharpness.csv"])
     for i, (x, y) in enumerate(loader):
@@ -211,12 +213,16 @@ class SharpnessTracker:
             g leans towards the top eigenvectors (at the edge of stability the iterates oscillate along them):
             the cold GPT row took 23 HVPs instead of 33; added to a warm start it helped at every=100 on the MLP
             and cost a little at every=1/10 (``docs/tracking.md``).
-        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
-            ``False`` never.
+        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer has a diagonal pre-conditioner
+            (Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor, Adadelta:
+            :func:`~curvature.optim.has_diagonal_preconditioner`); ``True`` requires it, ``False`` never. Where a
+            stability column stays empty (no derived threshold: Adagrad, Adafactor, Adadelta, Muon; lr = 0;
+            ``preconditioned=False`` with an adaptive optimizer), the row's ``stability_note`` says why.
         lookahead: ``True`` (default): P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = the
             measured batch's gradient), matching what a row describes; ``False``: P of the last step taken (from
-            the optimizer state; undefined before the first step); ``"auto"``: last step once state exists, next
-            step before (the old behaviour). Each row says which in ``preconditioner``.
+            the optimizer state; undefined before the first step); ``"auto"``: last step once the optimizer has
+            stepped, next step before (and always for Adafactor and Adadelta, whose last-step P cannot be rebuilt:
+            :func:`~curvature.optim.lookahead_required`). Each row says which in ``preconditioner``.
         share_graph: λ(H) and λ(P⁻¹H) (and the signals) from one first-order graph per measurement (default);
             ``False`` builds one per solve (the old cost).
         signals: also compute the per-step signals of :mod:`curvature.signals` (batch sharpness, update

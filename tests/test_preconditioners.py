@@ -181,35 +181,39 @@ class Scalar(nn.Module):
 
 
 THRESHOLD_OPTS = {
-    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-12, eps=1e6),
-    "RMSprop-momentum": lambda ps: torch.optim.RMSprop(ps, lr=1e-12, eps=1e6, momentum=0.8),
-    "Adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-12, eps=1e6),
-    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-12, eps=1e6, momentum_decay=1e3),
-    "RAdam": lambda ps: torch.optim.RAdam(ps, lr=1e-12, eps=1e6, betas=(0.9, 0.9)),
+    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-12, eps=1e8),
+    "RMSprop-momentum": lambda ps: torch.optim.RMSprop(ps, lr=1e-12, eps=1e8, momentum=0.8),
+    "Adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-12, eps=1e8),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-12, eps=1e8),  # μ_t ≈ β₁/2 early: 10× Adam's edge ratio
+    "NAdam-late": lambda ps: torch.optim.NAdam(ps, lr=1e-12, eps=1e8, momentum_decay=1e3),  # μ_t = β₁
+    "RAdam": lambda ps: torch.optim.RAdam(ps, lr=1e-12, eps=1e8, betas=(0.9, 0.9)),
 }
 
 
 @pytest.mark.parametrize("kind", list(THRESHOLD_OPTS))
 def test_threshold_is_the_edge_of_the_optimizers_own_iteration(kind):
-    """L = ½λw²; with ε = 1e6 P is frozen. After 200 warm-up steps at a negligible lr, the lr is set so that
-    edge_ratio = λ(P⁻¹H)/threshold is 0.97 or 1.03: |w| must shrink, resp. grow, over the optimizer's own steps."""
+    """L = ½λw²; with ε = 1e8 P is frozen. After 50 warm-up steps at a negligible lr, the lr is set so that
+    edge_ratio = λ(P⁻¹H)/threshold is 0.97 or 1.03: |w| must shrink, resp. grow, over the optimizer's own steps
+    (grow: its largest value; far out, v would grow into P and stabilise it again)."""
     x, lam = torch.ones(1, dtype=DT), 4.0
 
     def loss_fn(out, y):  # one sample: mean = sum
         return 0.5 * lam * (out ** 2).mean()
 
-    finals = {}
+    seen = {}
     for target in (0.97, 1.03):
         model = Scalar()
         opt = THRESHOLD_OPTS[kind](model.parameters())
-        train(model, loss_fn, (x, None), opt, 200)
+        train(model, loss_fn, (x, None), opt, 50)
         opt.param_groups[0]["lr"] = 1.0
         ratio = edge_ratio(opt, preconditioned_sharpness(model, loss_fn, (x, None), opt, tol=1e-12))
         opt.param_groups[0]["lr"] = target / ratio
-        w0 = float(model.w.detach())
-        train(model, loss_fn, (x, None), opt, 1500)
-        finals[target] = abs(float(model.w.detach())) / abs(w0)
-    assert finals[0.97] < 0.5 and finals[1.03] > 2.0, finals
+        w0, path = abs(float(model.w.detach())), []
+        for _ in range(8):
+            train(model, loss_fn, (x, None), opt, 100)
+            path.append(abs(float(model.w.detach())) / w0)
+        seen[target] = path
+    assert seen[0.97][-1] < 0.3 and max(seen[1.03]) > 3.0, seen
 
 
 def test_threshold_formulas_beyond_adam():
