@@ -60,7 +60,8 @@ from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_option
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
-from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, lookahead_required,
+from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
+                    lookahead_required,
                     require_diagonal_preconditioner, stability_note, stability_threshold, unwrap_optimizer)
 from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
 from ._validate import check_optional_positive_int, check_seed, check_tol
@@ -154,6 +155,12 @@ def warm_started_solve(fn: Callable[..., Any], X0: torch.Tensor | None, *, retry
 # ---------------------------------------------------------------------------------------------------
 def _finite(values: Sequence[float]) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
+
+
+def _is_sharded(net: torch.nn.Module) -> bool:
+    from .sharded import is_sharded_model  # lazily: torch.distributed's FSDP pieces only when needed
+
+    return is_sharded_model(net)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -508,7 +515,7 @@ class SharpnessTracker:
 
                 # lr = 0 (the first step of a warm-up from 0): λ_max(P⁻¹H) is defined, the threshold is not
                 P_op = None
-                if opt is not None and self._wants_preconditioned(opt):
+                if opt is not None and self._wants_preconditioned(opt, net):
                     lookahead = self.lookahead if self.lookahead != "auto" else lookahead_required(opt)
                     row["lookahead"] = bool(lookahead)
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
@@ -570,9 +577,9 @@ class SharpnessTracker:
         """Which parameters the operator runs over; warm-start vectors are kept only while it is the same."""
         return tuple((id(p), tuple(p.shape), p.requires_grad) for p in net.parameters())
 
-    def _wants_preconditioned(self, opt: Any) -> bool:
-        if self.preconditioned == "auto":
-            return has_diagonal_preconditioner(opt)
+    def _wants_preconditioned(self, opt: Any, net: torch.nn.Module) -> bool:
+        if self.preconditioned == "auto":  # a fully-sharded model: P is read shard by shard for Adam/AdamW only
+            return has_diagonal_preconditioner(opt) and (is_adam_like(opt) or not _is_sharded(net))
         if self.preconditioned and not has_diagonal_preconditioner(opt):
             require_diagonal_preconditioner(opt, "preconditioned=True")  # names it and what to use instead
         return bool(self.preconditioned)
@@ -588,8 +595,10 @@ class SharpnessTracker:
         except (TypeError, ValueError) as exc:
             note = f"no stability threshold: {str(exc).splitlines()[0]}"
         if note is None and row["preconditioned_sharpness"] is None and has_diagonal_preconditioner(opt):
+            why = "preconditioned=False" if self.preconditioned is False else \
+                "λ(P⁻¹H) of a fully-sharded (FSDP2) model is implemented for Adam/AdamW only"
             note = (f"edge_ratio needs λ(P⁻¹H) for {type(opt).__name__} (its threshold is one for P⁻¹H, not H), "
-                    "and preconditioned=False")
+                    f"and {why}")
         if note is None and problems:
             note = "the measurement did not complete; see error"
         return note

@@ -315,3 +315,16 @@ def test_tracker_row_with_muon_says_why():
     assert "Muon has no diagonal pre-conditioner" in row["stability_note"]
     with pytest.warns(Warning, match=r"got Muon: Muon has no diagonal"):
         SharpnessTracker(F.mse_loss, every=1, preconditioned=True).step(model, opt, data, step=0)
+
+
+def test_tracker_on_a_sharded_model_with_rmsprop_says_why(monkeypatch):
+    """λ(P⁻¹H) of a fully-sharded model is read shard by shard for Adam/AdamW only: with another optimizer the
+    tracker measures λ(H), keeps the threshold and says why edge_ratio is empty (instead of an error row)."""
+    import curvature.sharded
+
+    monkeypatch.setattr(curvature.sharded, "is_sharded_model", lambda model: True)  # the operator itself is dense
+    rows, *_ = _tracked(lambda ps: torch.optim.RMSprop(ps, lr=1e-2), steps=1)
+    r = rows[0]
+    assert r["error"] is None and r["sharpness"] > 0 and r["threshold"] == pytest.approx(200.0)
+    assert r["preconditioned_sharpness"] is None and r["edge_ratio"] is None
+    assert "fully-sharded (FSDP2) model is implemented for Adam/AdamW only" in r["stability_note"]
