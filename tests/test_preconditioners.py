@@ -328,3 +328,25 @@ def test_tracker_on_a_sharded_model_with_rmsprop_says_why(monkeypatch):
     assert r["error"] is None and r["sharpness"] > 0 and r["threshold"] == pytest.approx(200.0)
     assert r["preconditioned_sharpness"] is None and r["edge_ratio"] is None
     assert "fully-sharded (FSDP2) model is implemented for Adam/AdamW only" in r["stability_note"]
+
+
+def test_checkpoint_analysis_beyond_adam(tmp_path):
+    """analyze_checkpoints: an RMSprop checkpoint gets λ(P⁻¹H) and the edge ratio against it (not λ(H) against
+    RMSprop's P⁻¹H threshold); an Adagrad one says why threshold and edge_ratio are empty."""
+    from curvature.checkpoints import analyze_checkpoints
+
+    for name, make in (("rmsprop", lambda ps: torch.optim.RMSprop(ps, lr=1e-2)),
+                       ("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=1e-1))):
+        model, loss_fn, data = mlp_mse()
+        opt = make(model.parameters())
+        train(model, loss_fn, data, opt, 3)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 3}, tmp_path / f"{name}.pt")
+        fresh = lambda: mlp_mse()[0]  # noqa: E731 - the architecture (its parameters come from the checkpoint)
+        row, = analyze_checkpoints(tmp_path / f"{name}.pt", fresh, data, loss_fn, optimizer_factory=make, tol=1e-10)
+        want = preconditioned_sharpness(model, loss_fn, data, opt, tol=1e-10).eigenvalue
+        assert row["error"] is None and row["preconditioned_sharpness"] == pytest.approx(want, rel=1e-8)
+        if name == "rmsprop":
+            assert row["edge_ratio"] == pytest.approx(want / 200.0, rel=1e-8) and row["stability_note"] is None
+        else:
+            assert row["threshold"] is None and row["edge_ratio"] is None
+            assert row["stability_note"].startswith("no stability threshold derived for Adagrad")
