@@ -19,6 +19,7 @@ from torch import nn
 
 from conftest import DT, dense_hessian_fd, mlp_mse, rel_err
 from curvature import SharpnessTracker
+from curvature.sinks import format_row
 from curvature.optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner,
                              preconditioned_sharpness, stability_note, stability_threshold)
 
@@ -122,6 +123,13 @@ STEP_OPTS = {
     "Adafactor": _adafactor,
     "Adadelta": lambda ps: torch.optim.Adadelta(ps, lr=1.0),
     "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    # the multi-tensor implementations compute the same step
+    "Adagrad-foreach": lambda ps: torch.optim.Adagrad(ps, lr=1e-1, lr_decay=0.1, foreach=True),
+    "Adamax-foreach": lambda ps: torch.optim.Adamax(ps, lr=1e-2, foreach=True),
+    "NAdam-foreach": lambda ps: torch.optim.NAdam(ps, lr=1e-2, foreach=True),
+    "RAdam-rectified-foreach": lambda ps: torch.optim.RAdam(ps, lr=1e-2, betas=(0.9, 0.9), foreach=True),
+    "Adafactor-foreach": lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=True),
+    "Adadelta-foreach": lambda ps: torch.optim.Adadelta(ps, lr=1.0, foreach=True),
 }
 
 
@@ -153,7 +161,7 @@ def test_P_is_what_the_next_step_divides_by(kind):
             expected = -lr * (grp["momentum"] * st0["momentum_buffer"] + g / Pk)
         elif kind.startswith(("Adamax", "RAdam", "Adam")):
             expected = -lr * st["exp_avg"] / Pk  # Δ = −η·P⁻¹·m'
-        elif kind == "NAdam":  # Δ = −η·(a·g + b·m')/D, P = D·(1−β₁)/(a(1+β₁) + b(1−β₁))
+        elif kind.startswith("NAdam"):  # Δ = −η·(a·g + b·m')/D, P = D·(1−β₁)/(a(1+β₁) + b(1−β₁))
             b1, psi = grp["betas"][0], grp["momentum_decay"]
             mu = b1 * (1 - 0.5 * 0.96 ** (t * psi))
             mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * psi))
@@ -165,7 +173,7 @@ def test_P_is_what_the_next_step_divides_by(kind):
             expected = -lr * g / Pk
         torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-16)
     if kind.startswith("RAdam"):
-        assert op.info["unrectified"] == ([] if kind.endswith("-rectified") else names_of(model))
+        assert op.info["unrectified"] == ([] if "-rectified" in kind else names_of(model))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +300,7 @@ def test_tracker_rows_beyond_adam():
         assert r["threshold"] is None and r["edge_ratio"] is None
         assert r["stability_note"].startswith("no stability threshold derived for Adagrad") and "λ_c·η" in r["stability_note"]
     assert rows[0]["preconditioner"] == "next_step"  # Adagrad's state exists at construction, with step = 0
+    assert "note: no stability threshold derived for Adagrad" in format_row(rows[0])  # the LoggingSink line
 
     rows, *_ = _tracked(lambda ps: torch.optim.Adafactor(ps, lr=1e-2), lookahead="auto")
     assert all(r["preconditioned_sharpness"] > 0 and r["preconditioner"] == "next_step" for r in rows)
