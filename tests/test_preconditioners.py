@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DT, dense_hessian_fd, mlp_mse, rel_err
+from conftest import DT, assert_same_state, dense_hessian_fd, mlp_mse, rel_err, snapshot
 from curvature import SharpnessTracker
 from curvature.sinks import format_row
 from curvature.optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner,
@@ -138,7 +138,9 @@ def test_P_is_what_the_next_step_divides_by(kind):
     model, loss_fn, data = mlp_mse()
     opt = STEP_OPTS[kind](model.parameters())
     train(model, loss_fn, data, opt, 2 if kind == "RAdam-unrectified" else 6)  # t' = 3: ρ_t ≤ 5
+    before_state = snapshot(model, opt)
     op = PreconditionedHessianOperator(model, loss_fn, data, opt)  # lookahead: the step about to be taken
+    assert_same_state(before_state, model, opt)  # parameters, grads, buffers, RNG, optimizer state: bit for bit
     P = op.unflatten(op.preconditioner)
     # the real step, on a copy
     m2, o2 = copy.deepcopy((model, opt))
@@ -240,6 +242,12 @@ def test_threshold_formulas_beyond_adam():
         assert note.startswith(f"no stability threshold derived for {type(opt).__name__}") and "λ_c·η" in note
     assert "no diagonal pre-conditioner" in stability_note(torch.optim.Muon(p))
     assert stability_note(torch.optim.SGD(p, lr=0.1)) is None and stability_note(rms) is None
+    from curvature.warmup.feedback import threshold_numerator
+
+    assert threshold_numerator(torch.optim.RMSprop(p, lr=0.1)) == pytest.approx(2.0)
+    with pytest.raises(TypeError, match=r"warm-up needs a stability threshold: no stability threshold derived for "
+                                        r"Adagrad"):
+        threshold_numerator(torch.optim.Adagrad(p))
 
 
 # --------------------------------------------------------------------------------------------------
