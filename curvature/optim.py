@@ -601,7 +601,9 @@ class PreconditionedHessianOperator(LinearOperator):
             group = opt.param_groups[gi]
             lr = lr0 if lr0 == 0 else _group_lr(group, gi)
             state = opt.state.get(p, {})
-            has_state = "step" in state and _scalar(state["step"]) > 0
+            # state that data has written: stepped, or Adam's initialised moments (GI-Adam: v₀ = g₀², step 0);
+            # Adagrad's state at construction (step 0, sum = initial value) carries no gradient yet
+            has_state = "step" in state and (_scalar(state["step"]) > 0 or kind == "adam")
 
             def read(key: str, default: torch.Tensor | None) -> torch.Tensor | None:
                 """A detached float64 copy of a state tensor on the operator's device (``default`` if absent)."""
