@@ -367,3 +367,19 @@ def test_checkpoint_analysis_beyond_adam(tmp_path):
         else:
             assert row["threshold"] is None and row["edge_ratio"] is None
             assert row["stability_note"].startswith("no stability threshold derived for Adagrad")
+
+
+def test_gi_adam_moments_count_as_used_and_adagrad_initial_state_does_not():
+    """Left out (P = inf) is for parameters no data has reached: no state, or Adagrad's state at construction. A
+    parameter with GI-Adam's initialised moments (step 0) keeps its P even on a zero gradient."""
+    from test_preconditioned import UnusedHead
+
+    torch.manual_seed(12)
+    model = UnusedHead().to(DT)
+    data = (torch.randn(10, 4, dtype=DT), torch.randint(0, 3, (10,)))
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for p in model.parameters():  # as gi_adam_init leaves it: v₀ = g₀², m₀ = 0, step = 0
+        adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.ones_like(p))
+    assert preconditioned_sharpness(model, F.cross_entropy, data, adam).info["left_out"] == []
+    ada = torch.optim.Adagrad(model.parameters(), lr=1e-2)
+    assert preconditioned_sharpness(model, F.cross_entropy, data, ada).info["left_out"] == ["aux.weight", "aux.bias"]
