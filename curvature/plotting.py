@@ -128,13 +128,24 @@ def _constant(values: Sequence[float]) -> bool:
     return bool(values) and max(values) - min(values) <= 1e-9 * max(abs(v) for v in values)
 
 
+def _preconditioned_threshold_label(rows: Sequence[dict]) -> str:
+    """The legend of the threshold drawn against λ(P⁻¹H): RMSprop's is GD's (or momentum's), the Adam family's is
+    (2+2β₁)/((1−β₁)η) (docs/optimizers.md)."""
+    names = {r.get("optimizer") for r in rows if r.get("optimizer")}
+    if names and all(n == "RMSprop" for n in names):
+        return r"RMSprop threshold $2/\eta$ ($(2+2\mu)/\eta$ with momentum)"
+    if names and all(n in ("Adam", "AdamW", "GIAdam", "Adamax", "NAdam", "RAdam") for n in names):
+        return r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$"
+    return r"stability threshold of $\lambda_{\max}(P^{-1}H)$"
+
+
 def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = None, title: str | None = None,
                    *, show_loss: bool = True, dpi: int = 120) -> Any:
     """Sharpness against its stability threshold over training.
 
-    Top panel (log scale): λ_max(H) and, when the rows have it (Adam/AdamW), λ_max(P⁻¹H); the threshold
-    (``row["threshold"]``: 2/η for SGD, (2+2μ)/η with momentum, 38/η for Adam with β₁ = 0.9) drawn dashed in the
-    colour of the quantity it bounds (λ^{P⁻¹H} for Adam, λ^H otherwise); the learning rate on a twin axis.
+    Top panel (log scale): λ_max(H) and, when the rows have it (Adam/AdamW, RMSprop, ...), λ_max(P⁻¹H); the
+    threshold (``row["threshold"]``: 2/η for SGD, (2+2μ)/η with momentum, 38/η for Adam with β₁ = 0.9, 2/η for
+    RMSprop) drawn dashed in the colour of the quantity it bounds (λ^{P⁻¹H} where the rows have it, λ^H otherwise); the learning rate on a twin axis.
     Bottom panel: the loss on the measured data. Rows with an ``error`` are drawn as gaps (their values are skipped
     when missing).
 
@@ -171,7 +182,9 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
         ax.plot(xp, yp, "-s", color=c_p, ms=3, lw=1.4, label=r"$\lambda_{\max}(P^{-1}H)$")
         drawn += yp
         if yt:
-            ax.plot(xt, yt, "--", color=c_p, lw=1.2, label=r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$")
+            ax.plot(xt, yt, "--", color=c_p, lw=1.2, label=_preconditioned_threshold_label(rows))
+        else:  # Adagrad, Adafactor, Adadelta: no derived threshold (the rows' stability_note says why)
+            ax.plot([], [], " ", label="no threshold derived (see stability_note)")
     elif yt:
         ax.plot(xt, yt, "--", color=c_h, lw=1.2, label=r"stability threshold ($2/\eta$ for SGD)")
     drawn += yt

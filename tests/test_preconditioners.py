@@ -383,3 +383,19 @@ def test_gi_adam_moments_count_as_used_and_adagrad_initial_state_does_not():
     assert preconditioned_sharpness(model, F.cross_entropy, data, adam).info["left_out"] == []
     ada = torch.optim.Adagrad(model.parameters(), lr=1e-2)
     assert preconditioned_sharpness(model, F.cross_entropy, data, ada).info["left_out"] == ["aux.weight", "aux.bias"]
+
+
+def test_plot_labels_the_threshold_of_the_optimizer():
+    import matplotlib
+    from matplotlib.text import Text
+
+    from curvature import plot_sharpness
+
+    matplotlib.use("Agg")
+    for make, want, wrong in ((lambda ps: torch.optim.RMSprop(ps, lr=1e-2), "RMSprop threshold", "Adam threshold"),
+                              (lambda ps: torch.optim.Adagrad(ps, lr=1e-1), "no threshold derived", "threshold $")):
+        rows, *_ = _tracked(make, steps=1)
+        fig = plot_sharpness(rows)
+        texts = " | ".join(t.get_text() for t in fig.findobj(Text))
+        assert want in texts and wrong not in texts, texts
+        matplotlib.pyplot.close(fig)
