@@ -134,7 +134,7 @@ def _preconditioned_threshold_label(rows: Sequence[dict]) -> str:
     names = {r.get("optimizer") for r in rows if r.get("optimizer")}
     if names and all(n == "RMSprop" for n in names):
         return r"RMSprop threshold $2/\eta$ ($(2+2\mu)/\eta$ with momentum)"
-    if names and all(n in ("Adam", "AdamW", "GIAdam", "Adamax", "NAdam", "RAdam") for n in names):
+    if all(n in ("Adam", "AdamW", "GIAdam", "Adamax", "NAdam", "RAdam") for n in names):  # none: older Adam files
         return r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$"
     return r"stability threshold of $\lambda_{\max}(P^{-1}H)$"
 
