@@ -1,8 +1,10 @@
 """Sharpness during training: :class:`SharpnessTracker` (its rows go to the sinks of :mod:`curvature.sinks`).
 
 A tracker measures, every ``every`` steps, the top Hessian eigenvalue λ_max(H) of the loss at the model's current
-parameters (and, for Adam/AdamW, the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
-stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement::
+parameters (and, for an optimizer with a diagonal pre-conditioner — Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam,
+RAdam, Adafactor, Adadelta — the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
+stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement; where no
+threshold is derived, ``stability_note`` says so (and what to use instead)::
 
     tracker = SharpnessTracker(F.cross_entropy, every=50, sinks=["sharpness.csv"])
     for i, (x, y) in enumerate(loader):
@@ -76,7 +78,8 @@ from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_option
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
-from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
+from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
+                    lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
                     unwrap_optimizer)
 from .operators import GraphHessianOperator
 from .rows import ROW_KEYS, SCALAR_KEYS  # the row schema (re-exported)
@@ -149,8 +152,10 @@ def _finite(values: Sequence[float]) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
 
 
-def _has_adam_state(optimizer: torch.optim.Optimizer) -> bool:
-    return any("exp_avg_sq" in optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"])
+def _is_sharded(net: torch.nn.Module) -> bool:
+    from .sharded import is_sharded_model  # lazily: torch.distributed's FSDP pieces only when needed
+
+    return is_sharded_model(net)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -210,12 +215,16 @@ class SharpnessTracker:
             g leans towards the top eigenvectors (at the edge of stability the iterates oscillate along them):
             the cold GPT row took 23 HVPs instead of 33; added to a warm start it helped at every=100 on the MLP
             and cost a little at every=1/10 (``docs/tracking.md``).
-        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
-            ``False`` never.
+        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer has a diagonal pre-conditioner
+            (Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor, Adadelta:
+            :func:`~curvature.optim.has_diagonal_preconditioner`); ``True`` requires it, ``False`` never. Where a
+            stability column stays empty (no derived threshold: Adagrad, Adafactor, Adadelta, Muon; lr = 0;
+            ``preconditioned=False`` with an adaptive optimizer), the row's ``stability_note`` says why.
         lookahead: ``True`` (default): P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = the
             measured batch's gradient), matching what a row describes; ``False``: P of the last step taken (from
-            the optimizer state; undefined before the first step); ``"auto"``: last step once state exists, next
-            step before (the old behaviour). Each row says which in ``preconditioner``.
+            the optimizer state; undefined before the first step); ``"auto"``: last step once the optimizer has
+            stepped, next step before (and always for Adafactor and Adadelta, whose last-step P cannot be rebuilt:
+            :func:`~curvature.optim.lookahead_required`). Each row says which in ``preconditioner``.
         max_grad_norm: the training loop clips gradients to this norm (``clip_grad_norm_``): the lookahead P is
             built from the measured gradient clipped the same way, as the optimizer will see it. ``None`` (default):
             unclipped. The Hugging Face callback sets it from ``TrainingArguments.max_grad_norm``.
@@ -529,8 +538,8 @@ class SharpnessTracker:
 
                 # lr = 0 (the first step of a warm-up from 0): λ_max(P⁻¹H) is defined, the threshold is not
                 P_op = None
-                if opt is not None and self._wants_preconditioned(opt):
-                    lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
+                if opt is not None and self._wants_preconditioned(opt, net):
+                    lookahead = self.lookahead if self.lookahead != "auto" else lookahead_required(opt)
                     row["lookahead"] = bool(lookahead)
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
                     if self.share_graph:
@@ -557,7 +566,9 @@ class SharpnessTracker:
                 if self.signals:
                     row.update(self._signals(net, opt, H, P_op, data))
                     row["num_hvps"] += row["signals_num_hvps"] or 0
-            top = row["preconditioned_sharpness"] if row["preconditioned_sharpness"] is not None else row["sharpness"]
+            # the threshold of an optimizer with a diagonal P is one for λ(P⁻¹H), never for λ(H)
+            top = row["preconditioned_sharpness"] if opt is not None and has_diagonal_preconditioner(opt) \
+                else row["sharpness"]
             if row["threshold"] is not None and top is not None:
                 row["edge_ratio"] = float(edge_ratio(opt, top))
         except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
@@ -578,6 +589,8 @@ class SharpnessTracker:
         if row["sharpness"] is not None:
             self._succeeded = True
         row["seconds"] = time.perf_counter() - t0
+        if opt is not None:
+            row["stability_note"] = self._stability_note(opt, row, problems)
         if problems:
             row["error"] = "; ".join(problems)
             row["error_kind"] = row["error_kind"] or "not_converged"
@@ -620,12 +633,31 @@ class SharpnessTracker:
         """Which parameters the operator runs over; warm-start vectors are kept only while it is the same."""
         return tuple((id(p), tuple(p.shape), p.requires_grad) for p in net.parameters())
 
-    def _wants_preconditioned(self, opt: Any) -> bool:
-        if self.preconditioned == "auto":
-            return is_adam_like(opt)
-        if self.preconditioned and not is_adam_like(opt):
-            raise TypeError(f"preconditioned=True needs torch.optim.Adam/AdamW, got {type(opt).__name__}")
+    def _wants_preconditioned(self, opt: Any, net: torch.nn.Module) -> bool:
+        if self.preconditioned == "auto":  # a fully-sharded model: P is read shard by shard for Adam/AdamW only
+            return has_diagonal_preconditioner(opt) and (is_adam_like(opt) or not _is_sharded(net))
+        if self.preconditioned and not has_diagonal_preconditioner(opt):
+            require_diagonal_preconditioner(opt, "preconditioned=True")  # names it and what to use instead
         return bool(self.preconditioned)
+
+    def _stability_note(self, opt: Any, row: dict, problems: list[str]) -> str | None:
+        """Why a stability column of this row is empty (None when threshold and edge_ratio are there)."""
+        if row["threshold"] is not None and row["edge_ratio"] is not None:
+            return None
+        try:
+            note = stability_note(opt) if row["threshold"] is None else None
+            if row["threshold"] is None and note is None:
+                stability_threshold(opt)  # raises what is wrong (lr = 0, beta1 = 1, dampening = 1, ...)
+        except (TypeError, ValueError) as exc:
+            note = f"no stability threshold: {str(exc).splitlines()[0]}"
+        if note is None and row["preconditioned_sharpness"] is None and has_diagonal_preconditioner(opt):
+            why = "preconditioned=False" if self.preconditioned is False else \
+                "λ(P⁻¹H) of a fully-sharded (FSDP2) model is implemented for Adam/AdamW only"
+            note = (f"edge_ratio needs λ(P⁻¹H) for {type(opt).__name__} (its threshold is one for P⁻¹H, not H), "
+                    f"and {why}")
+        if note is None and problems:
+            note = "the measurement did not complete; see error"
+        return note
 
     def _emit(self, row: dict) -> None:
         self.last = row
