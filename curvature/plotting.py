@@ -128,11 +128,30 @@ def _constant(values: Sequence[float]) -> bool:
     return bool(values) and max(values) - min(values) <= 1e-9 * max(abs(v) for v in values)
 
 
+def _plot_critical(ax: Any, rows: Sequence[Mapping], plain_threshold: bool) -> list[float]:
+    """λ_c = 2/η_c (``critical_sharpness``) and, unless the threshold drawn already is 2/η, the line 2/η it meets at
+    the edge of stability (for every optimizer: η·λ_c = 2 is where the step about to be taken starts to raise the
+    loss). Returns the values drawn."""
+    xc, yc = _series(rows, "critical_sharpness")
+    if not yc:
+        return []
+    c_c = "tab:purple"
+    ax.plot(xc, yc, "-^", color=c_c, ms=3, lw=1.3, label=r"critical sharpness $\lambda_c = 2/\eta_c$")
+    drawn = list(yc)
+    if not plain_threshold:
+        pairs = [(x, 2.0 / y) for x, y in zip(*_series(rows, "lr")) if y > 0]
+        if pairs:
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "-.", color=c_c, lw=1.1, label=r"$2/\eta$")
+            drawn += [p[1] for p in pairs]
+    return drawn
+
+
 def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = None, title: str | None = None,
                    *, show_loss: bool = True, dpi: int = 120) -> Any:
     """Sharpness against its stability threshold over training.
 
-    Top panel (log scale): λ_max(H) and, when the rows have it (Adam/AdamW), λ_max(P⁻¹H); the threshold
+    Top panel (log scale): λ_max(H), the critical sharpness λ_c = 2/η_c when the rows have it (with 2/η, the line
+    it meets at the edge of stability for any optimizer) and, when the rows have it (Adam/AdamW), λ_max(P⁻¹H); the threshold
     (``row["threshold"]``: 2/η for SGD, (2+2μ)/η with momentum, 38/η for Adam with β₁ = 0.9) drawn dashed in the
     colour of the quantity it bounds (λ^{P⁻¹H} for Adam, λ^H otherwise); the learning rate on a twin axis.
     Bottom panel: the loss on the measured data. Rows with an ``error`` are drawn as gaps (their values are skipped
@@ -175,6 +194,7 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
     elif yt:
         ax.plot(xt, yt, "--", color=c_h, lw=1.2, label=r"stability threshold ($2/\eta$ for SGD)")
     drawn += yt
+    drawn += _plot_critical(ax, rows, plain_threshold=not has_pre and bool(yt))
     if _positive(drawn) and all(y > 0 for y in drawn):
         log_scale(ax, drawn)
     ax.set_ylabel("sharpness")
@@ -206,7 +226,7 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
     if handles:  # above the panel, outside the data: it never covers a line
         ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.01, 1.0, 0.1), mode="expand",
                   ncol=2, fontsize=8, frameon=False, borderaxespad=0.0)
-    if not rows or not (ys or yt):
+    if not rows or not drawn:
         ax.text(0.5, 0.5, "no sharpness values", ha="center", va="center", transform=ax.transAxes)
 
     if ax_loss is not None:

@@ -34,7 +34,8 @@ __all__ = ["to_plain", "encode_json_row", "encode_csv_row", "parse_value", "is_j
 #: Columns holding lists of floats (JSON text in CSV).
 LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
 #: Integer columns.
-INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "optimizer_index", "file_size")
+INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "critical_forward_passes",
+            "optimizer_index", "file_size")
 #: Boolean columns.
 BOOL_KEYS = ("converged", "warm_start", "lookahead")
 #: Text columns (never parsed as numbers).

@@ -61,6 +61,7 @@ from .operators import HessianOperator
 from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
                     unwrap_optimizer)
 from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
+from .critical import CRITICAL_KEYS, critical_sharpness
 from ._validate import check_optional_positive_int, check_seed, check_tol
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingWarning", "CSVSink",
@@ -97,11 +98,11 @@ ROW_KEYS: tuple[str, ...] = (
     "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
     "solver",                     # eigensolver used
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
-) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
+) + SIGNAL_KEYS + CRITICAL_KEYS   # per-step signals (signals=True), critical sharpness (critical_every=N)
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
 SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
-               "seconds", "residual")
+               "seconds", "residual", "critical_sharpness", "critical_edge_ratio")
 
 
 class TrackingError(RuntimeError):
@@ -233,6 +234,14 @@ class SharpnessTracker:
         batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
+        critical_every: also measure the critical sharpness λ_c = 2/η_c of the step about to be taken
+            (:func:`~curvature.critical.critical_sharpness`: forward passes only, any linear-in-lr optimizer) when
+            ``step % critical_every == 0``, into the ``critical_*`` columns (``critical_edge_ratio`` = η·λ_c/2,
+            1.0 = the edge of stability for every optimizer); a step that is not a λ_max step gets a row with only
+            those columns (and ``lr``, ``loss``). Warm-started from the previous η_c; the loss at θ is the
+            ``loss=`` given to :meth:`step` when the tracker has no probe and the model no active dropout.
+            ``every=None`` with ``critical_every``: critical-sharpness rows only.
+        critical_rtol: its bracket tolerance (default 1/16).
         **operator_options: passed to the operator (``method``, ``dtype``, ``device``, ``max_batch_size``,
             ``params``, ``distributed``, ...).
     """
@@ -245,8 +254,16 @@ class SharpnessTracker:
                  share_graph: bool = True,
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
-                 solver_seed: int = 0, **operator_options: Any) -> None:
-        self.every = _positive_int(every, "every")
+                 solver_seed: int = 0, critical_every: int | None = None, critical_rtol: float = 1 / 16,
+                 **operator_options: Any) -> None:
+        self.critical_every = None if critical_every is None else _positive_int(critical_every, "critical_every")
+        if every is None and self.critical_every is None:
+            raise ValueError("every=None measures nothing: give every=N (λ_max rows) and/or critical_every=N")
+        self.every = None if every is None else _positive_int(every, "every")
+        self.critical_rtol = float(critical_rtol)
+        if not (math.isfinite(self.critical_rtol) and 0 < self.critical_rtol < 1):
+            raise ValueError(f"critical_rtol must be in (0, 1), got {critical_rtol!r}")
+        self._critical_lr: float | None = None
         self.k = _positive_int(k, "k")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
@@ -298,8 +315,14 @@ class SharpnessTracker:
 
     # -- public ---------------------------------------------------------------------------------------
     def should_measure(self, step: int) -> bool:
-        """``step % every == 0``."""
-        return int(step) % self.every == 0
+        """``step % every == 0`` (λ_max) or ``step % critical_every == 0`` (λ_c)."""
+        return self._sharpness_due(step) or self._critical_due(step)
+
+    def _sharpness_due(self, step: int) -> bool:
+        return self.every is not None and int(step) % self.every == 0
+
+    def _critical_due(self, step: int) -> bool:
+        return self.critical_every is not None and int(step) % self.critical_every == 0
 
     def step(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None, *,
              loss: torch.Tensor | None = None) -> dict | None:
@@ -327,7 +350,14 @@ class SharpnessTracker:
         if loss is not None and self.probe is not None:
             raise ValueError("loss= measures on the training step's own graph (its batch); the tracker has a "
                              "probe= batch: use one or the other")
-        row = self._measure(model, optimizer, batch, self._calls if step is None else int(step), loss)
+        step = self._calls if step is None else int(step)
+        if self.every is None or (self.critical_every is not None and not self._sharpness_due(step)
+                                  and self._critical_due(step)):
+            row = self._critical_only_row(step, optimizer)  # a critical-sharpness step between λ_max steps
+        else:
+            row = self._measure(model, optimizer, batch, step, loss)
+        if self._critical_due(step):
+            self._add_critical(row, model, optimizer, batch, loss)
         self._emit(row)
         if row.get("error") and self.on_error == "raise":
             raise TrackingError(f"sharpness measurement at step {row['step']} failed: {row['error']}")
@@ -341,7 +371,7 @@ class SharpnessTracker:
         """What a resumed run needs to continue this tracker: the rows, the call counter and the warm-start
         vectors (CPU tensors). Plain Python values and tensors only (``torch.load(weights_only=True)`` reads it);
         the framework callbacks save it with their checkpoints."""
-        return {"history": [dict(r) for r in self.history], "calls": self._calls,
+        return {"history": [dict(r) for r in self.history], "calls": self._calls, "critical_lr": self._critical_lr,
                 "warm_start_h": None if self._X_h is None else self._X_h.detach().cpu().clone(),
                 "warm_start_p": None if self._X_p is None else self._X_p.detach().cpu().clone()}
 
@@ -352,6 +382,8 @@ class SharpnessTracker:
         self.history = [dict(r) for r in state.get("history", [])]
         self.last = self.history[-1] if self.history else None
         self._calls = int(state.get("calls", len(self.history)))
+        lr_c = state.get("critical_lr")
+        self._critical_lr = float(lr_c) if isinstance(lr_c, (int, float)) and math.isfinite(lr_c) and lr_c > 0 else None
         self._X_h = self._X_p = None
         self._signature_seen = None
         if model is None:
@@ -547,6 +579,53 @@ class SharpnessTracker:
                 warnings.warn(f"curvature: sharpness measurement at step {step} failed ({row['error']}); "
                               "training continues", TrackingWarning, stacklevel=4)
         return row
+
+    def _critical_only_row(self, step: int, optimizer: Any) -> dict:
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        opt = unwrap_optimizer(optimizer)
+        row.update(step=step, num_hvps=0, when=self.when, optimizer=type(opt).__name__ if opt is not None else None)
+        if isinstance(opt, torch.optim.Optimizer):
+            with contextlib.suppress(TypeError, ValueError):
+                row["lr"] = float(opt.param_groups[0]["lr"])
+            with contextlib.suppress(TypeError, ValueError):
+                row["threshold"] = float(stability_threshold(opt))
+        return row
+
+    def _add_critical(self, row: dict, model: torch.nn.Module, optimizer: Any, batch: Any,
+                      loss: torch.Tensor | None) -> None:
+        """The critical-sharpness columns of ``row`` (a failure goes into ``error``; training goes on)."""
+        t0 = time.perf_counter()
+        only = row.get("sharpness") is None and row.get("source") is None
+        try:
+            net = unwrap_model(model)
+            data = self._data(batch)
+            stochastic = net.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                                              for m in net.modules())
+            reuse = loss if (loss is not None and self.probe is None and not stochastic) else None
+            options = {k: v for k, v in self.operator_options.items()
+                       if k in ("distributed", "process_group", "weight_fn", "inputs_as", "max_batch_size", "seed")}
+            if self.when != "before_step":
+                raise ValueError("critical sharpness measures the step about to be taken: it needs "
+                                 "when='before_step' (after backward(), before optimizer.step())")
+            res = critical_sharpness(model, None if self.own_loss else self.loss_fn, data, optimizer,
+                                     rtol=self.critical_rtol, lr_start=self._critical_lr, loss=reuse, **options)
+            row.update(res.row())
+            if only:
+                row["loss"] = res.loss
+                row["converged"] = res.converged
+            if res.note:
+                raise RuntimeError(f"critical sharpness: {res.note}")
+            self._critical_lr = res.critical_lr
+        except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+            row["error"] = msg if not row.get("error") else f"{row['error']}; {msg}"
+            log.debug("critical sharpness at step %s failed", row.get("step"), exc_info=True)
+            if self.on_error == "warn":
+                warnings.warn(f"curvature: critical sharpness at step {row.get('step')} failed ({msg}); training "
+                              "continues", TrackingWarning, stacklevel=5)
+        row["critical_seconds"] = time.perf_counter() - t0
+        if only:
+            row["seconds"] = row["critical_seconds"]
 
     def _signals(self, net: torch.nn.Module, opt: Any, H: Any, P_op: Any, data: Any) -> dict:
         """The per-step signals on the measured batch (see :func:`curvature.signals.step_signals`)."""

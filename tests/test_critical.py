@@ -307,3 +307,93 @@ def test_bf16_autocast_is_reported():
     plain = critical_sharpness(model, loss_fn, batch, opt2)
     assert res.autocast == "cpu:bfloat16" and plain.autocast is None
     assert res.converged and abs(res.critical_lr / plain.critical_lr - 1) < 0.25
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tracker's critical_every cadence
+# ---------------------------------------------------------------------------------------------------
+def _loop(name: str, tracker=None, steps: int = 6, loss_to_tracker: bool = False):
+    model, loss_fn, (x, y) = problem(seed=2)
+    opt = OPTIMIZERS[name](list(model.parameters()))
+    for i in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if tracker is not None:
+            tracker.step(model, opt, (x, y), step=i, **({"loss": loss.detach()} if loss_to_tracker else {}))
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop-centered-momentum", "Adam"])
+def test_tracker_writes_critical_columns_on_its_own_cadence(name, tmp_path):
+    from curvature.tracking import SharpnessTracker, read_rows
+    tracker = SharpnessTracker(F.cross_entropy, every=4, critical_every=2, sinks=[tmp_path / "rows.csv"])
+    _loop(name, tracker)
+    rows = tracker.history
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert [r["sharpness"] is not None for r in rows] == [True, False, True]
+    for r in rows:
+        assert r["error"] is None, r["error"]
+        assert r["critical_sharpness"] > 0 and r["critical_forward_passes"] >= 2
+        assert r["critical_edge_ratio"] == pytest.approx(r["lr"] * r["critical_sharpness"] / 2)
+        assert r["critical_lr"] == pytest.approx(2 / r["critical_sharpness"])
+    back = read_rows(tmp_path / "rows.csv")
+    assert [r["critical_forward_passes"] for r in back] == [r["critical_forward_passes"] for r in rows]
+    assert back[1]["critical_sharpness"] == pytest.approx(rows[1]["critical_sharpness"])
+
+
+def test_tracker_rows_equal_direct_warm_started_calls():
+    from curvature.tracking import SharpnessTracker
+    tracker = SharpnessTracker(F.cross_entropy, every=None, critical_every=1)
+    _loop("NAdam", tracker, steps=3)
+    model, loss_fn, (x, y) = problem(seed=2)
+    opt = OPTIMIZERS["NAdam"](list(model.parameters()))
+    prev = None
+    for i in range(3):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        res = critical_sharpness(model, loss_fn, (x, y), opt, lr_start=prev)
+        prev = res.critical_lr
+        assert tracker.history[i]["critical_sharpness"] == res.critical_sharpness
+        assert tracker.history[i]["critical_forward_passes"] == res.forward_passes
+        opt.step()
+
+
+def test_tracked_training_is_bit_identical():
+    from curvature.tracking import SharpnessTracker
+    plain, plain_opt = _loop("Adafactor", None)
+    tracked, tracked_opt = _loop("Adafactor", SharpnessTracker(F.cross_entropy, every=None, critical_every=1))
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        assert torch.equal(a, b)
+    assert str(plain_opt.state_dict()) == str(tracked_opt.state_dict())
+
+
+def test_tracker_reuses_the_training_loss():
+    from curvature.tracking import SharpnessTracker
+    with_loss = SharpnessTracker(F.cross_entropy, every=None, critical_every=1)
+    without = SharpnessTracker(F.cross_entropy, every=None, critical_every=1)
+    _loop("SGD", with_loss, steps=3, loss_to_tracker=True)
+    _loop("SGD", without, steps=3)
+    for a, b in zip(with_loss.history, without.history):
+        assert a["critical_forward_passes"] == b["critical_forward_passes"] - 1
+        assert a["critical_sharpness"] == b["critical_sharpness"]
+
+
+def test_tracker_after_step_says_why_there_is_no_critical_value():
+    from curvature.tracking import SharpnessTracker, TrackingWarning
+    tracker = SharpnessTracker(F.cross_entropy, every=None, critical_every=1, when="after_step")
+    with pytest.warns(TrackingWarning, match="before_step"):
+        _loop("SGD", tracker, steps=1)
+    assert tracker.history[0]["critical_sharpness"] is None and "before_step" in tracker.history[0]["error"]
+
+
+def test_plot_shows_critical_sharpness_beside_lambda_max(tmp_path):
+    from curvature.plotting import plot_sharpness
+    from curvature.tracking import SharpnessTracker
+    tracker = SharpnessTracker(F.cross_entropy, every=2, critical_every=1)
+    _loop("Adam", tracker, steps=4)
+    fig = plot_sharpness(tracker.history, tmp_path / "fig.png")
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert any("lambda_c" in lab for lab in labels) and "$2/\\eta$" in labels
+    assert any("lambda_{\\max}(H)" in lab for lab in labels)
