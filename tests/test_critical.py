@@ -397,3 +397,26 @@ def test_plot_shows_critical_sharpness_beside_lambda_max(tmp_path):
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert any("lambda_c" in lab for lab in labels) and "$2/\\eta$" in labels
     assert any("lambda_{\\max}(H)" in lab for lab in labels)
+
+
+def test_lightning_callback_passes_critical_every_through():
+    pytest.importorskip("lightning.pytorch")
+    from test_lightning import fit
+    from curvature.integrations.lightning import SharpnessCallback
+    cb = SharpnessCallback(F.cross_entropy, every=None, critical_every=2)
+    fit("adam", [cb], max_steps=5)
+    rows = cb.history
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(r["critical_sharpness"] > 0 and r["error"] is None for r in rows)
+
+
+def test_hf_callback_passes_critical_every_through(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from test_transformers_callback import train
+    from curvature.integrations.transformers import SharpnessCallback
+    cb = SharpnessCallback(every=None, critical_every=2)
+    train(tmp_path, [cb], steps=3)
+    rows = cb.tracker.history
+    assert [r["step"] for r in rows] == [0, 2]
+    assert all(r["critical_sharpness"] > 0 and r["error"] is None for r in rows), rows
