@@ -180,6 +180,25 @@ def _local(t: Any) -> Any:
     return t.to_local() if isinstance(t, torch.Tensor) and _is_dtensor(t) else t
 
 
+def _fsdp_modules(net: nn.Module) -> list[Any]:
+    """The FSDP2 (``fully_shard``) modules of ``net`` whose parameters are sharded now."""
+    if not any(_is_dtensor(p) for p in net.parameters()):
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in net.modules() if isinstance(m, FSDPModule)
+            and any(_is_dtensor(p) for p in m.parameters(recurse=False))]
+
+
+def _reshard(modules: Sequence[Any]) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward until a backward reshards them: without a
+    backward, put them back to the shards (the storage the trials write into, and the state the caller had)."""
+    for m in modules:
+        m.reshard()
+
+
 def _autocast_label() -> str | None:
     on = [f"{dev}:{str(dtype).replace('torch.', '')}" for dev, (enabled, dtype) in autocast_state().items() if enabled]
     return ",".join(on) or None
@@ -465,6 +484,8 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
     try:
         with torch.no_grad(), frozen_rng(device, guard):
             run_seed = peek_seed(device) if seed is None else int(seed)
+            sharded = _fsdp_modules(net)
+            guard.push(functools.partial(_reshard, sharded))
             locals_ = [_local(p.detach()) for p in params]
             saved = [t.clone() for t in locals_]  # the one copy of the parameters
             # undone newest first: the parameters come back, then autocast's cache (of trial casts) is dropped
@@ -499,6 +520,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
                                          f"{type(value).__name__}{tuple(getattr(value, 'shape', ()))}")
                     total += float(value) * b.weight
                     weight += b.weight
+                _reshard(sharded)  # the next forward all-gathers the next trial point
                 return torch.tensor([total, weight], dtype=torch.float64, device=coll)
 
             def reduced(local: Callable[[], torch.Tensor], extra: float = 0.0) -> tuple[float, float, float]:

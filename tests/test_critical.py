@@ -420,3 +420,42 @@ def test_hf_callback_passes_critical_every_through(tmp_path):
     rows = cb.tracker.history
     assert [r["step"] for r in rows] == [0, 2]
     assert all(r["critical_sharpness"] > 0 and r["error"] is None for r in rows), rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2 gloo processes: DDP (replicated parameters) and FSDP2 (sharded), the same λ_c as one process on all the data
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dist_outs(tmp_path_factory):
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    import _critical_worker as W
+    from test_distributed import _spawn
+    return _spawn(tmp_path_factory.mktemp("critical"), timeout=300, fn=W.run)
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop"])
+def test_ddp_every_rank_gets_the_single_process_result(dist_outs, name):
+    a, b = (o[f"ddp_{name}"] for o in dist_outs)
+    assert a == b  # bitwise the same decisions and values on both ranks
+    ref = dist_outs[0][f"ref_{name}"]
+    assert a["world_size"] == 2 and a["converged"]
+    assert a["forward_passes"] == ref["forward_passes"]
+    assert a["critical_lr"] == pytest.approx(ref["critical_lr"], rel=1e-12)
+    assert a["loss"] == pytest.approx(ref["loss"], rel=1e-12)
+    assert all(o[f"untouched_{name}"] for o in dist_outs)
+
+
+def test_ddp_failure_on_one_rank_raises_on_every_rank(dist_outs):
+    assert dist_outs[1]["fail_together"].startswith("own: injected failure")
+    assert dist_outs[0]["fail_together"].startswith("remote:") and "injected failure" in dist_outs[0]["fail_together"]
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_fsdp2_sharded_parameters_give_the_single_process_result(dist_outs, name):
+    a, b = (o[f"fsdp_{name}"] for o in dist_outs)
+    assert a == b
+    ref = dist_outs[0][f"fsdp_ref_{name}"]
+    assert a["converged"] and a["forward_passes"] == ref["forward_passes"]
+    assert a["critical_lr"] == pytest.approx(ref["critical_lr"], rel=1e-10)
+    assert all(o[f"fsdp_untouched_{name}"] for o in dist_outs)
