@@ -57,6 +57,8 @@ from torch import nn
 from ._exact import StateGuard, autocast_state, call_with_state, frozen_rng, peek_seed, reseed, unwrap_model
 from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import collective_device, resolve_process_group, sum_or_fail
+from .finite_difference import is_dtensor
+from .optim import unwrap_optimizer
 from .signals import parameter_update
 
 __all__ = ["critical_sharpness", "CriticalSharpness", "CRITICAL_KEYS", "SEARCHES", "NONLINEAR_OPTIMIZERS"]
@@ -133,21 +135,8 @@ class CriticalSharpness:
 # ---------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    # the framework wrappers (Lightning, accelerate) hold the torch optimizer; optim.unwrap_optimizer is the same
-    # walk, but optim.py sits beside this module, and a wrapper around an Optimizer is rare enough to walk here
-    for _ in range(4):
-        inner = getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
-
-
 def _check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    opt = _unwrap_optimizer(optimizer)
+    opt = unwrap_optimizer(optimizer)
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (the one whose next step is measured), "
                         f"got {type(optimizer).__name__}")
@@ -171,25 +160,21 @@ def _scalar(x: Any) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
 def _local(t: Any) -> Any:
     """The tensor this rank stores (a DTensor's local shard, same storage), else ``t``."""
-    return t.to_local() if isinstance(t, torch.Tensor) and _is_dtensor(t) else t
+    return t.to_local() if isinstance(t, torch.Tensor) and is_dtensor(t) else t
 
 
 def _fsdp_modules(net: nn.Module) -> list[Any]:
     """The FSDP2 (``fully_shard``) modules of ``net`` whose parameters are sharded now."""
-    if not any(_is_dtensor(p) for p in net.parameters()):
+    if not any(is_dtensor(p) for p in net.parameters()):
         return []
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
         return []
     return [m for m in net.modules() if isinstance(m, FSDPModule)
-            and any(_is_dtensor(p) for p in m.parameters(recurse=False))]
+            and any(is_dtensor(p) for p in m.parameters(recurse=False))]
 
 
 def _reshard(modules: Sequence[Any]) -> None:
@@ -502,7 +487,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
                 if d is None or p.grad is None:
                     continue
                 v = float(torch.sum(_local(p.grad).double() * d))
-                if _is_dtensor(p):
+                if is_dtensor(p):
                     dot_sharded += v
                 else:
                     dot_local += v
