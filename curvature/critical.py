@@ -141,8 +141,9 @@ def _check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (the one whose next step is measured), "
                         f"got {type(optimizer).__name__}")
     if isinstance(opt, NONLINEAR_OPTIMIZERS):
+        why = "a line search" if isinstance(opt, torch.optim.LBFGS) else "its step size is its own state"
         raise TypeError(f"critical sharpness needs a step that scales with the learning rate (Δ(η) = η·u); "
-                        f"{type(opt).__name__}'s step does not ({'a line search' if isinstance(opt, torch.optim.LBFGS) else 'its step size is its own state'}). "
+                        f"{type(opt).__name__}'s step does not ({why}). "
                         "Use SGD, Adam(W), NAdam, RAdam, Adamax, RMSprop, Adagrad, Adadelta, Adafactor or Muon")
     return opt
 
