@@ -59,13 +59,11 @@ from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import collective_device, resolve_process_group, sum_or_fail
 from .finite_difference import is_dtensor
 from .optim import unwrap_optimizer
+from .rows import CRITICAL_KEYS  # the columns CriticalSharpness.row() fills (the row schema)
 from .signals import parameter_update
 
 __all__ = ["critical_sharpness", "CriticalSharpness", "CRITICAL_KEYS", "SEARCHES", "NONLINEAR_OPTIMIZERS"]
 
-#: The tracker row columns of a critical-sharpness measurement (``critical_edge_ratio`` = η·λ_c/2).
-CRITICAL_KEYS = ("critical_sharpness", "critical_lr", "critical_edge_ratio", "critical_forward_passes",
-                 "critical_seconds")
 
 SEARCHES = ("model", "bisection")
 

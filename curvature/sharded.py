@@ -34,7 +34,7 @@ import torch.distributed as dist
 from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import all_reduce_sum, disagreeing, ranks_disagree
 from .finite_difference import FiniteDifferenceEngine, is_dtensor
-from .operators import LinearOperator, ParameterOperator
+from .linear_operator import LinearOperator, ParameterOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
 
