@@ -311,9 +311,6 @@ class _Bracket:
     def done(self, rtol: float) -> bool:
         return self.lo > 0 and math.isfinite(self.hi) and self.hi - self.lo <= rtol * self.lo
 
-    def width(self) -> float:
-        return self.hi - self.lo
-
     def prediction(self) -> float | None:
         """The secant root through the points nearest the bracket (one on each side when both are known)."""
         below = sorted(p for p in self.below if p[0] <= self.lo)[-2:]
@@ -325,19 +322,18 @@ class _Bracket:
 
 
 def _next_trial(b: _Bracket, rtol: float, guided: bool, stalled: bool) -> float:
-    """Where to try next: inside the bracket (or past it while one end is open)."""
+    """Where to try next: inside the bracket (or past it while one end is open). ``stalled``: the model-placed
+    trials did not halve the uncertainty over the last two trials, so this one is the unguided step."""
+    p = b.prediction() if guided and not stalled else None
     if not math.isfinite(b.hi):  # no rise yet: grow
-        p = b.prediction() if guided else None
         if p is not None and p > b.lo:
             return min(max(p * (1 + 0.45 * rtol), b.lo * (1 + rtol)), 4 * b.lo)
         return 2 * b.lo
     if b.lo == 0:  # only rises so far: shrink
-        p = b.prediction() if guided else None
         if p is not None and p < b.hi:
             return max(min(p * (1 - 0.45 * rtol), b.hi / (1 + rtol)), b.hi / 4)
         return b.hi / 2
     mid = 0.5 * (b.lo + b.hi)
-    p = b.prediction() if guided and not stalled else None
     if p is None or not b.lo < p < b.hi:
         return mid
     d = 0.45 * rtol * p
@@ -350,6 +346,16 @@ def _next_trial(b: _Bracket, rtol: float, guided: bool, stalled: bool) -> float:
     return x if b.lo < x < b.hi else mid
 
 
+def _uncertainty(b: _Bracket) -> tuple[str, float]:
+    """The phase of the search and how uncertain η_c still is in it (smaller is better): while growing 1/lo,
+    while shrinking hi, then the bracket width."""
+    if not math.isfinite(b.hi):
+        return "grow", 1.0 / b.lo
+    if b.lo == 0:
+        return "shrink", b.hi
+    return "bracket", b.hi - b.lo
+
+
 def _search(evaluate: Callable[[float], float], loss0: float, first: float, slope: float | None, rtol: float,
             max_trials: int, guided: bool) -> tuple[_Bracket, list[tuple[float, float]], str | None]:
     b = _Bracket()
@@ -357,7 +363,7 @@ def _search(evaluate: Callable[[float], float], loss0: float, first: float, slop
         b.below.append((0.0, slope))
     history: list[tuple[float, float]] = []
     eta = first
-    widths: list[float] = []
+    widths: list[tuple[str, float]] = []
     floor, ceiling = first * 2.0 ** -24, first * 2.0 ** 24
     for _ in range(max_trials):
         loss = evaluate(eta)
@@ -367,11 +373,20 @@ def _search(evaluate: Callable[[float], float], loss0: float, first: float, slop
         b.add(eta, rose, h)
         if b.done(rtol):
             return b, history, None
-        widths.append(b.width())
-        stalled = len(widths) >= 3 and math.isfinite(widths[-3]) and widths[-1] > 0.5 * widths[-3]
+        widths.append(_uncertainty(b))
+        # Safeguards: while one end is open, a trial that left it open without halving the uncertainty makes the
+        # next one the published (doubling / halving) step; inside the bracket, two trials that did not halve it
+        # (Brent's rule) make the next one a bisection. So no phase needs more than ~2× the published trials.
+        phase, m = widths[-1]
+        if phase != "bracket":
+            stalled = len(widths) >= 2 and widths[-2][0] == phase and m > 0.5 * widths[-2][1]
+        else:
+            stalled = (len(widths) >= 3 and widths[-3][0] == widths[-2][0] == phase
+                       and m > 0.5 * widths[-3][1])
         eta = _next_trial(b, rtol, guided, stalled)
         if stalled:
             widths.clear()
+            b.below = [p for p in b.below if p[0] > 0]  # the slope at 0 misled: model from measured points only
         if not (b.lo < eta < b.hi) or eta == b.lo or eta == b.hi:
             return b, history, "the bracket reached float resolution before rtol"
         if eta < floor:

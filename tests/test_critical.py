@@ -459,3 +459,33 @@ def test_fsdp2_sharded_parameters_give_the_single_process_result(dist_outs, name
     assert a["converged"] and a["forward_passes"] == ref["forward_passes"]
     assert a["critical_lr"] == pytest.approx(ref["critical_lr"], rel=1e-10)
     assert all(o[f"fsdp_untouched_{name}"] for o in dist_outs)
+
+
+@pytest.mark.parametrize("start", [3.0, 0.1])
+def test_model_search_falls_back_to_bisection_when_the_model_is_poor(start):
+    """L(θ + w) − L(θ) = w·(−1000 + 1020·(1 − e^{−w/0.05})) along the update (the shape of the small GPT's AdamW step
+    at step 10: a steep descent, then a saturating rise): the slope at 0 dwarfs h past the root, so the secant
+    root always lands just below hi. A warm start 3× too large once took 28 forwards (bisection: 9); the
+    model-placed search must stay within 2 of the published one."""
+    w_c = 0.05 * math.log(51.0)
+
+    class Profile(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros((), dtype=DT))
+
+        def forward(self, x):
+            w = self.w
+            return w * (-1000 + 1020 * (1 - torch.exp(-w / 0.05))) + 0.0 * x.sum()
+
+    counts = {}
+    for search in ("model", "bisection"):
+        model = Profile()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        batch = (torch.zeros(1, 1, dtype=DT), None)
+        model(batch[0]).backward()  # g = −1000: Δ(η) = 1000·η
+        eta_c = w_c / 1000
+        res = critical_sharpness(model, lambda out, y: out, batch, opt, lr_start=start * eta_c, search=search)
+        assert res.converged and res.critical_lr == pytest.approx(eta_c, rel=1 / 32)
+        counts[search] = res.forward_passes
+    assert counts["model"] <= counts["bisection"] + 2, counts
