@@ -430,7 +430,8 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
             ``reference_data``; under DDP the rank-local loss (averaged here with one all-reduce).
         search: ``"model"`` (trials placed by the secant/quadratic model from gᵀΔ) or ``"bisection"``
             (the published exponential search + bisection).
-        max_forward_passes: budget, the forward at θ included (≥ 3).
+        max_forward_passes: budget, the forward at θ included (≥ 3; also when ``loss`` saved that forward, so
+            that ranks which disagree on reusing it still run the same number of trials).
         distributed, process_group: as for :class:`~curvature.operators.HessianOperator` (DDP/FSDP: every rank
             calls with its own shard of the data and gets the same result).
         weight_fn, inputs_as, max_batch_size: as for :class:`~curvature.operators.HessianOperator`.
@@ -462,7 +463,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
     lr0 = _scalar(opt.param_groups[0]["lr"])
     if not (math.isfinite(lr0) and lr0 >= 0):
         raise ValueError(f"the optimizer's lr is {lr0}: critical sharpness needs a finite lr >= 0")
-    # η_ref: the lr Δ is computed at. lr = 0 (a warm-up from 0): every group at 1 (the groups' ratios are then 0/0)
+    # η_ref: the lr Δ is computed at. lr = 0 (a warm-up from 0): every group at _ZERO_LR_REFERENCE (ratios are 0/0)
     ratios = [(_scalar(g["lr"]) / lr0 if lr0 > 0 else 1.0) for g in opt.param_groups]
     ratio_of = {id(g): r for g, r in zip(opt.param_groups, ratios)}
     closed = type(opt) in _CLOSED_FORM  # a subclass may change step(): it gets the virtual step
@@ -557,7 +558,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
 
             first = lr_start if lr_start is not None else (lr0 if lr0 > 0 else eta_ref)
             bracket, history, note = _search(evaluate, loss0, first, slope if reference_data is None else None,
-                                             rtol, max_forward_passes - passes, search == "model")
+                                             rtol, max_forward_passes - 1, search == "model")  # rank-independent
     finally:
         guard.restore()
 
