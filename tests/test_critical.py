@@ -187,6 +187,25 @@ def test_state_restored_when_interrupted(name, at_call):
     assert_same_state(before, model, opt)
 
 
+class _InterruptedNAdam(torch.optim.NAdam):
+    """A step that is interrupted after it has moved the parameters and the state."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        raise KeyboardInterrupt
+
+
+def test_state_restored_when_the_virtual_step_is_interrupted():
+    model, loss_fn, batch = problem()
+    opt = _InterruptedNAdam(model.parameters(), lr=1e-2)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    before = snapshot(model, opt)
+    with pytest.raises(KeyboardInterrupt):
+        critical_sharpness(model, loss_fn, batch, opt)
+    assert_same_state(before, model, opt)
+    assert not opt.state  # the state the step created is gone again
+
+
 def test_batchnorm_running_stats_untouched():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).to(DT).train()
