@@ -74,6 +74,9 @@ if TYPE_CHECKING:
     from .signals import (batch_sharpness, next_update, preconditioned_batch_sharpness,
                           step_signals, update_sharpness)
 
+    # critical sharpness λ_c = 2/η_c of the step about to be taken, in forward passes (every optimizer)
+    from .critical import CriticalSharpness, critical_sharpness
+
 _LAZY: dict[str, str] = {
     "HVPEngine": ".hvp",
     "HessianOperator": ".operators",
@@ -168,6 +171,8 @@ _LAZY: dict[str, str] = {
     "next_update": ".signals",
     "step_signals": ".signals",
     "benchmark_solvers": ".bench",
+    "critical_sharpness": ".critical",
+    "CriticalSharpness": ".critical",
 }
 
 
@@ -232,4 +237,6 @@ __all__ = [
     # per-step signals for mini-batch training; solver benchmarks on the user's model
     "GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
     "next_update", "step_signals", "benchmark_solvers",
+    # critical sharpness λ_c = 2/η_c of the step about to be taken, in forward passes (every optimizer)
+    "critical_sharpness", "CriticalSharpness",
 ]

@@ -178,15 +178,23 @@ def _constant(values: Sequence[float]) -> bool:
     return bool(values) and max(values) - min(values) <= 1e-9 * max(abs(v) for v in values)
 
 
-def _preconditioned_threshold_label(rows: Sequence[dict]) -> str:
-    """The legend of the threshold drawn against λ(P⁻¹H): RMSprop's is GD's (or momentum's), the Adam family's is
-    (2+2β₁)/((1−β₁)η) (docs/optimizers.md)."""
-    names = {r.get("optimizer") for r in rows if r.get("optimizer")}
-    if names and all(n == "RMSprop" for n in names):
-        return r"RMSprop threshold $2/\eta$ ($(2+2\mu)/\eta$ with momentum)"
-    if all(n in ("Adam", "AdamW", "GIAdam", "Adamax", "NAdam", "RAdam") for n in names):  # none: older Adam files
-        return r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$"
-    return r"stability threshold of $\lambda_{\max}(P^{-1}H)$"
+def _plot_critical(ax: Any, rows: Sequence[Mapping], plain_threshold: bool) -> list[float]:
+    """λ_c = 2/η_c (``critical_sharpness``) and, unless the threshold drawn already is 2/η, the line 2/η it meets at
+    the edge of stability (for every optimizer: η·λ_c = 2 is where the step about to be taken starts to raise the
+    loss). Returns the values drawn."""
+    xc, yc = _series(rows, "critical_sharpness")
+    if not yc:
+        return []
+    c_c = "tab:purple"
+    ax.plot(xc, yc, "-^", color=c_c, ms=3, lw=1.3, label=r"critical sharpness $\lambda_c = 2/\eta_c$")
+    drawn = list(yc)
+    if not plain_threshold:
+        pairs = [(x, 2.0 / y) for x, y in zip(*_series(rows, "lr")) if y > 0]
+        if pairs:
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "-.", color=c_c, lw=1.1,
+                    label=r"$\lambda_c$'s threshold $2/\eta$")
+            drawn += [p[1] for p in pairs]
+    return drawn
 
 
 def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = None, title: str | None = None,
@@ -243,17 +251,8 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
     elif has_pre:  # Adagrad, Adafactor, Adadelta: no derived threshold (the rows' stability_note says why)
         ax.plot([], [], " ", label="no threshold derived (see stability_note)")
     drawn += yt
-    xc, yc = _series(rows, "critical_sharpness")
-    if yc:  # λ_c = 2/η_c (critical sharpness): its threshold is 2/η whatever the optimizer
-        c_c = "tab:purple"
-        ax.plot(xc, yc, "-^", color=c_c, ms=3, lw=1.2, label=r"critical sharpness $\lambda_c = 2/\eta_c$")
-        two = [(x, 2.0 / lr) for x, lr in zip(*_series(rows, "lr")) if lr > 0]
-        if two:
-            ax.plot([x for x, _ in two], [v for _, v in two], ":", color=c_c, lw=1.2,
-                    label=r"$\lambda_c$'s threshold $2/\eta$")
-            drawn += [v for _, v in two]
-        drawn += yc
-        values += yc
+    values += _series(rows, "critical_sharpness")[1]
+    drawn += _plot_critical(ax, rows, plain_threshold=bool(yt) and r"$2/\eta$" in label)
     if _positive(drawn) and all(y > 0 for y in drawn):
         log_scale(ax, drawn)
     ax.set_ylabel("sharpness")

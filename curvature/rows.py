@@ -28,14 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROW_KEYS", "SCALAR_KEYS", "SIGNAL_KEYS", "to_plain", "encode_json_row", "encode_csv_row", "parse_value",
-           "is_json_lines", "read_rows", "read_row_file", "repair_row_file", "append_rows", "write_rows", "RowFile", "LIST_KEYS", "INT_KEYS",
-           "BOOL_KEYS", "STR_KEYS"]
+__all__ = ["ROW_KEYS", "SCALAR_KEYS", "SIGNAL_KEYS", "CRITICAL_KEYS", "to_plain", "encode_json_row", "encode_csv_row",
+           "parse_value", "is_json_lines", "read_rows", "read_row_file", "repair_row_file", "append_rows", "write_rows",
+           "RowFile", "LIST_KEYS", "INT_KEYS", "BOOL_KEYS", "STR_KEYS"]
 
 #: The tracker row columns :func:`curvature.signals.step_signals` fills.
 SIGNAL_KEYS = ("batch_sharpness", "update_sharpness", "predicted_loss_change", "actual_loss_change",
                "preconditioned_batch_sharpness", "preconditioned_update_sharpness", "signals_num_hvps",
                "signals_seconds")
+
+#: The tracker row columns of a critical-sharpness measurement (:func:`curvature.critical.critical_sharpness`,
+#: ``critical_every=N``): λ_c = 2/η_c, η_c, η·λ_c/2 (1.0 = the edge of stability, any optimizer), its forward passes
+#: (the loss at θ included unless the step's loss was reused) and seconds.
+CRITICAL_KEYS = ("critical_sharpness", "critical_lr", "critical_edge_ratio", "critical_forward_passes",
+                 "critical_seconds")
 
 #: The keys of every tracker row, in column order (the API contract's keys first).
 ROW_KEYS: tuple[str, ...] = (
@@ -67,17 +73,18 @@ ROW_KEYS: tuple[str, ...] = (
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
     "error_kind",                 # None, or why the row is empty / inexact: curvature.usage.FAILURE_KINDS
     "stability_note",             # why threshold / edge_ratio / preconditioned_sharpness is empty (None: all there)
-) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
+) + SIGNAL_KEYS + CRITICAL_KEYS   # per-step signals (signals=True), critical sharpness (critical_every=N)
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
 SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
-               "seconds", "residual")
+               "seconds", "residual", "critical_sharpness", "critical_edge_ratio")
 
 
 #: Columns holding lists of floats (JSON text in CSV).
 LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
 #: Integer columns.
-INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "optimizer_index", "file_size")
+INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "critical_forward_passes",
+            "optimizer_index", "file_size")
 #: Boolean columns.
 BOOL_KEYS = ("converged", "warm_start", "lookahead")
 #: Text columns (never parsed as numbers).

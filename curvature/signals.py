@@ -39,7 +39,7 @@ from .operators import GraphHessianOperator  # re-exported: it lived here before
 from .rows import SIGNAL_KEYS  # the columns step_signals fills (the row schema)
 
 __all__ = ["GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
-           "next_update", "loss_at", "step_signals", "SIGNAL_KEYS"]
+           "next_update", "parameter_update", "loss_at", "step_signals", "SIGNAL_KEYS"]
 
 
 
@@ -98,44 +98,51 @@ def next_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
         group = owner.get(id(p))
         if group is None:
             raise ValueError("the optimizer does not own every parameter of the operator")
-        state = optimizer.state.get(p, {})
-        g = g.detach().to(torch.float64).reshape(p.shape)
-        theta = p.detach().to(torch.float64)
-        lr = _scalar(group["lr"])
-        wd = _scalar(group.get("weight_decay", 0.0))
-        if group.get("maximize", False):
-            g = -g
-        if isinstance(optimizer, torch.optim.SGD):
-            d = g + wd * theta if wd else g
-            mu = _scalar(group.get("momentum", 0.0))
-            if mu:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = d
-                else:
-                    buf = mu * buf.detach().to(torch.float64) + (1 - _scalar(group.get("dampening", 0.0))) * d
-                d = d + mu * buf if group.get("nesterov", False) else buf
-            parts.append((-lr * d).reshape(-1))
-        elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            beta1, beta2 = (_scalar(b) for b in group["betas"])
-            eps = _scalar(group["eps"])
-            decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-            if wd and not decoupled:
-                g = g + wd * theta
-            has = "exp_avg" in state and "step" in state
-            m = (beta1 * state["exp_avg"].detach().double() if has else 0.0) + (1 - beta1) * g
-            v = (beta2 * state["exp_avg_sq"].detach().double() if has else 0.0) + (1 - beta2) * g * g
-            t = (_scalar(state["step"]) if has else 0.0) + 1
-            if group.get("amsgrad", False):
-                vmax = state.get("max_exp_avg_sq")
-                v = torch.maximum(vmax.detach().double(), v) if vmax is not None else v
-            step = -lr * (m / (1 - beta1 ** t)) / (v.sqrt() / math.sqrt(1 - beta2 ** t) + eps)
-            if wd and decoupled:
-                step = step - lr * wd * theta
-            parts.append(step.reshape(-1))
-        else:
-            raise TypeError(f"next_update supports SGD, Adam and AdamW, got {type(optimizer).__name__}")
+        parts.append(parameter_update(optimizer, group, optimizer.state.get(p, {}), p, g).reshape(-1))
     return torch.cat(parts)
+
+
+def parameter_update(optimizer: torch.optim.Optimizer, group: dict, state: Any, param: torch.Tensor,
+                     grad: torch.Tensor) -> torch.Tensor:
+    """One parameter's part of :func:`next_update` (float64, shaped like ``param``): the step ``optimizer`` would
+    take for ``param`` in ``group`` with optimizer ``state`` (a mapping: ``optimizer.state[param]``, or the same
+    with rank-local shards of its tensors) and gradient ``grad``. Reads, never writes."""
+    p = param
+    g = grad.detach().to(torch.float64).reshape(p.shape)
+    theta = p.detach().to(torch.float64)
+    lr = _scalar(group["lr"])
+    wd = _scalar(group.get("weight_decay", 0.0))
+    if group.get("maximize", False):
+        g = -g
+    if isinstance(optimizer, torch.optim.SGD):
+        d = g + wd * theta if wd else g
+        mu = _scalar(group.get("momentum", 0.0))
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = d
+            else:
+                buf = mu * buf.detach().to(torch.float64) + (1 - _scalar(group.get("dampening", 0.0))) * d
+            d = d + mu * buf if group.get("nesterov", False) else buf
+        return -lr * d
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        eps = _scalar(group["eps"])
+        decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+        if wd and not decoupled:
+            g = g + wd * theta
+        has = "exp_avg" in state and "step" in state
+        m = (beta1 * state["exp_avg"].detach().double() if has else 0.0) + (1 - beta1) * g
+        v = (beta2 * state["exp_avg_sq"].detach().double() if has else 0.0) + (1 - beta2) * g * g
+        t = (_scalar(state["step"]) if has else 0.0) + 1
+        if group.get("amsgrad", False):
+            vmax = state.get("max_exp_avg_sq")
+            v = torch.maximum(vmax.detach().double(), v) if vmax is not None else v
+        step = -lr * (m / (1 - beta1 ** t)) / (v.sqrt() / math.sqrt(1 - beta2 ** t) + eps)
+        if wd and decoupled:
+            step = step - lr * wd * theta
+        return step
+    raise TypeError(f"next_update supports SGD, Adam and AdamW, got {type(optimizer).__name__}")
 
 
 def loss_at(model: torch.nn.Module, loss_fn: Any, data: Any, named_params: Sequence[tuple[str, torch.Tensor]],

@@ -81,6 +81,7 @@ from .operators import HessianOperator
 from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
                     lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
                     unwrap_optimizer)
+from .critical import critical_sharpness
 from .operators import GraphHessianOperator
 from .rows import ROW_KEYS, SCALAR_KEYS  # the row schema (re-exported)
 from .signals import loss_at, step_signals
@@ -244,6 +245,14 @@ class SharpnessTracker:
         batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
+        critical_every: also measure the critical sharpness λ_c = 2/η_c of the step about to be taken
+            (:func:`~curvature.critical.critical_sharpness`: forward passes only, any linear-in-lr optimizer) when
+            ``step % critical_every == 0``, into the ``critical_*`` columns (``critical_edge_ratio`` = η·λ_c/2,
+            1.0 = the edge of stability for every optimizer); a step that is not a λ_max step gets a row with only
+            those columns (and ``lr``, ``loss``). Warm-started from the previous η_c; the loss at θ is the
+            ``loss=`` given to :meth:`step` when the tracker has no probe and the model no active dropout.
+            ``every=None`` with ``critical_every``: critical-sharpness rows only.
+        critical_rtol: its bracket tolerance (default 1/16).
         **operator_options: passed to the operator (``method``, ``dtype``, ``device``, ``max_batch_size``,
             ``params``, ``distributed``, ...).
     """
@@ -256,8 +265,16 @@ class SharpnessTracker:
                  share_graph: bool = True, max_grad_norm: float | None = None, setup_errors: str = "raise",
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
-                 solver_seed: int = 0, **operator_options: Any) -> None:
-        self.every = _positive_int(every, "every")
+                 solver_seed: int = 0, critical_every: int | None = None, critical_rtol: float = 1 / 16,
+                 **operator_options: Any) -> None:
+        self.critical_every = None if critical_every is None else _positive_int(critical_every, "critical_every")
+        if every is None and self.critical_every is None:
+            raise ValueError("every=None measures nothing: give every=N (λ_max rows) and/or critical_every=N")
+        self.every = None if every is None else _positive_int(every, "every")
+        self.critical_rtol = float(critical_rtol)
+        if not (math.isfinite(self.critical_rtol) and 0 < self.critical_rtol < 1):
+            raise ValueError(f"critical_rtol must be in (0, 1), got {critical_rtol!r}")
+        self._critical_lr: float | None = None
         self.k = _positive_int(k, "k")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
@@ -287,6 +304,9 @@ class SharpnessTracker:
         self.max_iters = check_optional_positive_int(max_iters, "max_iters")
         self.probe = probe
         self.when = when
+        if self.critical_every is not None and when != "before_step":
+            raise ValueError("critical_every= measures the step about to be taken: it needs when='before_step' "
+                             "(call tracker.step after backward(), before optimizer.step())")
         self.warm_start = bool(warm_start)
         self.warm_guard = bool(warm_guard)
         if gradient_start not in ("cold", True, False):
@@ -320,8 +340,14 @@ class SharpnessTracker:
 
     # -- public ---------------------------------------------------------------------------------------
     def should_measure(self, step: int) -> bool:
-        """``step % every == 0``."""
-        return int(step) % self.every == 0
+        """``step % every == 0`` (λ_max) or ``step % critical_every == 0`` (λ_c)."""
+        return self._sharpness_due(step) or self._critical_due(step)
+
+    def _sharpness_due(self, step: int) -> bool:
+        return self.every is not None and int(step) % self.every == 0
+
+    def _critical_due(self, step: int) -> bool:
+        return self.critical_every is not None and int(step) % self.critical_every == 0
 
     def step(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None, *,
              loss: torch.Tensor | None = None) -> dict | None:
@@ -353,7 +379,14 @@ class SharpnessTracker:
             raise ValueError("loss= measures on the training step's own graph (its batch); the tracker has a "
                              "probe= batch: use one or the other")
         step = self._check_call(model, optimizer, batch, step, call="tracker.measure(model, optimizer, batch, step)")
-        row = self._measure(model, optimizer, batch, self._calls if step is None else step, loss)
+        step = self._calls if step is None else step
+        if self.every is None or (self.critical_every is not None and not self._sharpness_due(step)
+                                  and self._critical_due(step)):
+            row = self._critical_only_row(step, optimizer)  # a critical-sharpness step between λ_max steps
+        else:
+            row = self._measure(model, optimizer, batch, step, loss)
+        if self._critical_due(step):
+            self._add_critical(row, model, optimizer, batch, loss)
         self._emit(row)
         if row.get("error") and self.on_error == "raise":
             raise TrackingError(f"sharpness measurement at step {row['step']} failed: {row['error']}")
@@ -367,7 +400,7 @@ class SharpnessTracker:
         """What a resumed run needs to continue this tracker: the rows, the call counter and the warm-start
         vectors (CPU tensors). Plain Python values and tensors only (``torch.load(weights_only=True)`` reads it);
         the framework callbacks save it with their checkpoints."""
-        return {"history": [dict(r) for r in self.history], "calls": self._calls,
+        return {"history": [dict(r) for r in self.history], "calls": self._calls, "critical_lr": self._critical_lr,
                 "warm_start_h": None if self._X_h is None else self._X_h.detach().cpu().clone(),
                 "warm_start_p": None if self._X_p is None else self._X_p.detach().cpu().clone()}
 
@@ -378,9 +411,12 @@ class SharpnessTracker:
         self.history = [dict(r) for r in state.get("history", [])]
         self.last = self.history[-1] if self.history else None
         self._calls = int(state.get("calls", len(self.history)))
+        lr_c = state.get("critical_lr")
+        self._critical_lr = float(lr_c) if isinstance(lr_c, (int, float)) and math.isfinite(lr_c) and lr_c > 0 else None
         self._X_h = self._X_p = None
         self._signature_seen = None
-        self._succeeded = any(r.get("sharpness") is not None for r in self.history)
+        self._succeeded = any(r.get("sharpness") is not None or r.get("critical_sharpness") is not None
+                              for r in self.history)
         if model is None:
             return
         net = unwrap_model(model)
@@ -617,6 +653,65 @@ class SharpnessTracker:
         elif math.log10(count).is_integer():
             warnings.warn(f"curvature: {count} sharpness measurements have failed with {kind} so far (the latest at "
                           f"step {step}: {text}); training continues", TrackingWarning, stacklevel=5)
+
+    def _critical_only_row(self, step: int, optimizer: Any) -> dict:
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        opt = unwrap_optimizer(optimizer)
+        row.update(step=step, num_hvps=0, when=self.when, optimizer=type(opt).__name__ if opt is not None else None)
+        if isinstance(opt, torch.optim.Optimizer):
+            with contextlib.suppress(TypeError, ValueError):
+                row["lr"] = float(opt.param_groups[0]["lr"])
+            with contextlib.suppress(TypeError, ValueError):
+                row["threshold"] = float(stability_threshold(opt))
+            if row["threshold"] is None:
+                with contextlib.suppress(TypeError, ValueError):
+                    row["stability_note"] = stability_note(opt)
+        return row
+
+    def _add_critical(self, row: dict, model: torch.nn.Module, optimizer: Any, batch: Any,
+                      loss: torch.Tensor | None) -> None:
+        """The critical-sharpness columns of ``row`` (a failure goes into ``error``; training goes on)."""
+        t0 = time.perf_counter()
+        only = row.get("sharpness") is None and row.get("source") is None
+        try:
+            net = unwrap_model(model)
+            data = self._data(batch)
+            stochastic = net.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                                              for m in net.modules())
+            reuse = loss if (loss is not None and self.probe is None and not stochastic) else None
+            options = {k: v for k, v in self.operator_options.items()
+                       if k in ("distributed", "process_group", "weight_fn", "inputs_as", "max_batch_size", "seed")}
+            if self.when != "before_step":
+                raise ValueError("critical sharpness measures the step about to be taken: it needs "
+                                 "when='before_step' (after backward(), before optimizer.step())")
+            res = critical_sharpness(model, None if self.own_loss else self.loss_fn, data, optimizer,
+                                     rtol=self.critical_rtol, lr_start=self._critical_lr, loss=reuse, **options)
+            row.update(res.row())
+            if only:
+                row["loss"] = res.loss
+                row["converged"] = res.converged
+            if res.note:
+                raise RuntimeError(f"critical sharpness: {res.note}")
+            self._critical_lr = res.critical_lr
+            self._succeeded = True
+        except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            msg = f"critical sharpness: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            msg = msg.rstrip(": ")
+            row["error"] = msg if not row.get("error") else f"{row['error']}; {msg}"
+            kind = failure_kind(exc, first=not self._succeeded)
+            row["error_kind"] = row.get("error_kind") or kind
+            log.debug("critical sharpness at step %s failed", row.get("step"), exc_info=True)
+            if kind == "setup" and self.setup_errors == "raise":  # the same policy as the λ_max measurement
+                explained = explain_setup_failure(exc, self.loss_fn, self._shown_data(batch),
+                                                  data_name="probe" if self.probe is not None else "batch")
+                raise TrackingSetupError(
+                    f"curvature: {explained}\n(no row was written; this tracker raises on a first measurement that "
+                    "fails like this because every later one would too: SharpnessTracker(..., "
+                    "setup_errors='warn') warns once instead)") from exc
+            if self.on_error == "warn":
+                self._warn_failure(kind, row.get("step"), msg)
+        row["critical_seconds"] = time.perf_counter() - t0
+        row["seconds"] = row["critical_seconds"] + (0.0 if only else (row.get("seconds") or 0.0))  # the whole row
 
     def _signals(self, net: torch.nn.Module, opt: Any, H: Any, P_op: Any, data: Any) -> dict:
         """The per-step signals on the measured batch (see :func:`curvature.signals.step_signals`)."""
