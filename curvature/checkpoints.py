@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validate import check_optional_positive_int, check_tol
 from .data import own_loss_batch, resolve_loss_fn
 from .rows import append_rows, is_json_lines, read_row_file, read_rows, write_rows
 from .tracking import ROW_KEYS, warm_started_solve
@@ -280,8 +281,11 @@ def find_checkpoints(paths_or_dir: Any, recursive: bool = False) -> list[Path]:
         p = Path(item).expanduser()
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found = sorted((f for f in p.glob(pattern) if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES)
-                            and not f.name.startswith(_NOT_MODEL_FILES)), key=_natural_key)
+            # a folder named like a checkpoint (``x.pt/``) is listed too: it gets a row with a clear error
+            # instead of vanishing (every checkpoint-looking entry gets exactly one row)
+            found = sorted((f for f in p.glob(pattern) if (f.is_file() or f.is_dir())
+                            and f.name.endswith(CHECKPOINT_SUFFIXES) and not f.name.startswith(_NOT_MODEL_FILES)),
+                           key=_natural_key)
             if not found and not recursive:  # a Hugging Face Trainer output_dir: checkpoint-N/ sub-folders
                 found = sorted((f for sub in p.iterdir() if sub.is_dir() and _HF_DIR.fullmatch(sub.name)
                                 for f in sub.iterdir() if f.is_file() and f.name in _HF_MODEL_FILES),
@@ -449,6 +453,9 @@ def load_checkpoint(path: str | os.PathLike, trust_checkpoints: bool = False, *,
     :class:`CheckpointError` (:class:`UnsafeCheckpointError` for pickled code) with a one-line reason.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a directory, not a checkpoint file (a folder named like one); "
+                              "rename or move it, or pass the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' does not exist")
     if path.name.endswith(".safetensors"):
@@ -883,6 +890,8 @@ def _scan(path: Path, trust: bool) -> tuple[int | None, str | None, Checkpoint |
     ``trust_checkpoints``, its unpickling code then runs twice)."""
     ck = None
     try:
+        if path.is_dir():
+            load_checkpoint(path, trust)  # the clear CheckpointError
         if path.name.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -962,6 +971,8 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
         raise ValueError(f"errors must be 'report' or 'raise', got {errors!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_tol(tol)  # refused before any checkpoint is read (not one error row per checkpoint)
+    check_optional_positive_int(max_iters, "max_iters")
     from .diagnostics import sharpness
 
     add_search_path(search_path)

@@ -218,6 +218,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--k must be at least 1, got {args.k}")
     if not (math.isfinite(args.tol) and args.tol > 0):  # inf would accept the start vector; nan never converges
         raise CLIError(f"--tol must be a finite number > 0, got {args.tol}")
+    for flag, value in (("--max-iters", args.max_iters), ("--max-batch-size", args.max_batch_size)):
+        if value is not None and value < 1:  # before any checkpoint is read (0 is not "no limit")
+            raise CLIError(f"{flag} must be at least 1, got {value}")
     options: dict[str, Any] = {}
     if args.dtype:
         options["dtype"] = _dtype(args.dtype)
