@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validate import check_optional_positive_int, check_tol
 from .data import own_loss_batch, resolve_loss_fn
 from .rows import append_rows, is_json_lines, read_row_file, read_rows, write_rows
 from .tracking import ROW_KEYS, warm_started_solve
@@ -971,9 +970,10 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
         raise ValueError(f"errors must be 'report' or 'raise', got {errors!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    check_tol(tol)  # refused before any checkpoint is read (not one error row per checkpoint)
-    check_optional_positive_int(max_iters, "max_iters")
-    from .diagnostics import sharpness
+    from .diagnostics import check_solver_options, sharpness
+
+    # refused before any checkpoint is read (not one error row per checkpoint)
+    check_solver_options(k, solver, tol, max_iters, 0, operator_options.get("eig_tol"))
 
     add_search_path(search_path)
     files = find_checkpoints(paths_or_dir, recursive=recursive)

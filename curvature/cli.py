@@ -276,14 +276,12 @@ def _plot(rows: list[dict], path: str, k: int) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from ._validate import check_device
 
     try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise CLIError(f"--device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        check_device(device)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}".replace("--device=", "--device ", 1)) from None
 
 
 def _cmd_check_hvp(args: argparse.Namespace) -> int:

@@ -166,6 +166,10 @@ def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
 
     Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW (a float, a 0-d tensor, or an
     :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2.
+
+    A NaN eigenvalue (a failed measurement) or a negative one (no positive curvature: the ratio to a threshold
+    on positive curvature has no meaning, and λ_max < 0 usually means the most negative eigenvalue was passed)
+    gives NaN with a ``RuntimeWarning``, never a number that looks like a distance to the edge.
     """
     if isinstance(eigenvalue, EigenResult):
         eigenvalue = eigenvalue.eigenvalue
@@ -177,7 +181,15 @@ def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
     elif not isinstance(eigenvalue, (int, float)):
         raise TypeError(f"edge_ratio() takes an eigenvalue as a float, a tensor or an EigenResult, "
                         f"got {type(eigenvalue).__name__}")
-    return float(eigenvalue) / stability_threshold(optimizer)
+    value = float(eigenvalue)
+    threshold = stability_threshold(optimizer)
+    if math.isnan(value) or value < 0:
+        what = "NaN (a failed measurement)" if math.isnan(value) else \
+            f"{value:.6g} < 0 (no positive curvature; pass the largest eigenvalue, not the most negative)"
+        warnings.warn(f"edge_ratio: the eigenvalue is {what}; the edge ratio is undefined, returning NaN",
+                      RuntimeWarning, stacklevel=2)
+        return math.nan
+    return value / threshold
 
 
 def _require_adam(optimizer: Any, what: str) -> torch.optim.Optimizer:

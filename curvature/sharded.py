@@ -34,6 +34,7 @@ import torch.distributed as dist
 from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
 from .finite_difference import FiniteDifferenceEngine, is_dtensor
+from .hvp import check_parameters, select_parameters
 from .operators import LinearOperator, ParameterOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
@@ -79,6 +80,7 @@ class ShardedHessianOperator(ParameterOperator):
         prepared: list[Any] = []
 
         def batch_count() -> torch.Tensor:  # a rank whose data fails (or that is interrupted) fails every rank
+            check_parameters(model, select_parameters(model, params))  # e.g. inf in this rank's shard only
             prepared.append(as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=model,
                                        own_loss=resolve_loss_fn(loss_fn) is model_output_loss))
             return ranks_disagree(torch.tensor([float(len(prepared[0]))], dtype=torch.float64))
