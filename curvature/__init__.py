@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from .checkpoints import Checkpoint, CheckpointError, UnsafeCheckpointError, analyze_checkpoints, load_checkpoint
 
     # schedule comparison harness
-    from .compare import ComparisonResult, compare_schedules, find_required_warmup
+    from .warmup import ComparisonResult, compare_schedules, find_required_warmup
 
     # batches, weights, the model's own loss; experiment-tracker sinks
     from .data import CurvatureWarning, resolve_loss_fn, token_count
@@ -64,12 +64,14 @@ if TYPE_CHECKING:
     # second-order errors, finite differences, fully-sharded models, ranks that fail together
     from ._exact import SecondOrderError
     from .distributed import RemoteRankError
-    from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes
+    from .diagnostics import RouteComparison, compare_hvp_routes
+    from .finite_difference import FiniteDifferenceEngine
     from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos
 
     # per-step signals for mini-batch training; solver benchmarks on the user's model
     from .bench import benchmark_solvers
-    from .signals import (GraphHessianOperator, batch_sharpness, next_update, preconditioned_batch_sharpness,
+    from .operators import GraphHessianOperator
+    from .signals import (batch_sharpness, next_update, preconditioned_batch_sharpness,
                           step_signals, update_sharpness)
 
 _LAZY: dict[str, str] = {
@@ -140,9 +142,9 @@ _LAZY: dict[str, str] = {
     "UnsafeCheckpointError": ".checkpoints",
     "analyze_checkpoints": ".checkpoints",
     "load_checkpoint": ".checkpoints",
-    "ComparisonResult": ".compare",
-    "compare_schedules": ".compare",
-    "find_required_warmup": ".compare",
+    "ComparisonResult": ".warmup",
+    "compare_schedules": ".warmup",
+    "find_required_warmup": ".warmup",
     "CurvatureWarning": ".data",
     "resolve_loss_fn": ".data",
     "token_count": ".data",
@@ -151,12 +153,12 @@ _LAZY: dict[str, str] = {
     "SecondOrderError": "._exact",
     "RemoteRankError": ".distributed",
     "FiniteDifferenceEngine": ".finite_difference",
-    "RouteComparison": ".finite_difference",
-    "compare_hvp_routes": ".finite_difference",
+    "RouteComparison": ".diagnostics",
+    "compare_hvp_routes": ".diagnostics",
     "ShardedHessianOperator": ".sharded",
     "ShardedPreconditionedOperator": ".sharded",
     "sharded_lanczos": ".sharded",
-    "GraphHessianOperator": ".signals",
+    "GraphHessianOperator": ".operators",
     "batch_sharpness": ".signals",
     "preconditioned_batch_sharpness": ".signals",
     "update_sharpness": ".signals",

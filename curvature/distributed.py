@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_process_group", "all_reduce_sum", "world_size", "collective_device", "RemoteRankError",
-           "raise_together", "sum_or_fail", "describe", "is_interrupt", "fingerprint", "ranks_disagree", "disagreeing"]
+           "raise_together", "sum_or_fail", "describe", "is_interrupt", "fingerprint", "ranks_disagree",
+           "disagreeing", "assert_ranks_agree"]
 
 
 def resolve_process_group(distributed: bool | None, process_group: Any = None) -> Any | None:
@@ -155,3 +156,25 @@ def disagreeing(summed: torch.Tensor, world: int) -> list[int]:
     """Indices of the values whose ``R·Σc² ≠ (Σc)²`` (not all equal; Cauchy–Schwarz with equality iff equal)."""
     pairs = summed.reshape(-1, 2)
     return [i for i, (s, s2) in enumerate(pairs.tolist()) if world * s2 != s * s]
+
+
+def assert_ranks_agree(group: Any | None, **items: Any) -> None:
+    """Check in one all-reduce that ``items`` (name → anything with a stable ``repr``, or bytes / a tensor,
+    compared by content) are the same on every rank of ``group``; every rank raises the same ``ValueError``
+    naming the items that differ. No-op without a group. Call it on every rank (it is a collective).
+
+    Example (the Adam state of :class:`~curvature.optim.PreconditionedHessianOperator`):
+    ``assert_ranks_agree(op.inner.process_group, adam_preconditioner=P)``.
+    """
+    if group is None or not items:
+        return
+    def content(x: Any) -> Any:
+        return x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if isinstance(
+            x, torch.Tensor) and x.numel() else x
+    values = torch.tensor([float(fingerprint(content(v))) for v in items.values()], dtype=torch.float64)
+    summed = ranks_disagree(values).to(collective_device(group))
+    all_reduce_sum(summed, group)
+    bad = [list(items)[i] for i in disagreeing(summed.cpu(), world_size(group))]
+    if bad:
+        raise ValueError(f"these differ between the ranks of the process group: {', '.join(bad)}. Every rank must "
+                         "measure the same model and optimizer state (e.g. the replicas of one DDP job)")

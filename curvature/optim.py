@@ -61,8 +61,8 @@ from torch import nn
 from .data import CurvatureWarning, as_batches, resolve_loss_fn
 from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import StateGuard, call_with_state, frozen_rng, unwrap_model
-from .distributed import collective_device, resolve_process_group, sum_or_fail
-from .operators import HessianOperator, LinearOperator, assert_ranks_agree
+from .distributed import assert_ranks_agree, collective_device, resolve_process_group, sum_or_fail
+from .operators import HessianOperator, LinearOperator
 from .solvers import EigenResult
 
 __all__ = ["PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",

@@ -35,7 +35,7 @@ from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
 from .finite_difference import FiniteDifferenceEngine, is_dtensor
 from .hvp import check_parameters, select_parameters
-from .operators import LinearOperator, ParameterOperator
+from .linear_operator import LinearOperator, ParameterOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
 

@@ -1,4 +1,4 @@
-"""Sharpness during training: :class:`SharpnessTracker` and the sinks its rows go to.
+"""Sharpness during training: :class:`SharpnessTracker` (its rows go to the sinks of :mod:`curvature.sinks`).
 
 A tracker measures, every ``every`` steps, the top Hessian eigenvalue λ_max(H) of the loss at the model's current
 parameters (and, for Adam/AdamW, the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
@@ -60,7 +60,9 @@ from .solvers import combined_start
 from .operators import HessianOperator
 from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
                     unwrap_optimizer)
-from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
+from .operators import GraphHessianOperator
+from .rows import ROW_KEYS, SCALAR_KEYS  # the row schema (re-exported)
+from .signals import loss_at, step_signals
 from ._validate import check_optional_positive_int, check_seed, check_tol
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingWarning", "CSVSink",
@@ -68,41 +70,6 @@ __all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "Trac
            "format_row", "model_output_loss", "read_rows", "parse_value", "is_json_lines", "warm_started_solve"]
 
 log = logging.getLogger("curvature.tracking")
-
-#: The keys of every tracker row, in column order (the API contract's keys first).
-ROW_KEYS: tuple[str, ...] = (
-    "step",                       # the step label passed to tracker.step (or the tracker's own call counter)
-    "lr",                         # optimizer.param_groups[0]["lr"] at the time of measurement
-    "loss",                       # mean loss at the measured parameters, on the probe data
-    "sharpness",                  # λ_max(H)
-    "preconditioned_sharpness",   # λ_max(P⁻¹H) for Adam/AdamW, else None
-    "threshold",                  # stability_threshold(optimizer): 2/η (SGD), (2+2μ)/η, (2+2β₁)/((1−β₁)η) (Adam)
-    "edge_ratio",                 # λ / threshold (λ^{P⁻¹H} for Adam): 1.0 = edge of stability
-    "num_hvps",                   # Hessian-vector products spent on this row (H and P⁻¹H, retries included)
-    "seconds",                    # wall time of the measurement
-    "converged",                  # every solve reached tol
-    "eigenvalues",                # top-k eigenvalues of H (list)
-    "preconditioned_eigenvalues",  # top-k of P⁻¹H (list) or None
-    "residual",                   # largest relative residual ‖Hv − λv‖/|λ| of the H solve
-    "preconditioned_residual",    # same for P⁻¹H
-    "preconditioned_num_hvps",    # the part of num_hvps spent on P⁻¹H
-    "warm_start",                 # the accepted H solve started from the previous eigenvectors
-    "lookahead",                  # P was built for the step about to be taken (Adam before its first step)
-    "optimizer",                  # optimizer class name
-    "when",                       # "before_step" or "after_step"
-    "error",                      # None, or why the measurement failed / did not converge
-    "preconditioner",             # "next_step" (P of the step about to be taken) or "last_step"; None without Adam
-    "error_bound",                # bound on the relative error of `sharpness`: ‖r‖²/(gap·|λ|) (solver's estimate)
-    "preconditioned_error_bound",  # the same for `preconditioned_sharpness`
-    "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
-    "solver",                     # eigensolver used
-    "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
-) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
-
-#: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
-SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
-               "seconds", "residual")
-
 
 class TrackingError(RuntimeError):
     """A measurement failed (or did not converge) and the tracker was built with ``on_error="raise"``."""

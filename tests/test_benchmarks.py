@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from benchmarks import models as M  # noqa: E402
-from benchmarks import peers as P  # noqa: E402
+from curvature import peers as P  # noqa: E402
 from benchmarks._timing import markdown_table, pin_threads, time_fn  # noqa: E402
 
 

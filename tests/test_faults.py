@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvature.checkpoints import CheckpointError, _scan, analyze_checkpoints, load_checkpoint
+from curvature.checkpoints import CheckpointError, analyze_checkpoints, load_checkpoint
+from curvature.checkpoints.analysis import _scan
 from curvature.diagnostics import sharpness
 from curvature.rows import append_rows, read_row_file, read_rows, repair_row_file, write_rows
 from curvature.sinks import CSVSink, JSONLinesSink

@@ -46,7 +46,7 @@ guarantee). Every decision is appended to :attr:`~CurvatureAwareWarmup.history` 
 ``lr_prev``, ``loss``, ``sharpness`` (λ, ``None`` when not measured), ``ratio`` (``η_prev·λ/c``),
 ``predicted_ratio`` (``η·λ̂/c``), ``action`` ∈ {grow, hold, backoff, done}, ``reason``, ``num_hvps`` ...) and sent to
 the tracker's sinks (CSV, JSON lines, TensorBoard, callables): one row per decision, with the measurement's
-columns (:data:`~curvature.tracking.ROW_KEYS`) plus the decision's.
+columns (:data:`~curvature.rows.ROW_KEYS`) plus the decision's.
 
 Frameworks: :func:`lightning_callback` (a Lightning ``Callback``) and :func:`hf_callback` (a Hugging Face
 ``TrainerCallback``, measuring on a fixed ``probe`` batch); both import their framework only when called.
