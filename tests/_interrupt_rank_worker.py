@@ -82,6 +82,13 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             loss = InterruptingLoss(kind, 1 if rank == 1 else None)
             linger = kind == "KeyboardInterrupt"
             out[kind, "build", linger] = scenario(rank, lambda: HessianOperator(model, loss, data), linger)
+        # the tracker with on_error="warn": a remote interrupt is not a measurement error to warn about and train on
+        # past; rank 0 raises too (rank 1 interrupted in its 2nd HVP)
+        from curvature.tracking import SharpnessTracker
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = InterruptingLoss("KeyboardInterrupt", 2 + 2 + 1 if rank == 1 else None)
+        tracker = SharpnessTracker(loss, every=1, k=1, tol=1e-10, on_error="warn", retry_cold=False)
+        out["KeyboardInterrupt", "tracker", False] = scenario(rank, lambda: tracker.step(model, sgd, data, step=0), False)
         # GI-Adam's first-order gradient and the critical-lr search (their own all-reduces)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss = InterruptingLoss("KeyboardInterrupt", 2 if rank == 1 else None)

@@ -2,7 +2,8 @@
 
 Rank 1 is interrupted (a real SIGINT → ``KeyboardInterrupt``, or ``sys.exit`` → ``SystemExit``) inside a
 collective step: a Hessian-vector product of a Lanczos solve, the operator's construction, GI-Adam's gradient,
-the critical-lr search. Rank 1 re-raises its own interrupt; rank 0 raises a ``RemoteRankError`` naming rank 1
+the critical-lr search, ``SharpnessTracker.step`` with ``on_error="warn"`` (a remote interrupt is raised, not
+warned about). Rank 1 re-raises its own interrupt; rank 0 raises a ``RemoteRankError`` naming rank 1
 and the cause within seconds, whether rank 1 lingers (cleanup, a handler) or goes straight on to the training
 loop's next all-reduce, which then gives the right value on both ranks (the group is still in step). Without the
 fix rank 0 waits in the all-reduce until the group timeout, or gloo aborts the process on mismatched sizes.
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 # (interrupt, where, whether rank 1 lingers before the next collective)
 CASES = [(k, "hvp", linger) for k in ("KeyboardInterrupt", "SystemExit") for linger in (True, False)] + [
     ("KeyboardInterrupt", "build", True), ("SystemExit", "build", False), ("KeyboardInterrupt", "gi_adam", False),
-    ("KeyboardInterrupt", "critical_lr1", True), ("KeyboardInterrupt", "critical_lr3", False)]
+    ("KeyboardInterrupt", "critical_lr1", True), ("KeyboardInterrupt", "critical_lr3", False),
+    ("KeyboardInterrupt", "tracker", False)]
 
 
 @pytest.fixture(scope="module")
