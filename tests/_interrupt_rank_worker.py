@@ -24,7 +24,11 @@ from _rank_failure_worker import problem, shard  # noqa: E402
 LINGER_S = 3.0  # how long the interrupted rank stays alive (cleanup, a handler, a debugger) before its next collective
 
 
+INTERRUPTED_AT = [float("nan")]  # wall-clock time of this rank's last interrupt
+
+
 def interrupt(kind: str) -> None:
+    INTERRUPTED_AT[0] = time.time()
     if kind == "KeyboardInterrupt":
         signal.raise_signal(signal.SIGINT)  # Python's handler raises KeyboardInterrupt at the next bytecode
         time.sleep(1)  # (a real Ctrl-C; this line is not reached)
@@ -44,21 +48,23 @@ class InterruptingLoss:
         return F.cross_entropy(out, y)
 
 
-def scenario(rank: int, fn, linger: bool) -> tuple[str, str, float, float]:
+def scenario(rank: int, fn, linger: bool) -> tuple[str, str, float, float, float]:
     """Run ``fn``; the interrupted rank lingers (or not), then every rank takes part in one more all-reduce
-    (the training loop's next collective): its value (rank+1 summed: 3.0) shows the group is still in step."""
-    t0 = time.monotonic()
+    (the training loop's next collective): its value (rank+1 summed: 3.0) shows the group is still in step.
+    Returns (exception type, first line, wall-clock time it was caught, next all-reduce's value, wall-clock
+    time of this rank's interrupt)."""
+    INTERRUPTED_AT[0] = float("nan")
     try:
         fn()
         kind, msg = "ok", ""
     except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt / SystemExit are what is recorded
         kind, msg = type(exc).__name__, (str(exc).splitlines()[0] if str(exc) else "")
-    seconds = time.monotonic() - t0
+    caught = time.time()
     if linger and kind in ("KeyboardInterrupt", "SystemExit"):
         time.sleep(LINGER_S)
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
-    return kind, msg, seconds, float(t.item())
+    return kind, msg, caught, float(t.item()), INTERRUPTED_AT[0]
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
