@@ -129,7 +129,8 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     ‖r‖²/(gap·|λ|) on the error is below it; ``info["error_bound"]``); ``X0`` (an ``(n, m)`` block, e.g. the previous
     step's eigenvectors) warm-starts the solver. Extra keyword options go to :class:`HessianOperator`
     (``method``, ``dtype``, ``device``, ``seed``, ``max_batch_size``, ``distributed``, ...). The result's
-    ``info`` holds ``loss`` (mean loss at the point) and ``method`` (HVP route used).
+    ``info`` holds ``loss`` (mean loss at the point), ``method`` (HVP route used) and ``low_precision_modules``
+    (modules computing below the operator's dtype, e.g. float32 RMSNorms in a float64 run: λ is only that accurate).
     """
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
@@ -137,7 +138,8 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = HessianOperator(model, loss_fn, data, params, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
-    res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0])
+    res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0],
+                    low_precision_modules=dict(getattr(op, "low_precision_modules", {})))
     return res
 
 
@@ -228,7 +230,9 @@ def check_hvp(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = 
         denom = float(u.norm() * HV[:, i].norm() + v.norm() * Hu.norm())
         sym_errors.append(abs(float(u @ HV[:, i] - v @ Hu)) / max(denom, torch.finfo(work).tiny))
     result = HVPCheck(fd_errors, sym_errors, tol, step, work, {"num_params": op.shape[0], "method": op.method,
-                                                               "loss_dtype": loss_dtype})
+                                                               "loss_dtype": loss_dtype,
+                                                               "low_precision_modules": dict(getattr(
+                                                                   op, "low_precision_modules", {}))})
     if raise_on_failure and not result.passed:
         raise AssertionError(str(result))
     return result

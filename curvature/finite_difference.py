@@ -279,7 +279,17 @@ class FiniteDifferenceEngine:
                 p.grad = None
         reseed(self.seed + index, self.device)
         cast = self._input_dtype
-        out = self.model(*_to(batch.args, self.device, cast), **_to(batch.kwargs, self.device, cast))
+        try:
+            out = self.model(*_to(batch.args, self.device, cast), **_to(batch.kwargs, self.device, cast))
+        except RuntimeError as exc:
+            if "mat_a" in str(exc) and "Float32" in str(exc):  # the fused grouped matmul rejects this dtype
+                raise TypeError(
+                    f"the model's grouped-matmul kernel (F.grouped_mm / torch._grouped_mm: Mixtral-style MoE experts) "
+                    f"takes float32/bfloat16/float16 only, and method='finite_difference' runs the model's own kernels "
+                    f"(here in {self.dtype}). Use an exact route (method='auto': inside curvature calls the kernel is "
+                    "replaced by per-expert matmuls, exact in any dtype), or float32 with this route, or the eager "
+                    "experts (model.config._experts_implementation = 'eager')") from exc
+            raise
         loss = self.loss_fn(out, _to(batch.targets, self.device, cast))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -36,7 +36,7 @@ from torch import nn
 
 from ._exact import (SecondOrderError, StateGuard, autocast_state, backward_context, call_with_state,
                      check_twice_differentiable, explain_missing_derivative, frozen_rng, has_train_mode_batchnorm,
-                     peek_seed, reseed, second_order_context, unwrap_model)
+                     low_precision_islands, peek_seed, reseed, second_order_context, unwrap_model)
 
 __all__ = ["Batch", "BatchSource", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
 
@@ -51,7 +51,7 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # ---------------------------------------------------------------------------------------------------
 from .data import (  # noqa: E402
     Batch, BatchSource, as_batches, call_model, is_known_mean_loss, model_output_loss, resolve_loss_fn,
-    warn_if_low_precision_loss, warn_if_sum_reduced,
+    warn_if_low_precision_loss, warn_if_low_precision_modules, warn_if_sum_reduced,
 )
 from ._validate import check_device, check_optional_positive_int, check_seed  # noqa: E402
 
@@ -211,6 +211,7 @@ class HVPEngine:
         """Snapshot θ and the buffers; loss and gradient per batch (validated); maybe keep the graph."""
         keep = cache_graph and self.method == "reverse_over_reverse" and len(self.batches) == 1
         self._graph: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]] | None = None
+        self.low_precision_modules: dict[str, str] = {}  # module name -> the dtype it computes in, below ours
         chosen = set(self.names)
         with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
             self._primals = tuple(self._snapshot(p) for p in self.params)
@@ -222,10 +223,15 @@ class HVPEngine:
             grad_sum = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
             for i, batch in enumerate(self.batches):
                 leaves = tuple(p.detach().requires_grad_() for p in self._primals)
-                loss = self._loss(leaves, i, batch, guard)
+                if i == 0:  # the first forward is spied on: which modules compute below the operator's dtype
+                    loss, self.low_precision_modules = low_precision_islands(
+                        self.model, self.dtype, functools.partial(self._loss, leaves, i, batch, guard), guard)
+                else:
+                    loss = self._loss(leaves, i, batch, guard)
                 self._check_finite_loss(loss, i)
                 if i == 0:
-                    check_twice_differentiable(loss)
+                    check_twice_differentiable(loss, self.model, functools.partial(
+                        self._loss, tuple(p.detach().requires_grad_() for p in self._primals), i, batch, guard))
                     self._check_loss(loss, batch, guard)
                 grads = torch.autograd.grad(loss, leaves, create_graph=keep, allow_unused=True)
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves))
@@ -294,6 +300,7 @@ class HVPEngine:
         with the batch size (measured on a few samples, for callables whose reduction is not known)."""
         self.loss_dtype = loss.dtype
         warn_if_low_precision_loss(loss, self.dtype)
+        warn_if_low_precision_modules(self.low_precision_modules, self.dtype, self.model)
         # the model's own loss (loss_fn=None) is the model's property: remembered per model
         owner = self.model if self.loss_fn is model_output_loss else self.loss_fn
         if not is_known_mean_loss(self.loss_fn, self.model) and not _seen_mean_reduced(owner):

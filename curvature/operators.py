@@ -129,6 +129,8 @@ class HessianOperator(ParameterOperator):
                              "on every rank (same params= selection) before measuring curvature")
         super().__init__(e.numel(), e.dtype, e.device)
         self.process_group = group
+        #: modules whose forward computes below this operator's dtype (name -> dtype): λ is only that accurate
+        self.low_precision_modules: dict[str, str] = dict(getattr(e, "low_precision_modules", {}) or {})
         self.param_names: list[str] = list(e.names)
         self.params: list[torch.Tensor] = list(e.params)
         self.param_shapes: list[torch.Size] = list(e.shapes)

@@ -63,6 +63,8 @@ from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import StateGuard, call_with_state, frozen_rng, unwrap_model
 from .distributed import assert_ranks_agree, collective_device, resolve_process_group, sum_or_fail
 from .operators import HessianOperator, LinearOperator
+from .sharded import clip_factor
+from ._validate import check_positive_float
 from .solvers import EigenResult
 
 __all__ = ["PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
@@ -238,6 +240,10 @@ class PreconditionedHessianOperator(LinearOperator):
             a dtype: always that (one extra gradient pass on a copy of the parameters when it is wider than the
             operator's); ``None``: always the operator's own gradient (no extra pass).
             ``info["lookahead_gradient"]`` says which dtype was used.
+        max_grad_norm: with ``lookahead``, the gradient P is built from is clipped to this norm first, as
+            ``torch.nn.utils.clip_grad_norm_`` (and the Hugging Face Trainer's ``max_grad_norm``) clips the gradient
+            the optimizer sees: g ← g·min(1, max_grad_norm/(‖g‖ + 1e-6)), ‖g‖ over the operator's parameters.
+            ``None`` (default): unclipped. ``info["lookahead_clip"]`` is the factor applied.
 
     Parameters with no Adam state (never got a gradient: an unused head, a conditional branch) and a zero
     gradient on this data are left out: their rows of H are zero, P = inf there (``info["left_out"]``). With
@@ -264,7 +270,8 @@ class PreconditionedHessianOperator(LinearOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
                  lookahead: bool = True, lookahead_dtype: torch.dtype | str | None = "auto",
-                 inner: HessianOperator | None = None, **operator_options: Any) -> None:
+                 inner: HessianOperator | None = None, max_grad_norm: float | None = None,
+                 **operator_options: Any) -> None:
         opt = _require_adam(optimizer, "PreconditionedHessianOperator")
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be True (P of the step about to be taken) or False (P of the last step "
@@ -287,6 +294,10 @@ class PreconditionedHessianOperator(LinearOperator):
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step"}
         self.lookahead_dtype = lookahead_dtype
         grad64 = self._lookahead_gradient(operator_options, (model, loss_fn, data))
+        if lookahead and max_grad_norm is not None:  # the gradient the optimizer will see: clipped, as the trainer does
+            factor = clip_factor(float(grad64.norm()), check_positive_float(max_grad_norm, "max_grad_norm"))
+            grad64 = grad64 * factor
+            self.info["lookahead_clip"] = factor
         P64 = self._build_preconditioner(opt, lr0, grad64)
         # ranks whose Adam states differ would silently solve different operators: one collective says so on all
         assert_ranks_agree(getattr(inner, "process_group", None), adam_preconditioner=P64)
@@ -434,7 +445,7 @@ class PreconditionedHessianOperator(LinearOperator):
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
                              solver: str = "lanczos", tol: float | None = None, max_iters: int | None = None,
                              X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = True,
-                             lookahead_dtype: torch.dtype | str | None = "auto",
+                             lookahead_dtype: torch.dtype | str | None = "auto", max_grad_norm: float | None = None,
                              largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
                              **operator_options: Any) -> EigenResult:
     """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
@@ -443,7 +454,8 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     Compare ``eigenvalues[0]`` with :func:`stability_threshold` ``(2+2β₁)/((1−β₁)η)``, or use
     :func:`edge_ratio`. Solver options as in :func:`~curvature.sharpness`; extra keyword options go to the
     inner :class:`HessianOperator`. ``lookahead=True`` (default) uses the P of the step about to be taken,
-    ``False`` that of the last step taken. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead``,
+    ``False`` that of the last step taken; ``max_grad_norm`` clips the gradient of that step first, as the
+    training loop does. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead``,
     ``preconditioner`` (``"next_step"`` / ``"last_step"``), ``left_out`` (parameters without Adam state and
     without gradient, whose zero rows of H are left out) and ``threshold`` (``None`` at lr = 0, where it is
     undefined).
@@ -453,7 +465,7 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead,
-                                       lookahead_dtype=lookahead_dtype, **op_kw)
+                                       lookahead_dtype=lookahead_dtype, max_grad_norm=max_grad_norm, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
     res.info.update(op.info)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,

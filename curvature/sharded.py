@@ -225,6 +225,14 @@ def sharded_lanczos(op: "ShardedHessianOperator", k: int, steps: int = 60, seed:
     return torch.linalg.eigvalsh(T).flip(0)[:k], len(Q)
 
 
+def clip_factor(grad_norm: float, max_grad_norm: float | None) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` (and so the Hugging Face Trainer) scales a gradient of norm
+    ``grad_norm`` by: min(1, max_grad_norm / (‖g‖ + 1e-6)); 1 when ``max_grad_norm`` is None or ≤ 0 (no clipping)."""
+    if max_grad_norm is None or max_grad_norm <= 0:
+        return 1.0
+    return min(1.0, float(max_grad_norm) / (grad_norm + 1e-6))
+
+
 class ShardedPreconditionedOperator(LinearOperator):
     """P^{-1/2} H P^{-1/2} for a fully-sharded model and its Adam/AdamW, with P read shard by shard from the
     optimizer's own (sharded) state — the formula of :class:`curvature.optim.PreconditionedHessianOperator`:
@@ -238,7 +246,8 @@ class ShardedPreconditionedOperator(LinearOperator):
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
-                 lookahead: bool = True, inner: ShardedHessianOperator | None = None, **options: Any) -> None:
+                 lookahead: bool = True, inner: ShardedHessianOperator | None = None,
+                 max_grad_norm: float | None = None, **options: Any) -> None:
         if inner is None:
             inner = ShardedHessianOperator.from_operator_options(model, loss_fn, data, params, **options)
         elif options or params is not None:
@@ -254,7 +263,12 @@ class ShardedPreconditionedOperator(LinearOperator):
         lr0 = float(opt.param_groups[0]["lr"])
         self.lr, self.beta1 = lr0, float(opt.param_groups[0]["betas"][0])
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step", "sharded": True}
-        grads = inner.unflatten(inner.gradient)
+        gradient = inner.gradient
+        if lookahead and max_grad_norm is not None:
+            factor = clip_factor(float(inner.dot(gradient, gradient).sqrt()), max_grad_norm)
+            gradient = gradient * factor
+            self.info["lookahead_clip"] = factor
+        grads = inner.unflatten(gradient)
         parts = []
         for name, p, g in zip(inner.param_names, inner.params, grads):
             group = owners.get(id(p))

@@ -64,7 +64,7 @@ from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, sta
 from .operators import GraphHessianOperator
 from .rows import ROW_KEYS, SCALAR_KEYS  # the row schema (re-exported)
 from .signals import loss_at, step_signals
-from ._validate import check_optional_positive_int, check_seed, check_tol
+from ._validate import check_optional_positive_int, check_positive_float, check_seed, check_tol
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingWarning", "CSVSink",
            "JSONLinesSink", "TensorBoardSink", "LoggingSink", "CallableSink", "WandbSink", "MLflowSink", "make_sink",
@@ -188,6 +188,9 @@ class SharpnessTracker:
             measured batch's gradient), matching what a row describes; ``False``: P of the last step taken (from
             the optimizer state; undefined before the first step); ``"auto"``: last step once state exists, next
             step before (the old behaviour). Each row says which in ``preconditioner``.
+        max_grad_norm: the training loop clips gradients to this norm (``clip_grad_norm_``): the lookahead P is
+            built from the measured gradient clipped the same way, as the optimizer will see it. ``None`` (default):
+            unclipped. The Hugging Face callback sets it from ``TrainingArguments.max_grad_norm``.
         share_graph: λ(H) and λ(P⁻¹H) (and the signals) from one first-order graph per measurement (default);
             ``False`` builds one per solve (the old cost).
         signals: also compute the per-step signals of :mod:`curvature.signals` (batch sharpness, update
@@ -210,7 +213,7 @@ class SharpnessTracker:
                  when: str = "before_step", warm_start: bool = True, preconditioned: bool | str = "auto",
                  sinks: Iterable[Any] = (), on_error: str = "warn", *, eig_tol: float | None = 1e-3,
                  lookahead: bool | str = True, warm_guard: bool = True, gradient_start: bool | str = "cold",
-                 share_graph: bool = True,
+                 share_graph: bool = True, max_grad_norm: float | None = None,
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
                  solver_seed: int = 0, **operator_options: Any) -> None:
@@ -250,6 +253,7 @@ class SharpnessTracker:
         self.signals = bool(signals)
         self.preconditioned = preconditioned
         self.lookahead = lookahead
+        self.max_grad_norm = None if max_grad_norm is None else check_positive_float(max_grad_norm, "max_grad_norm")
         self.on_error = on_error
         self.retry_cold = bool(retry_cold)
         self.batch_transform = batch_transform
@@ -479,10 +483,11 @@ class SharpnessTracker:
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
                     if self.share_graph:
                         P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=H)
+                                                             inner=H, max_grad_norm=self.max_grad_norm)
                     else:
                         P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=self._operator(net, data, loss))
+                                                             inner=self._operator(net, data, loss),
+                                                             max_grad_norm=self.max_grad_norm)
                     pres, phvps, _ = self._solve(P_op, self._X_p, P_op.whitened_gradient)
                     row["num_hvps"] += phvps
                     row["preconditioned_num_hvps"] = phvps

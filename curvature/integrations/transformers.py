@@ -161,6 +161,9 @@ class SharpnessCallback(TrainerCallback, ExportableState):
         trainer: the Trainer to log through (default: found at ``on_train_begin``; or call :meth:`attach`).
         prefix: prefix of the logged names.
         log_to_trainer: send each row's numbers through ``trainer.log`` (the ``report_to`` integrations).
+        max_grad_norm: the clipping applied to the probe gradient that Adam's lookahead P (the step about to be
+            taken) is built from: ``"trainer"`` (default) = ``TrainingArguments.max_grad_norm`` (1.0 by default;
+            0/None: none), as the Trainer clips the gradient its optimizer sees; a number; ``None``: unclipped.
         **tracker_kwargs: :class:`~curvature.tracking.SharpnessTracker` options (``k``, ``tol``, ``when``,
             ``sinks``, ``on_error``, ``dtype``, ...).
     """
@@ -181,14 +184,18 @@ class SharpnessCallback(TrainerCallback, ExportableState):
 
     def __init__(self, loss_fn: Callable | None = None, every: int = 50, probe_batch: Any = None, *,
                  probe_size: int | None = None, trainer: Any = None, prefix: str = "curvature/",
-                 log_to_trainer: bool = True, _curvature_instance: str | None = None,
-                 **tracker_kwargs: Any) -> None:
+                 log_to_trainer: bool = True, max_grad_norm: float | str | None = "trainer",
+                 _curvature_instance: str | None = None, **tracker_kwargs: Any) -> None:
         if _curvature_instance is not None:  # HF's rebuild of this very instance (see __new__): keep it as it is
             return
         if probe_batch is None:
             probe_batch = tracker_kwargs.pop("probe", None)
         if loss_fn is not None and "batch_transform" not in tracker_kwargs:
             tracker_kwargs["batch_transform"] = _split_labels
+        if not (max_grad_norm == "trainer" or max_grad_norm is None or isinstance(max_grad_norm, (int, float))):
+            raise ValueError(f"max_grad_norm must be 'trainer' (TrainingArguments.max_grad_norm), a number or None "
+                             f"(unclipped), got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
         self.tracker = SharpnessTracker(loss_fn, every=every, **tracker_kwargs)
         check_hook_support(TrainerCallback, self.tracker.when)
         self.probe_batch = probe_batch
@@ -264,6 +271,9 @@ class SharpnessCallback(TrainerCallback, ExportableState):
     # -- events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._output_dir = getattr(args, "output_dir", None)
+        # Adam's lookahead P comes from the gradient the optimizer will see: the Trainer clips it at max_grad_norm
+        clip = getattr(args, "max_grad_norm", None) if self.max_grad_norm == "trainer" else self.max_grad_norm
+        self.tracker.max_grad_norm = float(clip) if clip is not None and clip > 0 else None
         if self.log_to_trainer and self.trainer is None:
             self.trainer = _find_trainer(self)
             if self.trainer is None:
