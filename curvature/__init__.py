@@ -27,15 +27,15 @@ if TYPE_CHECKING:
 
     # optimizer-aware curvature
     from .optim import (
-        GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, is_adam_like, preconditioned_sharpness,
-        stability_threshold, unwrap_optimizer,
+        GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, has_diagonal_preconditioner, is_adam_like,
+        preconditioned_sharpness, stability_note, stability_threshold, unwrap_optimizer,
     )
 
     # training callbacks and plots (matplotlib, TensorBoard, Lightning, transformers are imported lazily)
     from .plotting import plot_sharpness, plot_spectrum
     from .tracking import (
         ROW_KEYS, CallableSink, CSVSink, JSONLinesSink, LoggingSink, SharpnessTracker, TensorBoardSink, TrackingError,
-        TrackingWarning, model_output_loss, read_rows,
+        TrackingSetupError, TrackingWarning, model_output_loss, read_rows,
     )
 
     # trace, spectral density, per-layer curvature
@@ -92,6 +92,8 @@ _LAZY: dict[str, str] = {
     "edge_ratio": ".optim",
     "gi_adam_init": ".optim",
     "is_adam_like": ".optim",
+    "has_diagonal_preconditioner": ".optim",
+    "stability_note": ".optim",
     "preconditioned_sharpness": ".optim",
     "stability_threshold": ".optim",
     "unwrap_optimizer": ".optim",
@@ -105,6 +107,7 @@ _LAZY: dict[str, str] = {
     "SharpnessTracker": ".tracking",
     "TensorBoardSink": ".tracking",
     "TrackingError": ".tracking",
+    "TrackingSetupError": ".tracking",
     "TrackingWarning": ".tracking",
     "model_output_loss": ".tracking",
     "read_rows": ".tracking",
@@ -200,9 +203,9 @@ __all__ = [
     "sharpness", "check_hvp", "HVPCheck",
     # optimizer-aware curvature
     "PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
-    "is_adam_like", "gi_adam_init", "GIAdam", "unwrap_optimizer",
+    "is_adam_like", "gi_adam_init", "GIAdam", "unwrap_optimizer", "has_diagonal_preconditioner", "stability_note",
     # tracking and plots
-    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
+    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingSetupError", "TrackingWarning", "CSVSink", "JSONLinesSink",
     "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
     "plot_sharpness", "plot_spectrum",
     # spectrum

@@ -91,6 +91,10 @@ def resolve_loss_fn(loss_fn: LossFn | None) -> LossFn:
     """
     if loss_fn is None:
         return model_output_loss
+    if isinstance(loss_fn, type):  # nn.CrossEntropyLoss (the class): calling it builds a module, weight=outputs
+        raise TypeError(f"loss_fn is the class {loss_fn.__module__}.{loss_fn.__qualname__}, not a loss: pass an "
+                        f"instance, {loss_fn.__name__}(), or a function such as torch.nn.functional.cross_entropy; "
+                        "expected loss_fn(outputs, targets) -> scalar mean loss")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, or None for the model's own loss; "
                         f"got {type(loss_fn).__name__}")

@@ -17,6 +17,7 @@ import torch
 from ._validate import check_optional_positive_int, check_positive_float, check_positive_int, check_seed, check_tol
 from .operators import HessianOperator, LinearOperator, ShiftedOperator
 from .data import CurvatureWarning
+from .usage import check_batch_argument, check_not_a_batch_half
 from .solvers import EigenResult, lanczos, lobpcg, power_iteration
 
 __all__ = ["sharpness", "solve", "check_hvp", "HVPCheck", "compare_hvp_routes", "RouteComparison", "SOLVERS"]
@@ -135,6 +136,8 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    check_not_a_batch_half(k, "k", "sharpness(model, loss_fn, data, k)", batch_name="data")
+    check_batch_argument(data, "data", "sharpness(model, loss_fn, data, k)")
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = HessianOperator(model, loss_fn, data, params, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)

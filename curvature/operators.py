@@ -20,6 +20,7 @@ from .finite_difference import FiniteDifferenceEngine
 from .hvp import HVPEngine
 from .linear_operator import LinearOperator, MatrixOperator, ParameterOperator, ShiftedOperator
 from .sharded import ShardedHessianOperator
+from .usage import check_batch_argument, check_not_a_batch_half
 
 # LinearOperator, MatrixOperator, ShiftedOperator, ParameterOperator (the protocol) and assert_ranks_agree are
 # re-exported from the modules below this one, where they are defined.
@@ -103,6 +104,10 @@ class HessianOperator(ParameterOperator):
         group = resolve_process_group(distributed, process_group)
         error: BaseException | None = None
         try:
+            call = "HessianOperator(model, loss_fn, data, params)"
+            if isinstance(params, torch.Tensor) and not params.requires_grad:  # (model, loss_fn, x, y): y in params
+                check_not_a_batch_half(params, "params", call, batch_name="data")
+            check_batch_argument(data, "data", call)
             self.engine = make_engine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
                                       seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
                                       cache_graph=cache_graph, fd_order=fd_order, fd_epsilon=fd_epsilon,

@@ -43,10 +43,10 @@ ROW_KEYS: tuple[str, ...] = (
     "lr",                         # optimizer.param_groups[0]["lr"] at the time of measurement
     "loss",                       # mean loss at the measured parameters, on the probe data
     "sharpness",                  # λ_max(H)
-    "preconditioned_sharpness",   # λ_max(P⁻¹H) for Adam/AdamW, else None
+    "preconditioned_sharpness",   # λ_max(P⁻¹H) for optimizers with a diagonal P (Adam, RMSprop, ...), else None
     "threshold",                  # stability_threshold(optimizer): 2/η (SGD), (2+2μ)/η, (2+2β₁)/((1−β₁)η) (Adam)
     "edge_ratio",                 # λ / threshold (λ^{P⁻¹H} for Adam): 1.0 = edge of stability
-    "num_hvps",                   # Hessian-vector products spent on this row (H and P⁻¹H, retries included)
+    "num_hvps",                   # HVPs spent on this row (H, P⁻¹H and the signals, retries included)
     "seconds",                    # wall time of the measurement
     "converged",                  # every solve reached tol
     "eigenvalues",                # top-k eigenvalues of H (list)
@@ -65,6 +65,8 @@ ROW_KEYS: tuple[str, ...] = (
     "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
     "solver",                     # eigensolver used
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
+    "error_kind",                 # None, or why the row is empty / inexact: curvature.usage.FAILURE_KINDS
+    "stability_note",             # why threshold / edge_ratio / preconditioned_sharpness is empty (None: all there)
 ) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
@@ -79,7 +81,8 @@ INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "
 #: Boolean columns.
 BOOL_KEYS = ("converged", "warm_start", "lookahead")
 #: Text columns (never parsed as numbers).
-STR_KEYS = ("optimizer", "when", "error", "file", "preconditioner", "file_id", "options", "run", "solver", "source")
+STR_KEYS = ("optimizer", "when", "error", "error_kind", "file", "preconditioner", "file_id", "options", "run", "solver",
+            "source", "stability_note")
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
               "-infinity": -math.inf}

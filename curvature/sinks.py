@@ -298,6 +298,8 @@ def format_row(row: dict) -> str:
     parts.append(f"edge_ratio={_fmt(row.get('edge_ratio'), '.3f')}")
     parts.append(f"lr={_fmt(row.get('lr'))} loss={_fmt(row.get('loss'))}")
     parts.append(f"hvps={row.get('num_hvps')} {_fmt(row.get('seconds'), '.3f')}s")
+    if row.get("stability_note") and not row.get("error"):  # why threshold / edge_ratio is empty
+        parts.append(f"note: {row['stability_note']}")
     if row.get("error"):
         parts.append(f"ERROR: {row['error']}")
     return ", ".join(parts)

@@ -119,8 +119,9 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
 
     Returns:
         The rows, sorted by step (files without a step: natural order of names), including rows read back
-        from ``out`` when resuming. ``preconditioned_sharpness`` is set when the checkpoint holds Adam/AdamW
-        state: λ_max(P⁻¹H) with the P of the step about to be taken (``preconditioner="next_step"``: the saved
+        from ``out`` when resuming. ``preconditioned_sharpness`` is set when the checkpoint holds the state
+        of an optimizer with a diagonal pre-conditioner (Adam/AdamW; RMSprop, Adagrad, Adamax, NAdam, RAdam,
+        Adafactor, Adadelta via ``optimizer_factory``): λ_max(P⁻¹H) with the P of the step about to be taken (``preconditioner="next_step"``: the saved
         second moments updated with this data's gradient); ``threshold``
         (:func:`curvature.optim.stability_threshold`) and ``lr`` when it holds any optimizer state that could be
         restored.
@@ -271,7 +272,7 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
         with contextlib.suppress(TypeError, ValueError):
             row["threshold"] = float(_optim.stability_threshold(optimizer))
         top = values[0]
-        if _optim.is_adam_like(optimizer):
+        if _optim.has_diagonal_preconditioner(optimizer):  # Adam/AdamW, RMSprop, Adagrad, ... (#21)
             # The P of the step about to be taken (#12.4 lookahead contract): the saved second moments updated
             # with this data's gradient, as that step would; the same for a checkpoint saved before Adam's first step.
             lookahead = True
@@ -292,6 +293,14 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
             top = pvalues[0]
         if row.get("threshold"):
             row["edge_ratio"] = top / row["threshold"]
+        else:  # never an empty stability column without a word (#21)
+            note = _optim.stability_note(optimizer)
+            if note is None:
+                try:
+                    _optim.stability_threshold(optimizer)
+                except (TypeError, ValueError) as exc:  # lr = 0, beta1 = 1, ...
+                    note = f"no stability threshold: {first_line(exc)}"
+            row["stability_note"] = note
         optimizer.state.clear()
         del optimizer
     row["seconds"] = round(time.perf_counter() - t0, 4)

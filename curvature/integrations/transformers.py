@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("curvature.integrations.transformers needs transformers (and accelerate for the Trainer): "
                       "pip install 'torch-curvature[transformers]'") from exc
 
-from ..tracking import SCALAR_KEYS, SharpnessTracker
+from ..tracking import SCALAR_KEYS, SharpnessTracker, TrackingSetupError, TrackingWarning
 
 __all__ = ["SharpnessCallback", "probe_batch_from_dataloader", "check_hook_support"]
 
@@ -205,6 +205,7 @@ class SharpnessCallback(TrainerCallback, ExportableState):
         self.log_to_trainer = log_to_trainer
         self._last_step: int | None = None
         self._pre_hook_steps = 0
+        self._probe_warned = False
         self._output_dir: str | None = None
         self._global_step = 0
         self._curvature_saved: dict | None = None  # set by HF's restore (see state()), applied at on_train_begin
@@ -315,13 +316,18 @@ class SharpnessCallback(TrainerCallback, ExportableState):
         try:
             if self.probe_batch is None:
                 self.probe_batch = probe_batch_from_dataloader(kwargs.get("train_dataloader"), self.probe_size)
-        except Exception as exc:  # noqa: BLE001 - never stop training for a missing probe (unless asked)
-            if self.tracker.on_error == "raise":
-                raise
-            import warnings
+        except Exception as exc:  # noqa: BLE001 - a set-up error: raise at once (the failure policy), or warn once
+            if self.tracker.on_error == "raise" or self.tracker.setup_errors == "raise":
+                raise TrackingSetupError(f"curvature SharpnessCallback: no probe batch ({exc}); every row would be "
+                                         "empty: pass probe_batch= (a dict batch as the model takes it, with its "
+                                         "labels), or SharpnessCallback(..., setup_errors='warn') to train without "
+                                         "rows") from exc
+            if not self._probe_warned:
+                import warnings
 
-            from ..tracking import TrackingWarning
-            warnings.warn(f"curvature: no probe batch for the sharpness callback ({exc}); skipping", TrackingWarning)
+                warnings.warn(f"curvature: no probe batch for the sharpness callback ({exc}); no rows will be "
+                              "measured", TrackingWarning)
+                self._probe_warned = True
             return
         row = self.tracker.measure(model, optimizer, self.probe_batch, step)
         if self.log_to_trainer:
