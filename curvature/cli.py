@@ -220,6 +220,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--k must be at least 1, got {args.k}")
     if not (math.isfinite(args.tol) and args.tol > 0):  # inf would accept the start vector; nan never converges
         raise CLIError(f"--tol must be a finite number > 0, got {args.tol}")
+    for flag, value in (("--max-iters", args.max_iters), ("--max-batch-size", args.max_batch_size)):
+        if value is not None and value < 1:  # before any checkpoint is read (0 is not "no limit")
+            raise CLIError(f"{flag} must be at least 1, got {value}")
     options: dict[str, Any] = {}
     if args.dtype:
         options["dtype"] = _dtype(args.dtype)
@@ -277,14 +280,12 @@ def _plot(rows: list[dict], path: str, k: int) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from ._validate import check_device
 
     try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise CLIError(f"--device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        check_device(device)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}".replace("--device=", "--device ", 1)) from None
 
 
 def _cmd_check_hvp(args: argparse.Namespace) -> int:

@@ -381,22 +381,29 @@ def _split(raw: Any, size: int, max_batch_size: int | None) -> Iterator[Any]:
         yield _slice(raw, lo, min(lo + max_batch_size, size), size)
 
 
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a nested batch structure (mappings in sorted-key order, sequences in order)."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, Mapping):
+        for k in sorted(x, key=str):
+            yield from _tensors(x[k])
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+
+
 def _fingerprint(batch: Batch) -> tuple:
     """A cheap summary of a batch's tensors (shapes and float64 sums) to check that every pass sees the same."""
-    out = []
+    return tuple((tuple(x.shape), float(x.detach().double().sum()) if x.numel() else 0.0)
+                 for x in _tensors((batch.args, batch.kwargs, batch.targets)))
 
-    def visit(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            out.append((tuple(x.shape), float(x.detach().double().sum()) if x.numel() else 0.0))
-        elif isinstance(x, Mapping):
-            for k in sorted(x, key=str):
-                visit(x[k])
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                visit(v)
 
-    visit((batch.args, batch.kwargs, batch.targets))
-    return tuple(out)
+def _check_not_meta(batch: Batch, index: int) -> None:
+    """Meta tensors have shapes but no values: no loss, let alone curvature, can be computed from them."""
+    if any(x.is_meta for x in _tensors((batch.args, batch.kwargs, batch.targets))):
+        raise ValueError(f"data: batch {index} holds tensors on the meta device (shapes without values); pass real "
+                         "data (e.g. on 'cpu' or 'cuda')")
 
 
 class _LoaderRNG:
@@ -499,7 +506,8 @@ class BatchSource:
         self.total_weight, self.num_samples, token_warning = 0.0, 0, False
         #: why the batches' weights (token counts of the model's own loss) are a guess; None when known
         self.weight_guess: str | None = None
-        for b in self._read():
+        for i, b in enumerate(self._read()):
+            _check_not_meta(b, i)
             self.weight_guess = self.weight_guess or b.weight_guess
             if not self._stream or not held_batches:
                 held_batches.append(b)

@@ -61,7 +61,8 @@ from torch import nn
 
 from ._exact import frozen_rng, peek_seed, reseed
 from .data import Batch, as_batches, model_output_loss, resolve_loss_fn
-from .hvp import select_parameters
+from ._validate import check_device
+from .hvp import check_parameters, select_parameters
 
 __all__ = ["FiniteDifferenceEngine", "finite_difference_step"]
 
@@ -148,6 +149,7 @@ class FiniteDifferenceEngine:
         first = next((p for p in model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
+        device = check_device(device)
         sharded = any(is_dtensor(p) for p in model.parameters())
         want_dtype = dtype if dtype is not None else None
         want_device = torch.device(device) if device is not None else None
@@ -163,6 +165,7 @@ class FiniteDifferenceEngine:
         self.model = model
         self.loss_fn = loss_fn
         selected = select_parameters(model, params)
+        check_parameters(model, selected)
         self.names = [n for n, _ in selected]
         self.params = [p for _, p in selected]
         self.shapes = [_local(p).shape for p in self.params]  # local shapes (the shard) for DTensors

@@ -53,7 +53,7 @@ from .data import (  # noqa: E402
     Batch, BatchSource, as_batches, call_model, is_known_mean_loss, model_output_loss, resolve_loss_fn,
     warn_if_low_precision_loss, warn_if_low_precision_modules, warn_if_sum_reduced,
 )
-from ._validate import check_optional_positive_int, check_seed  # noqa: E402
+from ._validate import check_device, check_optional_positive_int, check_seed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,6 +96,25 @@ def select_parameters(model: nn.Module, params: Sequence[str | torch.Tensor] | N
         else:
             raise TypeError(f"params= takes names or tensors, got {type(item).__name__}")
     return [(n, p) for n, p in named if n in wanted]
+
+
+def check_parameters(model: nn.Module, selected: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Refuse a point where curvature is undefined: parameters or buffers on the meta device (shapes without
+    values), and selected parameters holding inf/NaN (the loss may stay finite, e.g. behind a saturating tanh,
+    and λ would be a meaningless number). Sharded (DTensor) parameters are checked on their local shard."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:4]) + (f", ... ({len(meta)} in all)" if len(meta) > 4 else "")
+        raise ValueError(f"the model's parameters/buffers {shown} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes "
+                         "without values: a model built under torch.device('meta') or with deferred init); load or "
+                         "materialise the weights first (e.g. model.to_empty(device='cpu') then load_state_dict)")
+    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in selected]
+    bad = torch.stack([(~torch.isfinite(p.detach())).sum() for p in local]).tolist() if local else []
+    for (name, p), count in zip(selected, bad):
+        if count:
+            raise FloatingPointError(f"parameter '{name}' holds {int(count)} non-finite value(s) (inf/NaN) of "
+                                     f"{p.numel()}: the Hessian is undefined at this point (training diverged, or "
+                                     "the weights are corrupt); measure at finite parameters")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,7 +170,9 @@ class HVPEngine:
         self.loss_fn = resolve_loss_fn(loss_fn)  # None: the model's own loss; sum-reduced loss modules refused
         seed = None if seed is None else check_seed(seed)
         chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
+        device = check_device(device)
         selected = select_parameters(self.model, params)
+        check_parameters(self.model, selected)
         self.names = [n for n, _ in selected]
         self.shapes = [p.shape for _, p in selected]
         self.params = [p for _, p in selected]  # the model's own tensors (never written)

@@ -102,7 +102,7 @@ class HessianOperator(ParameterOperator):
                  distributed: bool | None = None, process_group: Any = None,
                  weight_fn: Any = None, inputs_as: str = "kwargs", autocast: bool = False) -> None:
         group = resolve_process_group(distributed, process_group)
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             call = "HessianOperator(model, loss_fn, data, params)"
             if isinstance(params, torch.Tensor) and not params.requires_grad:  # (model, loss_fn, x, y): y in params
@@ -113,7 +113,7 @@ class HessianOperator(ParameterOperator):
                                       cache_graph=cache_graph, fd_order=fd_order, fd_epsilon=fd_epsilon,
                                       allow_empty=group is not None, weight_fn=weight_fn, inputs_as=inputs_as,
                                       autocast=autocast)
-        except Exception as exc:  # raising alone would leave the other ranks waiting in the all-reduce below
+        except BaseException as exc:  # a Ctrl-C too: raising alone would leave the others waiting in the all-reduce
             if group is None:
                 raise
             error = exc
@@ -125,8 +125,8 @@ class HessianOperator(ParameterOperator):
         status = status.to(collective_device(group, None if error else self.engine.device))
         all_reduce_sum(status, group)
         if status[1].item() > 0:
-            raise_together(error, group, "to build the Hessian operator (non-finite loss/gradient or bad data on "
-                                         "its shard?)")
+            raise_together(error, group, "while building the Hessian operator",
+                           hint="non-finite loss/gradient or bad data on its shard?")
         e = self.engine
         if group is not None and disagreeing(status[2:].cpu(), world_size(group)):
             raise ValueError(f"the ranks' models differ: parameter count or shapes are not the same on every rank "

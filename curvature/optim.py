@@ -92,8 +92,7 @@ from torch import nn
 from .data import CurvatureWarning, as_batches, resolve_loss_fn
 from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import StateGuard, call_with_state, frozen_rng, unwrap_model
-from .distributed import all_reduce_sum, resolve_process_group
-from .distributed import assert_ranks_agree
+from .distributed import assert_ranks_agree, collective_device, resolve_process_group, sum_or_fail
 from .operators import HessianOperator, LinearOperator
 from .sharded import clip_factor
 from ._validate import check_positive_float
@@ -286,6 +285,10 @@ def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
     Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW and the other diagonal pre-conditioners (a float, a 0-d
     tensor, or an :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2. An optimizer
     without a derived threshold (Adagrad, ...) is a ``ValueError`` that says why (:func:`stability_note`).
+
+    A NaN eigenvalue (a failed measurement) or a negative one (no positive curvature: the ratio to a threshold
+    on positive curvature has no meaning, and λ_max < 0 usually means the most negative eigenvalue was passed)
+    gives NaN with a ``RuntimeWarning``, never a number that looks like a distance to the edge.
     """
     if isinstance(eigenvalue, EigenResult):
         eigenvalue = eigenvalue.eigenvalue
@@ -297,10 +300,17 @@ def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
     elif not isinstance(eigenvalue, (int, float)):
         raise TypeError(f"edge_ratio() takes an eigenvalue as a float, a tensor or an EigenResult, "
                         f"got {type(eigenvalue).__name__}")
+    value = float(eigenvalue)
     threshold = stability_threshold(optimizer)
     if threshold is None:
         raise ValueError(f"edge_ratio() needs a stability threshold: {stability_note(optimizer)}")
-    return float(eigenvalue) / threshold
+    if math.isnan(value) or value < 0:
+        what = "NaN (a failed measurement)" if math.isnan(value) else \
+            f"{value:.6g} < 0 (no positive curvature; pass the largest eigenvalue, not the most negative)"
+        warnings.warn(f"edge_ratio: the eigenvalue is {what}; the edge ratio is undefined, returning NaN",
+                      RuntimeWarning, stacklevel=2)
+        return math.nan
+    return value / threshold
 
 
 def _require_adam(optimizer: Any, what: str) -> torch.optim.Optimizer:
@@ -774,35 +784,50 @@ def _first_order_gradient(model: nn.Module, loss_fn: Any, batch: Any, wanted: Se
     total = batches.total_weight
     single = len(batches) == 1 and group is None
     grads: list[torch.Tensor] = [torch.zeros_like(named[n]) for n in wanted]
-    loss_sum = 0.0
-    with frozen_rng(device), torch.enable_grad():
-        for b in batches:
-            leaves = {n: named[n].detach().requires_grad_() for n in wanted}
-            state: dict[str, torch.Tensor] = {n: p.detach() for n, p in named.items() if n not in leaves}
-            state.update({n: buf.clone() for n, buf in model.named_buffers()})
-            state.update(leaves)
-            guard = StateGuard()  # interrupt-safe swap: the model keeps its own Parameter objects
-            try:
-                out = call_with_state(model, state, b.args, b.kwargs, guard)
-            finally:
-                guard.restore()
-            loss = loss_fn(out, b.targets)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar (mean-reduced) loss")
-            gs = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
-            loss_sum += float(loss.detach()) * b.weight
-            for i, gr in enumerate(gs):
-                if gr is None:
-                    continue
-                if single:
-                    grads[i] = gr
-                else:
-                    grads[i].add_(gr, alpha=b.weight)
+
+    def local() -> float:
+        loss_sum = 0.0
+        with frozen_rng(device), torch.enable_grad():
+            for b in batches:
+                leaves = {n: named[n].detach().requires_grad_() for n in wanted}
+                state: dict[str, torch.Tensor] = {n: p.detach() for n, p in named.items() if n not in leaves}
+                state.update({n: buf.clone() for n, buf in model.named_buffers()})
+                state.update(leaves)
+                guard = StateGuard()  # interrupt-safe swap: the model keeps its own Parameter objects
+                try:
+                    out = call_with_state(model, state, b.args, b.kwargs, guard)
+                finally:
+                    guard.restore()
+                loss = loss_fn(out, b.targets)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError("loss_fn must return a scalar (mean-reduced) loss")
+                gs = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
+                loss_sum += float(loss.detach()) * b.weight
+                for i, gr in enumerate(gs):
+                    if gr is None:
+                        continue
+                    if single:
+                        grads[i] = gr
+                    else:
+                        grads[i].add_(gr, alpha=b.weight)
+        return loss_sum
+
     if single:
-        return loss_sum / total, grads
-    count = all_reduce_sum(torch.tensor([float(total), loss_sum], dtype=torch.float64, device=device), group)
-    grads = [all_reduce_sum(gr, group) / float(count[0]) for gr in grads]
-    return float(count[1] / count[0]), grads
+        return local() / total, grads
+    # One fail-together all-reduce of [Σ w, Σ w·loss, Σ w·g...]: a rank that fails or is interrupted here tells
+    # the others at once instead of leaving them in the all-reduce (see distributed.sum_or_fail).
+    sizes = [g.numel() for g in grads]
+
+    def flat() -> torch.Tensor:
+        loss_sum = local()
+        return torch.cat([torch.tensor([float(total), loss_sum], dtype=torch.float64, device=device)] +
+                         [g.reshape(-1).to(torch.float64) for g in grads])
+    summed = sum_or_fail(flat, (2 + sum(sizes),), torch.float64, collective_device(group, device), group,
+                         "in the first-order gradient")
+    count = float(summed[0])
+    parts = torch.split(summed[2:], sizes)
+    grads = [(part / count).reshape(g.shape).to(device=g.device, dtype=g.dtype) for part, g in zip(parts, grads)]
+    return float(summed[1]) / count, grads
 
 
 def gi_adam_init(optimizer: Any, model: nn.Module, loss_fn: Any, batch: Any, *, overwrite: bool = False,

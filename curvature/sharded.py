@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 
 from .data import as_batches, model_output_loss, resolve_loss_fn
-from .distributed import all_reduce_sum, disagreeing, ranks_disagree
+from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
 from .finite_difference import FiniteDifferenceEngine, is_dtensor
+from .hvp import check_parameters, select_parameters
 from .linear_operator import LinearOperator, ParameterOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
@@ -76,10 +77,17 @@ class ShardedHessianOperator(ParameterOperator):
             s = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(torch.initial_seed() % 2**62))
             dist.broadcast(s, src=dist.get_global_rank(group, 0), group=group)
             seed = int(s.item())
-        data = as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=model,
-                          own_loss=resolve_loss_fn(loss_fn) is model_output_loss)
+        prepared: list[Any] = []
+
+        def batch_count() -> torch.Tensor:  # a rank whose data fails (or that is interrupted) fails every rank
+            check_parameters(model, select_parameters(model, params))  # e.g. inf in this rank's shard only
+            prepared.append(as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=model,
+                                       own_loss=resolve_loss_fn(loss_fn) is model_output_loss))
+            return ranks_disagree(torch.tensor([float(len(prepared[0]))], dtype=torch.float64))
+        counts = sum_or_fail(batch_count, (2,), torch.float64, torch.device("cpu"), group,
+                             "while preparing its data for the sharded operator")
+        data = prepared[0]
         batches_probe = len(data)
-        counts = all_reduce_sum(ranks_disagree(torch.tensor([float(batches_probe)], dtype=torch.float64)), group)
         if disagreeing(counts, self.world):
             raise ValueError(f"every rank must pass the same number of batches to a sharded operator (each batch "
                              f"is one FSDP forward/backward, a collective); this rank has {batches_probe}")

@@ -75,6 +75,7 @@ import torch
 
 from ._exact import frozen_rng, unwrap_model
 from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_options
+from .distributed import RemoteRankError
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
@@ -608,6 +609,8 @@ class SharpnessTracker:
             if row["threshold"] is not None and top is not None:
                 row["edge_ratio"] = float(edge_ratio(opt, top))
         except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            if isinstance(exc, RemoteRankError) and exc.interrupted:
+                raise  # another rank was stopped (Ctrl-C, sys.exit): this one stops too instead of training on alone
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
             problems.insert(0, msg)
             row["converged"] = False

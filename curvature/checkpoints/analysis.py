@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import optim as _optim
 from ..data import own_loss_batch
-from ..diagnostics import sharpness
+from ..diagnostics import check_solver_options, sharpness
 from ..rows import append_rows, is_json_lines
 from ..tracking import warm_started_solve
 from .errors import CheckpointError, first_line
@@ -52,6 +52,8 @@ def _scan(path: Path, trust: bool) -> tuple[int | None, str | None, Checkpoint |
     ``trust_checkpoints``, its unpickling code then runs twice)."""
     ck = None
     try:
+        if path.is_dir():
+            load_checkpoint(path, trust)  # the clear CheckpointError
         if path.name.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -132,6 +134,8 @@ def analyze_checkpoints(paths_or_dir: Any, model_factory: Any, data: Any, loss_f
         raise ValueError(f"errors must be 'report' or 'raise', got {errors!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    # refused before any checkpoint is read (not one error row per checkpoint)
+    check_solver_options(k, solver, tol, max_iters, 0, operator_options.get("eig_tol"))
 
     add_search_path(search_path)
     files = find_checkpoints(paths_or_dir, recursive=recursive)

@@ -73,8 +73,11 @@ def find_checkpoints(paths_or_dir: Any, recursive: bool = False) -> list[Path]:
         p = Path(item).expanduser()
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found = sorted((f for f in p.glob(pattern) if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES)
-                            and not f.name.startswith(_NOT_MODEL_FILES)), key=natural_key)
+            # a folder named like a checkpoint (``x.pt/``) is listed too: it gets a row with a clear error
+            # instead of vanishing (every checkpoint-looking entry gets exactly one row)
+            found = sorted((f for f in p.glob(pattern) if (f.is_file() or f.is_dir())
+                            and f.name.endswith(CHECKPOINT_SUFFIXES) and not f.name.startswith(_NOT_MODEL_FILES)),
+                           key=natural_key)
             if not found and not recursive:  # a Hugging Face Trainer output_dir: checkpoint-N/ sub-folders
                 found = sorted((f for sub in p.iterdir() if sub.is_dir() and _HF_DIR.fullmatch(sub.name)
                                 for f in sub.iterdir() if f.is_file() and f.name in _HF_MODEL_FILES),
@@ -236,6 +239,9 @@ def load_checkpoint(path: str | os.PathLike, trust_checkpoints: bool = False, *,
     :class:`CheckpointError` (:class:`UnsafeCheckpointError` for pickled code) with a one-line reason.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a directory, not a checkpoint file (a folder named like one); "
+                              "rename or move it, or pass the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' does not exist")
     if path.name.endswith(".safetensors"):
