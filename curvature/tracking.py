@@ -698,6 +698,8 @@ class SharpnessTracker:
             self._critical_lr = res.critical_lr
             self._succeeded = True
         except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            if isinstance(exc, RemoteRankError) and exc.interrupted:
+                raise  # another rank was stopped (Ctrl-C, sys.exit): this one stops too, as in _measure
             msg = f"critical sharpness: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             msg = msg.rstrip(": ")
             row["error"] = msg if not row.get("error") else f"{row['error']}; {msg}"
