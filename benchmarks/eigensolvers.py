@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import models as M
-from . import peers as P
+from curvature import peers as P
 from ._timing import (environment, fmt_s, header_markdown, import_curvature, markdown_table, pin_threads,
                       touch_memory)
 
@@ -214,8 +214,8 @@ def k_scaling(wl: M.Workload, ks: list[int], tol: float, peers: list[str]) -> st
                     row[f"ours {solver}"] = f"fails: {type(e).__name__}"
         if "curvlinops" in peers and P.available("curvlinops") and not isinstance(model, M.GPT):
             try:
-                from .peers import _curvlinops_top
-                r = _curvlinops_top(model, loss_fn, batch, tol, None, 0, k=k)
+                from curvature.peers import curvlinops_top
+                r = curvlinops_top(model, loss_fn, batch, tol, None, 0, k=k)
                 row["curvlinops + eigsh(LA)"] = f"{fmt_s(r.seconds)}, {r.num_hvps} HVPs"
             except Exception as e:  # noqa: BLE001
                 row["curvlinops + eigsh(LA)"] = f"fails: {type(e).__name__}"

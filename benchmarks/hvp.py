@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from . import models as M
-from . import peers as P
+from curvature import peers as P
 from ._timing import (Timing, environment, fmt_num, fmt_s, header_markdown, import_curvature, markdown_table,
                       pin_threads, time_fn, touch_memory)
 

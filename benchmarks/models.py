@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from curvature.peers import trainable_params  # our flat parameter order, one definition
+
 __all__ = ["Workload", "WORKLOADS", "SIZES", "make", "mlp", "cnn", "gpt", "ln_transformer",
            "trainable_params", "num_params", "digits", "stdlib_bytes", "SeqCrossEntropy"]
 
@@ -55,11 +57,6 @@ class Workload:
 
     def as_tuple(self) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         return self.model, self.loss_fn, self.batch
-
-
-def trainable_params(model: nn.Module) -> list[torch.nn.Parameter]:
-    """Trainable parameters in ``model.named_parameters()`` order (tied parameters once): our flat order."""
-    return [p for _, p in model.named_parameters() if p.requires_grad]
 
 
 def num_params(model: nn.Module) -> int:

@@ -27,15 +27,15 @@ if TYPE_CHECKING:
 
     # optimizer-aware curvature
     from .optim import (
-        GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, is_adam_like, preconditioned_sharpness,
-        stability_threshold, unwrap_optimizer,
+        GIAdam, PreconditionedHessianOperator, edge_ratio, gi_adam_init, has_diagonal_preconditioner, is_adam_like,
+        preconditioned_sharpness, stability_note, stability_threshold, unwrap_optimizer,
     )
 
     # training callbacks and plots (matplotlib, TensorBoard, Lightning, transformers are imported lazily)
     from .plotting import plot_sharpness, plot_spectrum
     from .tracking import (
         ROW_KEYS, CallableSink, CSVSink, JSONLinesSink, LoggingSink, SharpnessTracker, TensorBoardSink, TrackingError,
-        TrackingWarning, model_output_loss, read_rows,
+        TrackingSetupError, TrackingWarning, model_output_loss, read_rows,
     )
 
     # trace, spectral density, per-layer curvature
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from .checkpoints import Checkpoint, CheckpointError, UnsafeCheckpointError, analyze_checkpoints, load_checkpoint
 
     # schedule comparison harness
-    from .compare import ComparisonResult, compare_schedules, find_required_warmup
+    from .warmup import ComparisonResult, compare_schedules, find_required_warmup
 
     # batches, weights, the model's own loss; experiment-tracker sinks
     from .data import CurvatureWarning, resolve_loss_fn, token_count
@@ -64,13 +64,18 @@ if TYPE_CHECKING:
     # second-order errors, finite differences, fully-sharded models, ranks that fail together
     from ._exact import SecondOrderError
     from .distributed import RemoteRankError
-    from .finite_difference import FiniteDifferenceEngine, RouteComparison, compare_hvp_routes
+    from .diagnostics import RouteComparison, compare_hvp_routes
+    from .finite_difference import FiniteDifferenceEngine
     from .sharded import ShardedHessianOperator, ShardedPreconditionedOperator, sharded_lanczos
 
     # per-step signals for mini-batch training; solver benchmarks on the user's model
     from .bench import benchmark_solvers
-    from .signals import (GraphHessianOperator, batch_sharpness, next_update, preconditioned_batch_sharpness,
+    from .operators import GraphHessianOperator
+    from .signals import (batch_sharpness, next_update, preconditioned_batch_sharpness,
                           step_signals, update_sharpness)
+
+    # critical sharpness λ_c = 2/η_c of the step about to be taken, in forward passes (every optimizer)
+    from .critical import CriticalSharpness, critical_sharpness
 
 _LAZY: dict[str, str] = {
     "HVPEngine": ".hvp",
@@ -90,6 +95,8 @@ _LAZY: dict[str, str] = {
     "edge_ratio": ".optim",
     "gi_adam_init": ".optim",
     "is_adam_like": ".optim",
+    "has_diagonal_preconditioner": ".optim",
+    "stability_note": ".optim",
     "preconditioned_sharpness": ".optim",
     "stability_threshold": ".optim",
     "unwrap_optimizer": ".optim",
@@ -103,6 +110,7 @@ _LAZY: dict[str, str] = {
     "SharpnessTracker": ".tracking",
     "TensorBoardSink": ".tracking",
     "TrackingError": ".tracking",
+    "TrackingSetupError": ".tracking",
     "TrackingWarning": ".tracking",
     "model_output_loss": ".tracking",
     "read_rows": ".tracking",
@@ -140,9 +148,9 @@ _LAZY: dict[str, str] = {
     "UnsafeCheckpointError": ".checkpoints",
     "analyze_checkpoints": ".checkpoints",
     "load_checkpoint": ".checkpoints",
-    "ComparisonResult": ".compare",
-    "compare_schedules": ".compare",
-    "find_required_warmup": ".compare",
+    "ComparisonResult": ".warmup",
+    "compare_schedules": ".warmup",
+    "find_required_warmup": ".warmup",
     "CurvatureWarning": ".data",
     "resolve_loss_fn": ".data",
     "token_count": ".data",
@@ -151,18 +159,20 @@ _LAZY: dict[str, str] = {
     "SecondOrderError": "._exact",
     "RemoteRankError": ".distributed",
     "FiniteDifferenceEngine": ".finite_difference",
-    "RouteComparison": ".finite_difference",
-    "compare_hvp_routes": ".finite_difference",
+    "RouteComparison": ".diagnostics",
+    "compare_hvp_routes": ".diagnostics",
     "ShardedHessianOperator": ".sharded",
     "ShardedPreconditionedOperator": ".sharded",
     "sharded_lanczos": ".sharded",
-    "GraphHessianOperator": ".signals",
+    "GraphHessianOperator": ".operators",
     "batch_sharpness": ".signals",
     "preconditioned_batch_sharpness": ".signals",
     "update_sharpness": ".signals",
     "next_update": ".signals",
     "step_signals": ".signals",
     "benchmark_solvers": ".bench",
+    "critical_sharpness": ".critical",
+    "CriticalSharpness": ".critical",
 }
 
 
@@ -198,9 +208,9 @@ __all__ = [
     "sharpness", "check_hvp", "HVPCheck",
     # optimizer-aware curvature
     "PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
-    "is_adam_like", "gi_adam_init", "GIAdam", "unwrap_optimizer",
+    "is_adam_like", "gi_adam_init", "GIAdam", "unwrap_optimizer", "has_diagonal_preconditioner", "stability_note",
     # tracking and plots
-    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingWarning", "CSVSink", "JSONLinesSink",
+    "SharpnessTracker", "ROW_KEYS", "TrackingError", "TrackingSetupError", "TrackingWarning", "CSVSink", "JSONLinesSink",
     "TensorBoardSink", "LoggingSink", "CallableSink", "model_output_loss", "read_rows",
     "plot_sharpness", "plot_spectrum",
     # spectrum
@@ -227,4 +237,6 @@ __all__ = [
     # per-step signals for mini-batch training; solver benchmarks on the user's model
     "GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
     "next_update", "step_signals", "benchmark_solvers",
+    # critical sharpness λ_c = 2/η_c of the step about to be taken, in forward passes (every optimizer)
+    "critical_sharpness", "CriticalSharpness",
 ]

@@ -27,8 +27,9 @@ PyTorch's second derivatives are right through plain double backward and through
 train-mode BatchNorm and InstanceNorm on torch 2.13; nothing in this package uses them (see
 ``tests/test_exactness.py``, which guards every route we do use against central differences).
 
-The context also freezes randomness: :func:`frozen_rng` saves the global RNG (CPU and the CUDA device in use)
-and :func:`reseed` makes every forward pass of one operator draw the same dropout masks, so the operator is
+The context also freezes randomness: :func:`frozen_rng` saves the global RNGs (torch on the CPU and the CUDA device
+in use, Python's ``random``, NumPy's global generator) and :func:`reseed` makes every forward pass of one operator
+draw the same dropout masks (and the same ``random.random()`` / ``np.random`` numbers), so the operator is
 one fixed symmetric matrix; the caller's RNG state is restored bit for bit on exit.
 
 Interrupts. Every switch is recorded in a :class:`StateGuard` *before* it is made, and undone by
@@ -46,6 +47,7 @@ import contextlib
 import functools
 import logging
 import operator
+import random
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,7 +63,8 @@ log = logging.getLogger("curvature.exact")
 
 __all__ = ["second_order_context", "frozen_rng", "reseed", "peek_seed", "unwrap_model", "has_train_mode_batchnorm",
            "StateGuard", "call_with_state", "SUBSTITUTIONS", "SecondOrderError", "explain_missing_derivative",
-           "autocast_state", "autocast_off", "backward_context", "check_twice_differentiable"]
+           "autocast_state", "autocast_off", "backward_context", "check_twice_differentiable",
+           "low_precision_islands", "spying_forward", "NAMESPACE_SUBSTITUTIONS"]
 
 
 def _autocast_devices() -> tuple[str, ...]:
@@ -325,16 +328,78 @@ def _embedding_bag_sum_mean(input: torch.Tensor, weight: torch.Tensor, offsets: 
     return out
 
 
-#: ``torch.nn.functional`` functions without a double-backward formula on this torch, and the exact
+_grouped_mm_original = getattr(F, "grouped_mm", None)
+_torch_grouped_mm_original = getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, *, offs: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                _original: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """``F.grouped_mm`` / ``torch._grouped_mm`` for the MoE form (``mat_a`` (M, K) rows sorted by group,
+    ``mat_b`` (G, K, N), ``offs`` the cumulative row ends): rows offs[g-1]:offs[g] times ``mat_b[g]``, rows past
+    offs[-1] zero, as a loop of plain matmuls. The fused kernel takes float32/bf16/fp16 only and its double
+    backward fails ("Invalid strides/sizes"); this is the same function in any dtype, twice differentiable.
+    Other forms go to the original kernel."""
+    original = _original or _grouped_mm_original or _torch_grouped_mm_original
+    if (offs is None or mat_a.dim() != 2 or mat_b.dim() != 3 or bias is not None
+            or (out_dtype is not None and out_dtype != mat_a.dtype)):
+        return original(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype)
+    ends = [int(e) for e in offs.tolist()]
+    pieces, start = [], 0
+    for g, end in enumerate(ends):
+        pieces.append(mat_a[start:end] @ mat_b[g])
+        start = end
+    if start < mat_a.shape[0]:
+        pieces.append(mat_a.new_zeros(mat_a.shape[0] - start, mat_b.shape[-1]))
+    return torch.cat(pieces)
+
+
+def _torch_grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _grouped_mm(mat_a, mat_b, offs=offs, bias=bias, out_dtype=out_dtype, _original=_torch_grouped_mm_original)
+
+
+def _weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``torch._weight_norm`` = v · g / ‖v‖ (norm over every dim but ``dim``; over all of v for dim = -1), composed
+    of twice-differentiable ops. PyTorch's own double backward of ``_weight_norm_interface`` is wrong (HVPs 12–49 %
+    off and asymmetric in float64), which weight normalisation (``parametrizations.weight_norm`` and the legacy
+    ``nn.utils.weight_norm`` hook) would silently inherit."""
+    if dim is None or dim == -1:
+        norm = v.norm()
+    else:
+        dim = dim % v.dim()
+        norm = v.norm(dim=[d for d in range(v.dim()) if d != dim], keepdim=True)
+    return v * (g / norm)
+
+
+#: ``torch.nn.functional`` functions without a (right) double-backward formula on this torch, and the exact
 #: equivalent used inside the second-order context (``nn.Hardsigmoid`` calls ``F.hardsigmoid``,
-#: ``nn.EmbeddingBag`` calls ``F.embedding_bag``).
+#: ``nn.EmbeddingBag`` calls ``F.embedding_bag``, Hugging Face's grouped-matmul MoE experts ``F.grouped_mm``).
 SUBSTITUTIONS: dict[str, Callable[..., torch.Tensor]] = {"hardsigmoid": _hardsigmoid,
                                                          "embedding_bag": _embedding_bag_sum_mean}
+if _grouped_mm_original is not None:
+    SUBSTITUTIONS["grouped_mm"] = _grouped_mm
+
+#: The same for functions looked up in other namespaces (module name → {function name → exact equivalent}):
+#: ``torch._weight_norm`` (called by ``parametrizations.weight_norm`` as ``torch._weight_norm`` and by the legacy
+#: hook under its own imported name), ``torch._grouped_mm`` (MoE experts on a torch without ``F.grouped_mm``).
+NAMESPACE_SUBSTITUTIONS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "torch": {"_weight_norm": _weight_norm, **({"_grouped_mm": _torch_grouped_mm} if _torch_grouped_mm_original
+                                                else {})},
+    "torch.nn.utils.weight_norm": {"_weight_norm": _weight_norm},
+}
 
 
 def _substitute_ops(guard: StateGuard) -> None:
     for name, exact in SUBSTITUTIONS.items():
         guard.set_item(F.__dict__, name, exact)
+    for module_name, functions in NAMESPACE_SUBSTITUTIONS.items():
+        namespace = getattr(sys.modules.get(module_name), "__dict__", None)
+        if namespace is None:
+            continue
+        for name, exact in functions.items():
+            if name in namespace:
+                guard.set_item(namespace, name, exact)
 
 
 def _run_directly_reentrant(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
@@ -459,29 +524,88 @@ _MISSING = (re.compile(r"derivative for '?(?:aten::)?([A-Za-z0-9_.]+)'? is not i
             re.compile(r"Trying to use forward AD with (?:aten::)?([A-Za-z0-9_.]+) that does not support it"))
 
 
-def _modules_calling(model: nn.Module, base: str, rerun: Callable[[], Any], guard: StateGuard) -> list[str]:
-    """Names of the innermost modules whose forward calls a torch function called ``base`` (one spied forward)."""
+@contextlib.contextmanager
+def spying_forward(model: nn.Module, on_call: Callable[[str, Any, tuple, dict, Any], None],
+                   guard: StateGuard) -> Iterator[None]:
+    """Inside: every torch function called by a module's forward is reported to ``on_call(module_name, func,
+    args, kwargs, result)`` with the innermost module whose forward is running (a ``TorchFunctionMode`` and
+    forward pre/post hooks, removed on exit through ``guard``)."""
     from torch.overrides import TorchFunctionMode
 
     stack: list[str] = []
-    found: list[str] = []
 
     class _Spy(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            name = getattr(func, "__name__", "").replace("_", "").lower()
-            if stack and name == base and stack[-1] not in found:
-                found.append(stack[-1])
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            if stack:
+                on_call(stack[-1], func, args, kwargs or {}, out)
+            return out
 
+    def enter(name: str) -> None:
+        stack.append(name)
+
+    def leave() -> None:  # a forward hook that returned the popped name would replace the module's output
+        if stack:
+            stack.pop()
+
+    hooks = []
     for name, module in model.named_modules():
-        guard.push(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)).remove)
-        guard.push(module.register_forward_hook(lambda m, a, o: stack.pop() if stack else None).remove)
+        hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: enter(n)))
+        hooks.append(module.register_forward_hook(lambda m, a, o: leave()))
+    for handle in hooks:
+        guard.push(handle.remove)
     try:
         with _Spy():
+            yield
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def _modules_calling(model: nn.Module, base: str, rerun: Callable[[], Any], guard: StateGuard) -> list[str]:
+    """Names of the innermost modules whose forward calls a torch function called ``base`` (one spied forward)."""
+    found: list[str] = []
+
+    def note(module: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        name = getattr(func, "__name__", "").replace("_", "").lower()
+        if name == base and module not in found:
+            found.append(module)
+
+    try:
+        with spying_forward(model, note, guard):
             rerun()
     except Exception:  # noqa: BLE001 - only looking
         pass
     return found
+
+
+def low_precision_islands(model: nn.Module, dtype: torch.dtype, run: Callable[[], Any], guard: StateGuard
+                          ) -> tuple[Any, dict[str, str]]:
+    """Run ``run()`` (one forward pass, its result returned) and find the modules that compute below ``dtype``:
+    those whose forward casts a ``dtype`` tensor that depends on the parameters (requires grad; constants such as
+    rotary tables do not count) to a less precise floating dtype (Hugging Face ``RMSNorm`` /
+    ``T5LayerNorm`` compute in float32 whatever the input; causal-LM heads cast logits with ``.float()``).
+    Returns ``(run's result, {module name: the lower dtype})``; the caller's curvature is then only as accurate
+    as that dtype."""
+    if not dtype.is_floating_point:
+        return run(), {}
+    eps = torch.finfo(dtype).eps
+    islands: dict[str, str] = {}
+
+    def note(module: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        if module in islands or not isinstance(out, torch.Tensor) or not out.is_floating_point() \
+                or torch.finfo(out.dtype).eps <= eps:
+            return
+        if any(isinstance(a, torch.Tensor) and a.dtype == dtype and a.requires_grad  # depends on θ: not a constant
+               for a in (*args, *kwargs.values())):
+            islands[module] = str(out.dtype).replace("torch.", "")
+
+    try:
+        with spying_forward(model, note, guard):
+            return run(), islands
+    except Exception:  # noqa: BLE001 - the spy may be what failed (a model with its own function mode): run plainly
+        log.debug("the spied forward pass failed; running it without the spy", exc_info=True)
+        return run(), {}
 
 
 def explain_missing_derivative(exc: BaseException, model: nn.Module, rerun: Callable[[], Any] | None = None
@@ -518,31 +642,117 @@ def explain_missing_derivative(exc: BaseException, model: nn.Module, rerun: Call
         f"(params=). Known equivalents are substituted automatically: {', '.join(sorted(SUBSTITUTIONS))}.")
 
 
-def check_twice_differentiable(loss: torch.Tensor) -> None:
-    """Raise :class:`SecondOrderError` if the graph of ``loss`` runs through a custom ``autograd.Function`` whose
-    backward is marked ``@once_differentiable``: with ``create_graph=True`` its backward records nothing, so the
-    second derivatives through it would silently come out as zero (one walk over the graph's nodes)."""
+def _is_once_differentiable(cls: type) -> bool:
+    backward = getattr(cls, "backward", None)
+    code = getattr(backward, "__code__", None)  # functools.wraps hides the wrapper's name, not its code's
+    return code is not None and "once_differentiable" in getattr(code, "co_qualname", code.co_name)
+
+
+def _backward_records_graph(node: Any) -> bool:
+    """Probe a custom ``autograd.Function``'s node once: call its backward (grad mode on) on random output
+    gradients that require grad. A backward written with differentiable torch ops returns input gradients that
+    require grad; one computed under ``no_grad``, detached or in NumPy returns plain tensors, and second
+    derivatives through it would be dropped. True when nothing could be probed (no false alarm)."""
+    try:
+        grads_out = [torch.randn(tuple(m.shape), dtype=m.dtype, device=m.device, requires_grad=True)
+                     for m in node._input_metadata]
+        with torch.enable_grad():
+            result = node.apply(*grads_out)
+    except Exception:  # noqa: BLE001 - not probeable (nested tensors, a backward needing state): no verdict
+        log.debug("could not probe the backward of %s", type(node).__name__, exc_info=True)
+        return True
+    result = result if isinstance(result, tuple) else (result,)
+    needs = tuple(getattr(node, "needs_input_grad", ()) or ())
+    return all(not (isinstance(r, torch.Tensor) and r.is_floating_point() and i < len(needs) and needs[i])
+               or r.requires_grad for i, r in enumerate(result))
+
+
+def _tensors_in(x: Any) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from _tensors_in(v)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors_in(v)
+
+
+def _modules_applying(model: nn.Module, classes: Sequence[type], rerun: Callable[[], Any],
+                      guard: StateGuard) -> dict[type, str]:
+    """The innermost module whose forward applies each custom ``autograd.Function`` class of ``classes`` (one
+    forward with graph, ``rerun``): forward hooks fire inner modules first, and each walks only the graph nodes
+    no earlier hook has seen, so the first module whose output reaches a node of the class made it."""
     seen: set[int] = set()
+    found: dict[type, str] = {}
+
+    def walk(name: str, output: Any) -> None:
+        stack = [t.grad_fn for t in _tensors_in(output)]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            cls = getattr(node, "_forward_cls", None)
+            if cls in classes and cls not in found:
+                found[cls] = name
+            stack.extend(n for n, _ in node.next_functions)
+
+    for name, module in model.named_modules():
+        guard.push(module.register_forward_hook(lambda m, a, o, n=name: walk(n, o)).remove)
+    try:
+        rerun()
+    except Exception:  # noqa: BLE001 - only looking
+        pass
+    return found
+
+
+def check_twice_differentiable(loss: torch.Tensor, model: nn.Module | None = None,
+                               rerun: Callable[[], Any] | None = None) -> None:
+    """Raise :class:`SecondOrderError` if the graph of ``loss`` runs through a custom ``autograd.Function`` whose
+    backward records no graph: one marked ``@once_differentiable``, or one found by probing its backward once per
+    class (:func:`_backward_records_graph`: computed under ``no_grad``, detached, in NumPy). With
+    ``create_graph=True`` such a backward records nothing, so second derivatives through it would silently come out
+    as zero. The error names the Function and, with ``model`` and ``rerun`` (one forward pass building a graph),
+    the module that applies it. One walk over the graph's nodes, one backward call per custom Function class."""
+    seen: set[int] = set()
+    verdict: dict[type, str | None] = {}
     stack = [loss.grad_fn]
-    offenders: list[str] = []
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         cls = getattr(node, "_forward_cls", None)
-        backward = getattr(cls, "backward", None)
-        code = getattr(backward, "__code__", None)  # functools.wraps hides the wrapper's name, not its code's
-        if code is not None and "once_differentiable" in getattr(code, "co_qualname", code.co_name):
-            if cls.__qualname__ not in offenders:
-                offenders.append(cls.__qualname__)
+        if cls is not None and cls not in verdict:
+            verdict[cls] = ("is marked @once_differentiable" if _is_once_differentiable(cls) else
+                            None if _backward_records_graph(node) else
+                            "has a backward that autograd cannot differentiate (its gradients carry no graph: computed "
+                            "under torch.no_grad(), detached, or in NumPy)")
         stack.extend(next_node for next_node, _ in node.next_functions)
-    if offenders:
-        raise SecondOrderError(
-            f"curvature needs second derivatives, but the custom autograd.Function {', '.join(offenders)} is marked "
-            "@once_differentiable: its backward records no graph, so second derivatives through it would silently "
-            "be zero. Give it a differentiable backward (written with torch ops, without @once_differentiable), or "
-            "take curvature w.r.t. parameters that do not depend on it (params=).")
+    offenders = {cls: why for cls, why in verdict.items() if why is not None}
+    if not offenders:
+        return
+    where: dict[type, str] = {}
+    if model is not None and rerun is not None:
+        guard = StateGuard()
+        try:
+            where = _modules_applying(model, list(offenders), rerun, guard)
+        finally:
+            guard.restore()
+    modules = dict(model.named_modules()) if model is not None else {}
+    parts = []
+    for cls, why in offenders.items():
+        name = where.get(cls)
+        used = (f" (applied in module '{name or type(model).__name__}' ({type(modules[name]).__name__}))"
+                if name is not None else "")
+        parts.append(f"the custom autograd.Function {cls.__qualname__}{used} {why}")
+    raise SecondOrderError(
+        f"curvature needs second derivatives, but {'; '.join(parts)}: its backward records no graph, so second "
+        "derivatives through it would silently be zero. Give it a backward written with differentiable torch ops "
+        "(without @once_differentiable), or use method='finite_difference' (differences of first-order gradients, "
+        "which such a backward computes right), or take curvature w.r.t. parameters that do not depend on it "
+        "(params=).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,7 +764,17 @@ def _rng_devices(device: torch.device) -> list[int]:
     return []
 
 
+def _numpy_random() -> Any:
+    """``numpy.random`` if NumPy is imported (a model that draws from it has imported it), else None."""
+    np = sys.modules.get("numpy")
+    return getattr(np, "random", None)
+
+
 def _save_rng(guard: StateGuard, device: torch.device) -> None:
+    guard.push(functools.partial(random.setstate, random.getstate()))
+    np_random = _numpy_random()
+    if np_random is not None:
+        guard.push(functools.partial(np_random.set_state, np_random.get_state()))
     guard.push(functools.partial(torch.default_generator.set_state, torch.default_generator.get_state()))
     for index in _rng_devices(device):
         gen = torch.cuda.default_generators[index]
@@ -563,15 +783,22 @@ def _save_rng(guard: StateGuard, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def frozen_rng(device: torch.device, guard: StateGuard | None = None) -> Iterator[None]:
-    """Restore the global RNG state (CPU and the CUDA device in use) on exit, whatever happens inside."""
+    """Restore the global RNG states (torch CPU and the CUDA device in use, Python's ``random``, NumPy's global
+    generator) on exit, whatever happens inside."""
     with _restoring(guard) as g:
         _save_rng(g, device)
         yield
 
 
 def reseed(seed: int, device: torch.device) -> None:
-    """Seed the generators a forward pass on ``device`` draws from (call inside :func:`frozen_rng`)."""
+    """Seed the generators a forward pass on ``device`` draws from (call inside :func:`frozen_rng`): torch's,
+    Python's ``random`` and NumPy's global generator, so a model drawing from any of them sees the same numbers in
+    every forward pass of one operator."""
     torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np_random = _numpy_random()
+    if np_random is not None:
+        np_random.seed(seed % 2**32)
     if device.type == "cuda" and torch.cuda.is_available():
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)

@@ -14,7 +14,7 @@ import operator
 from typing import Any
 
 __all__ = ["check_tol", "check_positive_int", "check_nonneg_int", "check_optional_positive_int",
-           "check_finite_float", "check_positive_float", "check_nonneg_float", "check_seed"]
+           "check_finite_float", "check_positive_float", "check_nonneg_float", "check_seed", "check_device"]
 
 
 def _describe(x: Any) -> str:
@@ -111,3 +111,30 @@ def check_seed(x: Any, name: str = "seed") -> int:
     if not -(2 ** 63) <= value < 2 ** 64:
         raise ValueError(f"{name} must be an integer in [-2**63, 2**64), got {value}")
     return value
+
+
+def check_device(x: Any, name: str = "device") -> Any:
+    """``None`` or a ``torch.device`` that exists on this machine: ``"cuda"`` without CUDA (or past the last GPU),
+    ``"mps"`` without MPS and ``"meta"`` (no values) are refused with a message naming the option."""
+    if x is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(x)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name}={x!r} is not a device ({exc}); pass e.g. 'cpu' or 'cuda'") from None
+    use = f"pass {name}='cpu', or leave {name}=None to use the parameters' own device"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = " (a CPU-only build)" if torch.version.cuda is None else ""
+            raise ValueError(f"{name}={x!r}: CUDA is not available on this machine (torch {torch.__version__}"
+                             f"{build}); {use}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={x!r}: this machine has {torch.cuda.device_count()} CUDA device(s); {use}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={x!r}: MPS is not available on this machine; {use}")
+    elif dev.type == "meta":
+        raise ValueError(f"{name}={x!r}: the meta device holds shapes without values, no curvature can be "
+                         f"computed there; {use}")
+    return dev

@@ -2,8 +2,8 @@
 
 One process, one model, one batch: our solvers (Lanczos, LOBPCG, power iteration, each at the accuracy asked),
 scipy's ``eigsh(which="LA")`` (ARPACK) on the same HVPs, and any installed peer library (PyHessian,
-hessian-eigenthings, curvlinops — through ``benchmarks/peers.py`` when this repository's ``benchmarks`` package is
-importable; skipped otherwise) run side by side. Each row has λ_max, its relative error against a tight
+hessian-eigenthings, curvlinops — through the adapters in :mod:`curvature.peers`; a peer that is not installed gets
+a "skipped" row naming the install command) run side by side. Each row has λ_max, its relative error against a tight
 reference (Lanczos to a residual of 1e-10 in float64), the HVPs and the wall time. Medians over ``seeds``
 start vectors (single-start counts vary ±40 % with the start vector).
 
@@ -29,11 +29,12 @@ from .diagnostics import solve
 from .operators import HessianOperator
 from ._cli_defaults import BENCH_SOLVERS
 from ._validate import check_tol
+from . import peers as peer_adapters
 
 __all__ = ["benchmark_solvers", "format_table", "run"]
 
 OUR_SOLVERS = BENCH_SOLVERS  # one source with the CLI's choices
-PEERS = ("pyhessian", "hessian_eigenthings", "curvlinops")
+PEERS = peer_adapters.PEERS
 
 
 def _scipy_eigsh(op: HessianOperator, tol: float, seed: int) -> tuple[float, int]:
@@ -47,12 +48,7 @@ def _scipy_eigsh(op: HessianOperator, tol: float, seed: int) -> tuple[float, int
 
 
 def _peer(name: str, model: torch.nn.Module, loss_fn: Any, data: Any, tol: float, seed: int) -> tuple[float, int]:
-    try:
-        from benchmarks import peers  # the adapters live with the benchmarks (not part of the installed package)
-    except ImportError as exc:
-        raise RuntimeError("the peer adapters (benchmarks/peers.py) are not importable: run from the "
-                           "repository root") from exc
-    r = peers.top_eigenvalue(name, model, loss_fn, data, tol=tol, seed=seed)
+    r = peer_adapters.top_eigenvalue(name, model, loss_fn, data, tol=tol, seed=seed)
     return float(r.eigenvalue), int(r.num_hvps)
 
 
@@ -123,7 +119,8 @@ def benchmark_solvers(model: torch.nn.Module, loss_fn: Any, data: Any, *, eig_to
     for name in wanted:
         if importlib.util.find_spec(name) is None:
             rows.append({"solver": name, "eigenvalue": None, "rel_error": None, "max_rel_error": None, "hvps": None,
-                         "seconds": None, "error_bound": None, "note": "skipped: not installed"})
+                         "seconds": None, "error_bound": None,
+                         "note": f"skipped: not installed (pip install --no-deps {peer_adapters.distribution(name)})"})
             continue
         try:
             results = []

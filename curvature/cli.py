@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -48,8 +49,9 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
                    help="folder to import the --model/--data/--loss modules from (repeatable; searched after the "
                         "installed packages). The current directory is never searched unless named here; a file "
                         "also works directly: path/to/file.py:function")
-    p.add_argument("--loss", default="cross_entropy", metavar="NAME|MOD:FN|model",
-                   help="loss(outputs, targets) -> scalar: cross_entropy, mse, nll, l1, huber, bce, "
+    p.add_argument("--loss", default=None, metavar="NAME|MOD:FN|model",
+                   help="loss(outputs, targets) -> scalar (default: cross_entropy): cross_entropy, mse, nll, l1, "
+                        "huber, bce, "
                         "bce_with_logits, 'package.module:function', or model: the model computes its own loss "
                         "from the labels in a dict batch, as Hugging Face models do")
     p.add_argument("--dtype", choices=_DTYPES, default=None,
@@ -218,6 +220,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise CLIError(f"--k must be at least 1, got {args.k}")
     if not (math.isfinite(args.tol) and args.tol > 0):  # inf would accept the start vector; nan never converges
         raise CLIError(f"--tol must be a finite number > 0, got {args.tol}")
+    for flag, value in (("--max-iters", args.max_iters), ("--max-batch-size", args.max_batch_size)):
+        if value is not None and value < 1:  # before any checkpoint is read (0 is not "no limit")
+            raise CLIError(f"{flag} must be at least 1, got {value}")
     options: dict[str, Any] = {}
     if args.dtype:
         options["dtype"] = _dtype(args.dtype)
@@ -244,8 +249,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
         for r in rows:
             print(encode_json_row(r), end="")  # valid JSON (NaN / inf as strings), like --out
-    else:
-        print(format_rows(rows))
+    else:  # a failed row's error is printed once, on stderr below; the table marks the row
+        print(format_rows([dict(r, error="(below)") if r.get("error") else r for r in rows]))
         if args.out:
             print(f"rows written to {args.out}")
     failed = [r for r in rows if r.get("error")]
@@ -253,8 +258,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.plot and good:
         _plot(good, args.plot, args.k)
         print(f"plot written to {args.plot}")
-    for r in failed:
-        print(f"{PROG}: error: {_one_line(r['error'])}", file=sys.stderr)
+    for message, files in _grouped_errors(failed).items():  # each error once (the same one for several files: once)
+        measuring = bool(files) and re.match(r"\w*(Error|Exception): ", message) is not None  # "Type: ..." from the measurement
+        hint = f"; {_default_loss_hint(args)}" if measuring and getattr(args, "loss_default", False) else ""
+        print(f"{PROG}: error: {', '.join(files) + ': ' if files else ''}{_one_line(message)}{hint}", file=sys.stderr)
     if failed and not good:
         return 2
     return 1 if failed else 0
@@ -273,14 +280,12 @@ def _plot(rows: list[dict], path: str, k: int) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from ._validate import check_device
 
     try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise CLIError(f"--device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        check_device(device)
+    except ValueError as exc:
+        raise CLIError(f"--{exc}".replace("--device=", "--device ", 1)) from None
 
 
 def _cmd_check_hvp(args: argparse.Namespace) -> int:
@@ -352,6 +357,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def _grouped_errors(rows: list[dict]) -> dict[str, list[str]]:
+    """Failed rows by error message: a measurement error is ``"<file>: <Type>: <message>"``; the same message
+    for several files is printed once, naming them."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        text, file = str(r["error"]), str(r.get("file") or "")
+        if file and text.startswith(file + ": "):
+            groups.setdefault(text[len(file) + 2:], []).append(file)
+        else:
+            groups.setdefault(text, [])
+    return groups
+
+
+def _default_loss_hint(args: argparse.Namespace) -> str:
+    """What to say when the default loss may be the cause of a failure."""
+    return (f"the loss used was the default --loss {args.loss} (F.cross_entropy(outputs, targets): (N, C) outputs, "
+            "(N,) class targets); choose yours with --loss: mse, nll, l1, huber, bce, bce_with_logits, model (the "
+            "model's own loss from the labels in a dict batch), or package.module:function for a "
+            "loss_fn(outputs, targets), e.g. one that flattens a sequence model's (B, T, V) logits")
+
+
 def _one_line(text: Any) -> str:
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
     return " ".join(lines) if lines else "unknown error"
@@ -365,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_cwd_from_sys_path()  # shadow a module imported later (#15.5); a call from Python keeps sys.path
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "loss"):  # remember whether the loss was chosen: a failure of the default one says so
+        args.loss_default = args.loss is None
+        args.loss = "cross_entropy" if args.loss is None else args.loss
     debug = getattr(args, "debug", False)
     if args.command is None:
         parser.print_help()
@@ -384,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected = isinstance(exc, (CLIError, CheckpointError, ValueError, TypeError, FileNotFoundError))
         prefix = "" if expected else f"{type(exc).__name__}: "
         hint = "" if expected else " (run with --debug for the traceback)"
+        if getattr(args, "loss_default", False) and not isinstance(exc, (CLIError, CheckpointError,
+                                                                           FileNotFoundError)):
+            hint += f"; {_default_loss_hint(args)}"
         print(f"{PROG}: error: {prefix}{_one_line(exc)}{hint}", file=sys.stderr)
         return 2
 

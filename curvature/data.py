@@ -19,7 +19,10 @@ whose ``forward(self, batch)`` takes the dict itself.
 number of samples, or what ``weight_fn(batch)`` says (called on the batch as given, and on each micro-batch
 with ``max_batch_size=``). With ``loss_fn=None`` and integer ``labels`` in the batch (Hugging Face), a batch weighs
 its number of non-ignored labels (``!= -100``), i.e. the count HF's token-mean loss divides by: for causal LMs
-(class names ``*ForCausalLM`` / ``*LMHeadModel``, whose loss shifts labels by one) that of ``labels[..., 1:]``.
+(class names ``*ForCausalLM`` / ``*LMHeadModel`` or the config's ``architectures``, after unwrapping DDP/FSDP,
+``torch.compile`` and PEFT; their loss shifts labels by one) that of ``labels[..., 1:]``. A model without a config
+(a user's wrapper) is judged by the Hugging Face models inside it, and with several batches or ranks a warning
+says that the weighting is a guess (pass ``weight_fn=``).
 Then micro-batching and splitting into batches leave the Hessian unchanged. A batch of weight 0 (every label
 ignored: its mean loss is 0/0) is skipped.
 
@@ -88,6 +91,10 @@ def resolve_loss_fn(loss_fn: LossFn | None) -> LossFn:
     """
     if loss_fn is None:
         return model_output_loss
+    if isinstance(loss_fn, type):  # nn.CrossEntropyLoss (the class): calling it builds a module, weight=outputs
+        raise TypeError(f"loss_fn is the class {loss_fn.__module__}.{loss_fn.__qualname__}, not a loss: pass an "
+                        f"instance, {loss_fn.__name__}(), or a function such as torch.nn.functional.cross_entropy; "
+                        "expected loss_fn(outputs, targets) -> scalar mean loss")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (outputs, targets) -> scalar, or None for the model's own loss; "
                         f"got {type(loss_fn).__name__}")
@@ -138,6 +145,7 @@ class Batch:
     targets: Any
     size: int
     weight: float = field(default=-1.0)
+    weight_guess: str | None = field(default=None, compare=False)  # why ``weight`` is a guess (None: known)
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -255,16 +263,79 @@ def token_count(labels: torch.Tensor, *, shift: bool = False, ignore_index: int 
     return int((labels != ignore_index).sum().item())
 
 
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def _unwrap_known(model: nn.Module) -> nn.Module:
+    """Strip the wrappers whose inner model computes the loss: DDP / DataParallel / FSDP (``.module``),
+    ``torch.compile`` (``._orig_mod``), PEFT (``get_base_model()``, else ``base_model.model``)."""
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = None
+        if type(model).__name__ in _DATA_PARALLEL and isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)):
+            try:
+                inner = model.get_base_model()
+            except Exception:  # noqa: BLE001 - not a PEFT model after all
+                inner = None
+        elif isinstance(getattr(getattr(model, "base_model", None), "model", None), nn.Module) \
+                and not hasattr(model, "config"):
+            inner = model.base_model.model
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+    return model
+
+
+def _causal_by_name_or_config(model: nn.Module) -> bool:
+    if type(model).__name__.endswith(_CAUSAL_SUFFIXES):
+        return True
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or ()
+    return any(isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in architectures)
+
+
+def causal_lm_shift(model: nn.Module | None) -> tuple[bool, str | None]:
+    """Whether the model's own loss shifts labels by one (a causal LM predicts token t+1 from tokens ≤ t), and
+    ``None`` when that is known, or a sentence saying why it is a guess.
+
+    Known: after unwrapping DDP/FSDP/``torch.compile``/PEFT, a Hugging Face model (it has a ``config``) is a causal
+    LM by its class name (``*ForCausalLM``, ``*LMHeadModel``) or its config's ``architectures``. A model without a
+    config (a user's wrapper) is guessed from the Hugging Face models inside it."""
+    if model is None:
+        return False, None
+    inner = _unwrap_known(model)
+    if _causal_by_name_or_config(inner):
+        return True, None
+    if hasattr(inner, "config"):
+        return False, None
+    hf = [(n, m) for n, m in inner.named_modules() if n and hasattr(m, "config") and isinstance(m, nn.Module)]
+    causal = [(n, m) for n, m in hf if _causal_by_name_or_config(m)]
+    where = f"{type(inner).__name__} is not a Hugging Face model (no config)"
+    if causal:
+        n, m = causal[0]
+        return True, (f"{where}; it holds the causal LM '{n}' ({type(m).__name__}), so its loss is taken to shift "
+                      "labels by one (each batch weighs its labels[..., 1:] that are not -100)")
+    if hf:
+        n, m = hf[0]
+        return False, (f"{where}; it holds '{n}' ({type(m).__name__}), not a causal LM, so its loss is taken not to "
+                       "shift labels (each batch weighs its labels that are not -100)")
+    return False, f"{where}, so its loss is taken to average over every label that is not -100, unshifted"
+
+
 def is_causal_lm(model: nn.Module | None) -> bool:
-    """Hugging Face causal LMs (``*ForCausalLM``, ``*LMHeadModel``): their loss shifts labels by one."""
-    if model is None or not hasattr(model, "config"):
-        return False
-    name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    """Whether the model's own loss shifts labels by one (see :func:`causal_lm_shift`, which also says whether
+    that is a guess)."""
+    return causal_lm_shift(model)[0]
 
 
-def _own_loss_weight(raw: Any, model: nn.Module | None) -> float | None:
-    """The weight of a batch under the model's own token-mean loss: its number of non-ignored labels."""
+def _own_loss_weight(raw: Any, model: nn.Module | None) -> tuple[float, str | None] | None:
+    """The weight of a batch under the model's own token-mean loss: its number of non-ignored labels, and why it
+    is a guess (None when known; see :func:`causal_lm_shift`)."""
     labels = None  # HF style: the `labels` entry of a dict batch (or of dict inputs)
     if isinstance(raw, Mapping):
         labels = raw.get("labels")
@@ -272,8 +343,16 @@ def _own_loss_weight(raw: Any, model: nn.Module | None) -> float | None:
         labels = raw[0].get("labels")
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.ndim == 0:
         return None
-    shift = is_causal_lm(model) and labels.ndim >= 2
-    return float(token_count(labels, shift=shift))
+    shift, guess = causal_lm_shift(model)
+    if labels.ndim < 2:
+        shift, guess = False, None
+    return float(token_count(labels, shift=shift)), guess
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of several ranks (each weighs its own batches)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _weigh(raw: Any, batch: Batch, index: int, weight_fn: Callable[[Any], Any] | None,
@@ -284,9 +363,11 @@ def _weigh(raw: Any, batch: Batch, index: int, weight_fn: Callable[[Any], Any] |
         if not (math.isfinite(w) and w >= 0):
             raise ValueError(f"weight_fn returned {w} for batch {index}: a batch's weight must be a finite number >= 0")
     elif own_loss:
-        w = _own_loss_weight(raw, model)
-        if w is None:
+        weighed = _own_loss_weight(raw, model)
+        if weighed is None:
             return batch
+        w, guess = weighed
+        return Batch(batch.args, batch.kwargs, batch.targets, batch.size, w, guess)
     else:
         return batch
     return Batch(batch.args, batch.kwargs, batch.targets, batch.size, w)
@@ -300,22 +381,29 @@ def _split(raw: Any, size: int, max_batch_size: int | None) -> Iterator[Any]:
         yield _slice(raw, lo, min(lo + max_batch_size, size), size)
 
 
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a nested batch structure (mappings in sorted-key order, sequences in order)."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, Mapping):
+        for k in sorted(x, key=str):
+            yield from _tensors(x[k])
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+
+
 def _fingerprint(batch: Batch) -> tuple:
     """A cheap summary of a batch's tensors (shapes and float64 sums) to check that every pass sees the same."""
-    out = []
+    return tuple((tuple(x.shape), float(x.detach().double().sum()) if x.numel() else 0.0)
+                 for x in _tensors((batch.args, batch.kwargs, batch.targets)))
 
-    def visit(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            out.append((tuple(x.shape), float(x.detach().double().sum()) if x.numel() else 0.0))
-        elif isinstance(x, Mapping):
-            for k in sorted(x, key=str):
-                visit(x[k])
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                visit(v)
 
-    visit((batch.args, batch.kwargs, batch.targets))
-    return tuple(out)
+def _check_not_meta(batch: Batch, index: int) -> None:
+    """Meta tensors have shapes but no values: no loss, let alone curvature, can be computed from them."""
+    if any(x.is_meta for x in _tensors((batch.args, batch.kwargs, batch.targets))):
+        raise ValueError(f"data: batch {index} holds tensors on the meta device (shapes without values); pass real "
+                         "data (e.g. on 'cpu' or 'cuda')")
 
 
 class _LoaderRNG:
@@ -416,7 +504,11 @@ class BatchSource:
         held_batches: list[Batch] = []
         fingerprints: list[tuple] = []
         self.total_weight, self.num_samples, token_warning = 0.0, 0, False
-        for b in self._read():
+        #: why the batches' weights (token counts of the model's own loss) are a guess; None when known
+        self.weight_guess: str | None = None
+        for i, b in enumerate(self._read()):
+            _check_not_meta(b, i)
+            self.weight_guess = self.weight_guess or b.weight_guess
             if not self._stream or not held_batches:
                 held_batches.append(b)
             if self._stream:
@@ -431,6 +523,11 @@ class BatchSource:
                           "non-ignored tokens: pass weight_fn=lambda b: curvature.data.token_count(b[1]) (add "
                           "shift=True if your loss shifts labels) so batches are weighted as the loss averages",
                           CurvatureWarning, stacklevel=4)
+        if self.weight_guess and self.weight_fn is None and (self._count > 1 or _data_parallel()):
+            warnings.warn(f"the batches are weighted by a guess: {self.weight_guess}. With several (micro-)batches "
+                          "or ranks the Hessian of the mean loss depends on these weights: pass weight_fn= to say what "
+                          "a batch weighs, e.g. weight_fn=lambda b: curvature.data.token_count(b['labels'], "
+                          "shift=True)", CurvatureWarning, stacklevel=4)
         if self._stream and self._count > 1:
             self._fingerprints: list[tuple] | None = fingerprints
             self._batches: list[Batch] | None = None
@@ -562,3 +659,19 @@ def warn_if_low_precision_loss(loss: torch.Tensor, dtype: torch.dtype) -> None:
                       f"{dtype} reference compute the loss on the logits yourself, e.g. loss_fn=lambda out, y: "
                       "F.cross_entropy(out.logits[..., :-1, :].flatten(0, 1).double(), y[..., 1:].flatten())",
                       CurvatureWarning, stacklevel=4)
+
+
+def warn_if_low_precision_modules(islands: Mapping[str, str], dtype: torch.dtype, model: nn.Module) -> None:
+    """Warn when modules compute below the operator's dtype (``islands``: module name → dtype, found by
+    :func:`curvature._exact.low_precision_islands`), naming them: λ is then only as accurate as that dtype."""
+    if not islands:
+        return
+    modules = dict(model.named_modules())
+    named = [f"'{n or type(model).__name__}' ({type(modules[n]).__name__}, {d})" if n in modules else f"'{n}' ({d})"
+             for n, d in islands.items()]
+    shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    warnings.warn(f"{len(named)} module(s) compute below the operator's {dtype} whatever the input dtype: {shown} "
+                  "(e.g. Hugging Face RMSNorm/T5LayerNorm cast to float32): curvature is only as accurate as that "
+                  "dtype. The names are in the operator's .low_precision_modules and in info['low_precision_modules']."
+                  " For a full-precision reference, make those modules compute in the input dtype",
+                  CurvatureWarning, stacklevel=4)

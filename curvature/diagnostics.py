@@ -1,4 +1,5 @@
-"""Curvature diagnostics on a model: sharpness (top Hessian eigenvalues) and the HVP self-check.
+"""Curvature diagnostics on a model: sharpness (top Hessian eigenvalues), the HVP self-check, and the comparison
+of the exact and finite-difference HVP routes on the user's model.
 
 Sharpness is λ_max(∇²L): gradient descent with step η is stable on a quadratic while η·λ_max < 2
 (see :mod:`curvature.optim` for thresholds of momentum and Adam, and for the pre-conditioned sharpness).
@@ -6,6 +7,7 @@ Sharpness is λ_max(∇²L): gradient descent with step η is stable on a quadra
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +17,10 @@ import torch
 from ._validate import check_optional_positive_int, check_positive_float, check_positive_int, check_seed, check_tol
 from .operators import HessianOperator, LinearOperator, ShiftedOperator
 from .data import CurvatureWarning
+from .usage import check_batch_argument, check_not_a_batch_half
 from .solvers import EigenResult, lanczos, lobpcg, power_iteration
 
-__all__ = ["sharpness", "solve", "check_hvp", "HVPCheck", "SOLVERS"]
+__all__ = ["sharpness", "solve", "check_hvp", "HVPCheck", "compare_hvp_routes", "RouteComparison", "SOLVERS"]
 
 SOLVERS = {"lobpcg": lobpcg, "lanczos": lanczos, "power_iteration": power_iteration}
 
@@ -127,15 +130,19 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     ‖r‖²/(gap·|λ|) on the error is below it; ``info["error_bound"]``); ``X0`` (an ``(n, m)`` block, e.g. the previous
     step's eigenvectors) warm-starts the solver. Extra keyword options go to :class:`HessianOperator`
     (``method``, ``dtype``, ``device``, ``seed``, ``max_batch_size``, ``distributed``, ...). The result's
-    ``info`` holds ``loss`` (mean loss at the point) and ``method`` (HVP route used).
+    ``info`` holds ``loss`` (mean loss at the point), ``method`` (HVP route used) and ``low_precision_modules``
+    (modules computing below the operator's dtype, e.g. float32 RMSNorms in a float64 run: λ is only that accurate).
     """
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    check_not_a_batch_half(k, "k", "sharpness(model, loss_fn, data, k)", batch_name="data")
+    check_batch_argument(data, "data", "sharpness(model, loss_fn, data, k)")
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = HessianOperator(model, loss_fn, data, params, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
-    res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0])
+    res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0],
+                    low_precision_modules=dict(getattr(op, "low_precision_modules", {})))
     return res
 
 
@@ -226,7 +233,86 @@ def check_hvp(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = 
         denom = float(u.norm() * HV[:, i].norm() + v.norm() * Hu.norm())
         sym_errors.append(abs(float(u @ HV[:, i] - v @ Hu)) / max(denom, torch.finfo(work).tiny))
     result = HVPCheck(fd_errors, sym_errors, tol, step, work, {"num_params": op.shape[0], "method": op.method,
-                                                               "loss_dtype": loss_dtype})
+                                                               "loss_dtype": loss_dtype,
+                                                               "low_precision_modules": dict(getattr(
+                                                                   op, "low_precision_modules", {}))})
     if raise_on_failure and not result.passed:
         raise AssertionError(str(result))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparing the routes on the user's own model
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class RouteComparison:
+    """Outcome of :func:`compare_hvp_routes`: per-direction ‖H_fd v − H v‖/‖H v‖, seconds per HVP of each
+    route, and (optionally) both routes' λ_max."""
+
+    hvp_errors: list[float]
+    seconds_exact: float
+    seconds_fd: float
+    epsilon: float
+    order: int
+    dtype: torch.dtype
+    exact_method: str
+    lambda_max_exact: float | None = None
+    lambda_max_fd: float | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def max_hvp_error(self) -> float:
+        return max(self.hvp_errors)
+
+    @property
+    def lambda_max_error(self) -> float | None:
+        if self.lambda_max_exact is None or self.lambda_max_fd is None:
+            return None
+        return abs(self.lambda_max_fd - self.lambda_max_exact) / max(abs(self.lambda_max_exact), 1e-300)
+
+    def __str__(self) -> str:
+        lam = "" if self.lambda_max_error is None else f", λ_max rel. error {self.lambda_max_error:.1e}"
+        return (f"finite differences (order {self.order}, h={self.epsilon:.2e}, {self.dtype}) vs "
+                f"{self.exact_method}: HVP rel. error max {self.max_hvp_error:.1e}{lam}; "
+                f"{self.seconds_fd * 1e3:.1f} ms vs {self.seconds_exact * 1e3:.1f} ms per HVP")
+
+
+def compare_hvp_routes(model: torch.nn.Module, loss_fn: Any, data: Any, *, params: Any = None, num_directions: int = 3,
+                       exact_method: str = "auto", fd_order: int = 2, fd_epsilon: float | None = None,
+                       dtype: torch.dtype | None = None, lambda_max: bool = False, tol: float = 1e-6,
+                       seed: int = 0, **operator_options: Any) -> RouteComparison:
+    """How far the finite-difference route is from the exact one on *this* model and data.
+
+    Builds both operators (same data, same frozen randomness, same ``params``/``dtype``), applies them to
+    ``num_directions`` seeded random unit directions and reports ‖H_fd v − H v‖/‖H v‖ per direction and the
+    seconds per HVP of each route (one warm-up block each first); with ``lambda_max=True`` also both routes'
+    largest eigenvalue (Lanczos to ``tol``). Use it before trusting FD curvature on a model that the exact
+    route can still handle (a small replica, a single process, fewer layers).
+    """
+    if not isinstance(num_directions, int) or num_directions < 1:
+        raise ValueError(f"num_directions must be a positive int, got {num_directions!r}")
+    opt_seed = operator_options.pop("seed", None)
+    common = dict(params=params, dtype=dtype, seed=opt_seed if opt_seed is not None else 1234, **operator_options)
+    exact = HessianOperator(model, loss_fn, data, method=exact_method, **common)
+    fd = HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=fd_order, fd_epsilon=fd_epsilon,
+                         **common)
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(exact.shape[0], num_directions, generator=gen, dtype=torch.float64)
+    V = (V / V.norm(dim=0, keepdim=True)).to(exact.device, exact.dtype)
+
+    def timed(op: Any) -> tuple[torch.Tensor, float]:
+        op.matmat(V[:, :1])  # warm-up (caches, first-call costs)
+        t0 = time.perf_counter()
+        out = op.matmat(V)
+        return out, (time.perf_counter() - t0) / num_directions
+
+    HV, t_exact = timed(exact)
+    FV, t_fd = timed(fd)
+    errors = [float((FV[:, i] - HV[:, i]).double().norm() / HV[:, i].double().norm().clamp_min(1e-300))
+              for i in range(num_directions)]
+    result = RouteComparison(errors, t_exact, t_fd, fd.engine.epsilon, fd_order, fd.dtype, exact.method,
+                             details={"num_params": exact.shape[0], "theta_norm": fd.engine.theta_norm})
+    if lambda_max:
+        result.lambda_max_exact = float(lanczos(exact, 1, tol=tol).eigenvalues[0])
+        result.lambda_max_fd = float(lanczos(fd, 1, tol=tol).eigenvalues[0])
     return result

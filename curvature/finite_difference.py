@@ -32,7 +32,7 @@ same c; λ_max of the GPT in float32 to 4e-5.
 u is that of the lower of the parameters' dtype and an autocast dtype active at construction (bf16 autocast:
 the gradients carry bf16 rounding). Non-smooth models (ReLU, max-pool) cross kinks within the step: their FD
 Hessian is a smoothed one (errors up to O(1) in float32 on the ReLU CNN); check with
-:func:`compare_hvp_routes` first.
+:func:`curvature.diagnostics.compare_hvp_routes` first.
 
 **Guarantees.** After every HVP (also when interrupted): the parameters are bitwise what they were (a copy is
 kept and written back; θ + εv − εv is not θ in floating point), the buffers too (train-mode BatchNorm updates
@@ -54,7 +54,6 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,10 +61,10 @@ from torch import nn
 
 from ._exact import frozen_rng, peek_seed, reseed
 from .data import Batch, as_batches, model_output_loss, resolve_loss_fn
-from .hvp import select_parameters
+from ._validate import check_device
+from .hvp import check_parameters, select_parameters
 
-__all__ = ["FiniteDifferenceEngine", "finite_difference_step", "compare_hvp_routes", "RouteComparison",
-           "ONE_SIDED_STEP_CONSTANT"]
+__all__ = ["FiniteDifferenceEngine", "finite_difference_step", "ONE_SIDED_STEP_CONSTANT"]
 
 GRADIENT_MODES = ("auto", "autograd", "backward")
 # c in h = c·u^{1/3}·max(1, ‖θ‖/√n): calibrated on the benchmark models for λ_max (see the module docstring).
@@ -161,6 +160,7 @@ class FiniteDifferenceEngine:
         first = next((p for p in model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
+        device = check_device(device)
         sharded = any(is_dtensor(p) for p in model.parameters())
         want_dtype = dtype if dtype is not None else None
         want_device = torch.device(device) if device is not None else None
@@ -176,6 +176,7 @@ class FiniteDifferenceEngine:
         self.model = model
         self.loss_fn = loss_fn
         selected = select_parameters(model, params)
+        check_parameters(model, selected)
         self.names = [n for n, _ in selected]
         self.params = [p for _, p in selected]
         self.shapes = [_local(p).shape for p in self.params]  # local shapes (the shard) for DTensors
@@ -292,7 +293,17 @@ class FiniteDifferenceEngine:
                 p.grad = None
         reseed(self.seed + index, self.device)
         cast = self._input_dtype
-        out = self.model(*_to(batch.args, self.device, cast), **_to(batch.kwargs, self.device, cast))
+        try:
+            out = self.model(*_to(batch.args, self.device, cast), **_to(batch.kwargs, self.device, cast))
+        except RuntimeError as exc:
+            if "mat_a" in str(exc) and "Float32" in str(exc):  # the fused grouped matmul rejects this dtype
+                raise TypeError(
+                    f"the model's grouped-matmul kernel (F.grouped_mm / torch._grouped_mm: Mixtral-style MoE experts) "
+                    f"takes float32/bfloat16/float16 only, and method='finite_difference' runs the model's own kernels "
+                    f"(here in {self.dtype}). Use an exact route (method='auto': inside curvature calls the kernel is "
+                    "replaced by per-expert matmuls, exact in any dtype), or float32 with this route, or the eager "
+                    "experts (model.config._experts_implementation = 'eager')") from exc
+            raise
         loss = self.loss_fn(out, _to(batch.targets, self.device, cast))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -382,85 +393,3 @@ def _to(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(_to(v, device, dtype) for v in x)
     return x
-
-
-# ---------------------------------------------------------------------------------------------------
-# Comparing the routes on the user's own model
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class RouteComparison:
-    """Outcome of :func:`compare_hvp_routes`: per-direction ‖H_fd v − H v‖/‖H v‖, seconds per HVP of each
-    route, and (optionally) both routes' λ_max."""
-
-    hvp_errors: list[float]
-    seconds_exact: float
-    seconds_fd: float
-    epsilon: float
-    order: int
-    dtype: torch.dtype
-    exact_method: str
-    lambda_max_exact: float | None = None
-    lambda_max_fd: float | None = None
-    details: dict = field(default_factory=dict)
-
-    @property
-    def max_hvp_error(self) -> float:
-        return max(self.hvp_errors)
-
-    @property
-    def lambda_max_error(self) -> float | None:
-        if self.lambda_max_exact is None or self.lambda_max_fd is None:
-            return None
-        return abs(self.lambda_max_fd - self.lambda_max_exact) / max(abs(self.lambda_max_exact), 1e-300)
-
-    def __str__(self) -> str:
-        lam = "" if self.lambda_max_error is None else f", λ_max rel. error {self.lambda_max_error:.1e}"
-        return (f"finite differences (order {self.order}, h={self.epsilon:.2e}, {self.dtype}) vs "
-                f"{self.exact_method}: HVP rel. error max {self.max_hvp_error:.1e}{lam}; "
-                f"{self.seconds_fd * 1e3:.1f} ms vs {self.seconds_exact * 1e3:.1f} ms per HVP")
-
-
-def compare_hvp_routes(model: nn.Module, loss_fn: Any, data: Any, *, params: Any = None, num_directions: int = 3,
-                       exact_method: str = "auto", fd_order: int = 2, fd_epsilon: float | None = None,
-                       dtype: torch.dtype | None = None, lambda_max: bool = False, tol: float = 1e-6,
-                       seed: int = 0, **operator_options: Any) -> RouteComparison:
-    """How far the finite-difference route is from the exact one on *this* model and data.
-
-    Builds both operators (same data, same frozen randomness, same ``params``/``dtype``), applies them to
-    ``num_directions`` seeded random unit directions and reports ‖H_fd v − H v‖/‖H v‖ per direction and the
-    seconds per HVP of each route (one warm-up block each first); with ``lambda_max=True`` also both routes'
-    largest eigenvalue (Lanczos to ``tol``). Use it before trusting FD curvature on a model that the exact
-    route can still handle (a small replica, a single process, fewer layers).
-    """
-    import time
-
-    from .operators import HessianOperator
-    from .solvers import lanczos
-
-    if not isinstance(num_directions, int) or num_directions < 1:
-        raise ValueError(f"num_directions must be a positive int, got {num_directions!r}")
-    opt_seed = operator_options.pop("seed", None)
-    common = dict(params=params, dtype=dtype, seed=opt_seed if opt_seed is not None else 1234, **operator_options)
-    exact = HessianOperator(model, loss_fn, data, method=exact_method, **common)
-    fd = HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=fd_order, fd_epsilon=fd_epsilon,
-                         **common)
-    gen = torch.Generator().manual_seed(seed)
-    V = torch.randn(exact.shape[0], num_directions, generator=gen, dtype=torch.float64)
-    V = (V / V.norm(dim=0, keepdim=True)).to(exact.device, exact.dtype)
-
-    def timed(op: Any) -> tuple[torch.Tensor, float]:
-        op.matmat(V[:, :1])  # warm-up (caches, first-call costs)
-        t0 = time.perf_counter()
-        out = op.matmat(V)
-        return out, (time.perf_counter() - t0) / num_directions
-
-    HV, t_exact = timed(exact)
-    FV, t_fd = timed(fd)
-    errors = [float((FV[:, i] - HV[:, i]).double().norm() / HV[:, i].double().norm().clamp_min(1e-300))
-              for i in range(num_directions)]
-    result = RouteComparison(errors, t_exact, t_fd, fd.engine.epsilon, fd_order, fd.dtype, exact.method,
-                             details={"num_params": exact.shape[0], "theta_norm": fd.engine.theta_norm})
-    if lambda_max:
-        result.lambda_max_exact = float(lanczos(exact, 1, tol=tol).eigenvalues[0])
-        result.lambda_max_fd = float(lanczos(fd, 1, tol=tol).eigenvalues[0])
-    return result

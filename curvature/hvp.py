@@ -36,7 +36,7 @@ from torch import nn
 
 from ._exact import (SecondOrderError, StateGuard, autocast_state, backward_context, call_with_state,
                      check_twice_differentiable, explain_missing_derivative, frozen_rng, has_train_mode_batchnorm,
-                     peek_seed, reseed, second_order_context, unwrap_model)
+                     low_precision_islands, peek_seed, reseed, second_order_context, unwrap_model)
 
 __all__ = ["Batch", "BatchSource", "HVPEngine", "as_batches", "call_model", "select_parameters", "METHODS"]
 
@@ -51,9 +51,9 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # ---------------------------------------------------------------------------------------------------
 from .data import (  # noqa: E402
     Batch, BatchSource, as_batches, call_model, is_known_mean_loss, model_output_loss, resolve_loss_fn,
-    warn_if_low_precision_loss, warn_if_sum_reduced,
+    warn_if_low_precision_loss, warn_if_low_precision_modules, warn_if_sum_reduced,
 )
-from ._validate import check_optional_positive_int, check_seed  # noqa: E402
+from ._validate import check_device, check_optional_positive_int, check_seed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,6 +96,25 @@ def select_parameters(model: nn.Module, params: Sequence[str | torch.Tensor] | N
         else:
             raise TypeError(f"params= takes names or tensors, got {type(item).__name__}")
     return [(n, p) for n, p in named if n in wanted]
+
+
+def check_parameters(model: nn.Module, selected: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Refuse a point where curvature is undefined: parameters or buffers on the meta device (shapes without
+    values), and selected parameters holding inf/NaN (the loss may stay finite, e.g. behind a saturating tanh,
+    and λ would be a meaningless number). Sharded (DTensor) parameters are checked on their local shard."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:4]) + (f", ... ({len(meta)} in all)" if len(meta) > 4 else "")
+        raise ValueError(f"the model's parameters/buffers {shown} {'is' if len(meta) == 1 else 'are'} on the meta device (shapes "
+                         "without values: a model built under torch.device('meta') or with deferred init); load or "
+                         "materialise the weights first (e.g. model.to_empty(device='cpu') then load_state_dict)")
+    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in selected]
+    bad = torch.stack([(~torch.isfinite(p.detach())).sum() for p in local]).tolist() if local else []
+    for (name, p), count in zip(selected, bad):
+        if count:
+            raise FloatingPointError(f"parameter '{name}' holds {int(count)} non-finite value(s) (inf/NaN) of "
+                                     f"{p.numel()}: the Hessian is undefined at this point (training diverged, or "
+                                     "the weights are corrupt); measure at finite parameters")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,7 +170,9 @@ class HVPEngine:
         self.loss_fn = resolve_loss_fn(loss_fn)  # None: the model's own loss; sum-reduced loss modules refused
         seed = None if seed is None else check_seed(seed)
         chunk_size = check_optional_positive_int(chunk_size, "chunk_size")
+        device = check_device(device)
         selected = select_parameters(self.model, params)
+        check_parameters(self.model, selected)
         self.names = [n for n, _ in selected]
         self.shapes = [p.shape for _, p in selected]
         self.params = [p for _, p in selected]  # the model's own tensors (never written)
@@ -190,6 +211,7 @@ class HVPEngine:
         """Snapshot θ and the buffers; loss and gradient per batch (validated); maybe keep the graph."""
         keep = cache_graph and self.method == "reverse_over_reverse" and len(self.batches) == 1
         self._graph: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]] | None = None
+        self.low_precision_modules: dict[str, str] = {}  # module name -> the dtype it computes in, below ours
         chosen = set(self.names)
         with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
             self._primals = tuple(self._snapshot(p) for p in self.params)
@@ -201,10 +223,15 @@ class HVPEngine:
             grad_sum = [torch.zeros(s, dtype=self.dtype, device=self.device) for s in self.shapes]
             for i, batch in enumerate(self.batches):
                 leaves = tuple(p.detach().requires_grad_() for p in self._primals)
-                loss = self._loss(leaves, i, batch, guard)
+                if i == 0:  # the first forward is spied on: which modules compute below the operator's dtype
+                    loss, self.low_precision_modules = low_precision_islands(
+                        self.model, self.dtype, functools.partial(self._loss, leaves, i, batch, guard), guard)
+                else:
+                    loss = self._loss(leaves, i, batch, guard)
                 self._check_finite_loss(loss, i)
                 if i == 0:
-                    check_twice_differentiable(loss)
+                    check_twice_differentiable(loss, self.model, functools.partial(
+                        self._loss, tuple(p.detach().requires_grad_() for p in self._primals), i, batch, guard))
                     self._check_loss(loss, batch, guard)
                 grads = torch.autograd.grad(loss, leaves, create_graph=keep, allow_unused=True)
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves))
@@ -273,6 +300,7 @@ class HVPEngine:
         with the batch size (measured on a few samples, for callables whose reduction is not known)."""
         self.loss_dtype = loss.dtype
         warn_if_low_precision_loss(loss, self.dtype)
+        warn_if_low_precision_modules(self.low_precision_modules, self.dtype, self.model)
         # the model's own loss (loss_fn=None) is the model's property: remembered per model
         owner = self.model if self.loss_fn is model_output_loss else self.loss_fn
         if not is_known_mean_loss(self.loss_fn, self.model) and not _seen_mean_reduced(owner):

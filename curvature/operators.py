@@ -1,9 +1,10 @@
-"""Linear operators on flat parameter vectors, in the shape of ``scipy.sparse.linalg.LinearOperator``.
+"""Hessian operators of a model, and the one place that chooses the HVP route.
 
-Every operator here is a symmetric ``n × n`` matrix that is never formed: it is applied to a vector
-(``matvec``) or to a block of vectors (``matmat``) and counts how many vectors it was applied to
-(``num_hvps``). Solvers (:mod:`curvature.solvers`) and estimators (:mod:`curvature.spectrum`) only use this
-protocol, so they work with any operator, not only Hessians.
+:class:`HessianOperator` is ∇²_θ L of a model's mean loss as a :class:`~curvature.linear_operator.LinearOperator`;
+:func:`make_engine` picks its engine (exact double backward / forward-over-reverse from :mod:`curvature.hvp`, or
+gradient differences from :mod:`curvature.finite_difference`), and ``HessianOperator(...)`` on a fully-sharded
+model returns the :class:`~curvature.sharded.ShardedHessianOperator`. :class:`GraphHessianOperator` is the
+Hessian on the training step's own graph (the per-step signals). This module sits above the three routes.
 """
 from __future__ import annotations
 
@@ -11,15 +12,20 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from .distributed import (all_reduce_sum, collective_device, disagreeing, fingerprint, raise_together, ranks_disagree,
-                          resolve_process_group, sum_or_fail, world_size)
+from .distributed import (all_reduce_sum, assert_ranks_agree, collective_device, disagreeing, fingerprint,
+                          raise_together, ranks_disagree, resolve_process_group, sum_or_fail, world_size)
+from .finite_difference import FiniteDifferenceEngine
 from .hvp import HVPEngine
+from .linear_operator import LinearOperator, MatrixOperator, ParameterOperator, ShiftedOperator
+from .sharded import ShardedHessianOperator
+from .usage import check_batch_argument, check_not_a_batch_half
 
-__all__ = ["LinearOperator", "MatrixOperator", "ShiftedOperator", "HessianOperator", "make_engine",
-           "assert_ranks_agree", "ENGINE_METHODS"]
+# LinearOperator, MatrixOperator, ShiftedOperator, ParameterOperator (the protocol) and assert_ranks_agree are
+# re-exported from the modules below this one, where they are defined.
+__all__ = ["HessianOperator", "GraphHessianOperator", "make_engine", "ENGINE_METHODS", "LinearOperator",
+           "MatrixOperator", "ShiftedOperator", "ParameterOperator", "assert_ranks_agree"]
 
 # Every value of HessianOperator(method=...): the exact routes of HVPEngine and the gradient-difference route.
 ENGINE_METHODS = ("auto", "reverse_over_reverse", "forward_over_reverse", "finite_difference")
@@ -32,163 +38,12 @@ def make_engine(model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = N
     if method not in ENGINE_METHODS:
         raise ValueError(f"method must be one of {ENGINE_METHODS}, got {method!r}")
     if method == "finite_difference":
-        from .finite_difference import FiniteDifferenceEngine
         options.pop("chunk_size", None)
         options.pop("cache_graph", None)
         return FiniteDifferenceEngine(model, loss_fn, data, params, order=fd_order, epsilon=fd_epsilon, **options)
     if fd_order != 2 or fd_epsilon is not None:
         raise ValueError(f"fd_order= and fd_epsilon= apply to method='finite_difference' only (method={method!r})")
     return HVPEngine(model, loss_fn, data, params, method=method, **options)
-
-
-def assert_ranks_agree(group: Any | None, **items: Any) -> None:
-    """Check in one all-reduce that ``items`` (name → anything with a stable ``repr``, or bytes / a tensor,
-    compared by content) are the same on every rank of ``group``; every rank raises the same ``ValueError``
-    naming the items that differ. No-op without a group. Call it on every rank (it is a collective).
-
-    Example (the Adam state of :class:`~curvature.optim.PreconditionedHessianOperator`):
-    ``assert_ranks_agree(op.inner.process_group, adam_preconditioner=P)``.
-    """
-    if group is None or not items:
-        return
-    def content(x: Any) -> Any:
-        return x.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if isinstance(
-            x, torch.Tensor) and x.numel() else x
-    values = torch.tensor([float(fingerprint(content(v))) for v in items.values()], dtype=torch.float64)
-    summed = ranks_disagree(values).to(collective_device(group))
-    all_reduce_sum(summed, group)
-    bad = [list(items)[i] for i in disagreeing(summed.cpu(), world_size(group))]
-    if bad:
-        raise ValueError(f"these differ between the ranks of the process group: {', '.join(bad)}. Every rank must "
-                         "measure the same model and optimizer state (e.g. the replicas of one DDP job)")
-
-
-class LinearOperator:
-    """Base class: a symmetric linear map ``R^n -> R^n`` acting on torch tensors.
-
-    Subclasses implement :meth:`_matmat` (``(n, k) -> (n, k)``). The public :meth:`matmat`
-    checks shapes, counts ``num_hvps`` (one per column) and calls it.
-    """
-
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    device: torch.device
-
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.shape = (int(n), int(n))
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.num_hvps = 0
-
-    # -- to implement -------------------------------------------------------------------------
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    # -- protocol --------------------------------------------------------------------------------
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``A @ V`` for a block ``V`` of shape ``(n, k)``; counts ``k`` operator applications."""
-        if V.ndim != 2 or V.shape[0] != self.shape[0]:
-            raise ValueError(f"matmat expects a tensor of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        if V.shape[1] == 0:
-            return V.new_zeros(V.shape)
-        V = V.to(device=self.device, dtype=self.dtype)
-        out = self._matmat(V)
-        self.num_hvps += V.shape[1]
-        return out
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``A @ v`` for a 1-D tensor of length ``n``."""
-        if v.ndim != 1 or v.shape[0] != self.shape[0]:
-            raise ValueError(f"matvec expects a 1-D tensor of length {self.shape[0]}, got {tuple(v.shape)}")
-        return self.matmat(v[:, None])[:, 0]
-
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        """``A @ x`` for a 1-D or 2-D tensor; a numpy array gives a numpy array (of its dtype, on the CPU)."""
-        if type(x).__module__ == "numpy" and hasattr(x, "dtype"):
-            out = self @ torch.from_numpy(x.copy())
-            return out.detach().cpu().numpy().astype(x.dtype if x.dtype.kind == "f" else "float64")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"operator @ x needs a torch.Tensor or numpy array, got {type(x).__name__}")
-        if x.ndim == 1:
-            return self.matvec(x)
-        if x.ndim == 2:
-            return self.matmat(x)
-        raise ValueError(f"operator @ x needs a 1-D or 2-D tensor, got {x.ndim}-D")
-
-    def to_dense(self) -> torch.Tensor:
-        """The full ``n × n`` matrix (``n`` operator applications; for small ``n`` only)."""
-        return self.matmat(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
-
-    def to_scipy(self) -> Any:
-        """A ``scipy.sparse.linalg.LinearOperator`` over numpy arrays that calls this operator.
-
-        Use ``eigsh(op.to_scipy(), k, which="LA")`` for the algebraically largest eigenvalues
-        (scipy's default ``"LM"`` is the largest *magnitude*).
-        """
-        from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
-
-        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
-
-        def _mv(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
-            if t.ndim == 1:
-                return self.matvec(t).detach().cpu().numpy()
-            return self.matmat(t.reshape(self.shape[0], -1)).detach().cpu().numpy()
-
-        return ScipyLinearOperator(self.shape, matvec=_mv, rmatvec=_mv, matmat=_mv, dtype=np_dtype)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-
-class MatrixOperator(LinearOperator):
-    """A dense symmetric matrix behind the operator protocol (tests, small problems, analytic cases)."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"MatrixOperator needs a square matrix, got shape {tuple(matrix.shape)}")
-        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
-        self.matrix = matrix
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ V
-
-
-class ShiftedOperator(LinearOperator):
-    """``A − σI``: same eigenvectors, eigenvalues shifted by −σ. Counts its own applications (and ``A``'s)."""
-
-    def __init__(self, op: LinearOperator, shift: float) -> None:
-        super().__init__(op.shape[0], op.dtype, op.device)
-        self.op = op
-        self.shift = float(shift)
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.op.matmat(V) - self.shift * V
-
-
-class ParameterOperator(LinearOperator):
-    """An operator on flat vectors of a model's parameters, applied by an HVP engine (``engine.hvp_sum`` on
-    per-parameter ``(k, *shape)`` blocks): the layout shared by :class:`HessianOperator` and the sharded operator.
-    Subclasses set ``engine``, ``param_shapes`` and ``_numels`` (the numel of each block of a flat vector)."""
-
-    engine: Any
-    param_shapes: list[torch.Size]
-    _numels: list[int]
-
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-parameter tensors → one flat vector in this operator's parameter order."""
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """A flat vector → views shaped like the parameters."""
-        return [t.view(s) for t, s in zip(torch.split(flat, self._numels), self.param_shapes)]
-
-    def _local_hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
-        """This process's weighted sum Σ_b w_b ∇²L_b V for an ``(n, k)`` block (before any all-reduce)."""
-        k = V.shape[1]
-        tangents = [blk.T.reshape(k, *s) for blk, s in zip(torch.split(V, self._numels, dim=0), self.param_shapes)]
-        out = self.engine.hvp_sum(tangents)
-        return torch.cat([o.reshape(k, -1) for o in out], dim=1).T.contiguous()
 
 
 class HessianOperator(ParameterOperator):
@@ -237,7 +92,6 @@ class HessianOperator(ParameterOperator):
         backward cannot go through FSDP. Every entry point built on this class (``sharpness``, the tracker,
         the callbacks) then works on sharded models, with solvers that use the ``dot``/``random_block`` hooks."""
         if cls is HessianOperator and model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            from .sharded import ShardedHessianOperator
             return ShardedHessianOperator.from_operator_options(model, *args, **kwargs)
         return super().__new__(cls)
 
@@ -248,14 +102,18 @@ class HessianOperator(ParameterOperator):
                  distributed: bool | None = None, process_group: Any = None,
                  weight_fn: Any = None, inputs_as: str = "kwargs", autocast: bool = False) -> None:
         group = resolve_process_group(distributed, process_group)
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
+            call = "HessianOperator(model, loss_fn, data, params)"
+            if isinstance(params, torch.Tensor) and not params.requires_grad:  # (model, loss_fn, x, y): y in params
+                check_not_a_batch_half(params, "params", call, batch_name="data")
+            check_batch_argument(data, "data", call)
             self.engine = make_engine(model, loss_fn, data, params, method=method, dtype=dtype, device=device,
                                       seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
                                       cache_graph=cache_graph, fd_order=fd_order, fd_epsilon=fd_epsilon,
                                       allow_empty=group is not None, weight_fn=weight_fn, inputs_as=inputs_as,
                                       autocast=autocast)
-        except Exception as exc:  # raising alone would leave the other ranks waiting in the all-reduce below
+        except BaseException as exc:  # a Ctrl-C too: raising alone would leave the others waiting in the all-reduce
             if group is None:
                 raise
             error = exc
@@ -267,8 +125,8 @@ class HessianOperator(ParameterOperator):
         status = status.to(collective_device(group, None if error else self.engine.device))
         all_reduce_sum(status, group)
         if status[1].item() > 0:
-            raise_together(error, group, "to build the Hessian operator (non-finite loss/gradient or bad data on "
-                                         "its shard?)")
+            raise_together(error, group, "while building the Hessian operator",
+                           hint="non-finite loss/gradient or bad data on its shard?")
         e = self.engine
         if group is not None and disagreeing(status[2:].cpu(), world_size(group)):
             raise ValueError(f"the ranks' models differ: parameter count or shapes are not the same on every rank "
@@ -276,6 +134,8 @@ class HessianOperator(ParameterOperator):
                              "on every rank (same params= selection) before measuring curvature")
         super().__init__(e.numel(), e.dtype, e.device)
         self.process_group = group
+        #: modules whose forward computes below this operator's dtype (name -> dtype): λ is only that accurate
+        self.low_precision_modules: dict[str, str] = dict(getattr(e, "low_precision_modules", {}) or {})
         self.param_names: list[str] = list(e.names)
         self.params: list[torch.Tensor] = list(e.params)
         self.param_shapes: list[torch.Size] = list(e.shapes)
@@ -314,3 +174,72 @@ class HessianOperator(ParameterOperator):
     def parameter_vector(self) -> torch.Tensor:
         """θ as one flat vector (a copy, in this operator's dtype/device)."""
         return self.flatten([p.detach() for p in self.engine.primals]).clone()
+
+
+class GraphHessianOperator(LinearOperator):
+    """The Hessian of a loss whose autograd graph already exists — the training step's own forward pass.
+
+    ``H v = ∂(gᵀv)/∂θ`` by a backward pass through the first-order gradient ``g = ∂L/∂θ``. ``g`` is taken from
+    the parameters' ``.grad`` when the loop ran ``loss.backward(create_graph=True)`` (then no extra pass is
+    needed), else computed once from ``loss`` (whose graph must still exist: call before ``backward()``, or
+    use ``backward(retain_graph=True)``). Nothing is accumulated into ``.grad``.
+
+    Args:
+        params: the parameters (tensors, or ``(name, tensor)`` pairs) the Hessian is taken with respect to.
+        loss: the scalar training loss with its graph, or ``None`` to use the graphs in ``p.grad``.
+
+    Attributes: ``gradient`` (flat, detached), ``loss`` (float, ``nan`` when not given), ``param_names``,
+    ``params``, ``method = "training_graph"``. Valid until the parameters change (``optimizer.step()``).
+    """
+
+    method = "training_graph"
+
+    def __init__(self, params: Sequence[Any], loss: torch.Tensor | None = None) -> None:
+        pairs = [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
+        pairs = [(n, p) for n, p in pairs if p.requires_grad]
+        if not pairs:
+            raise ValueError("GraphHessianOperator needs at least one parameter that requires grad")
+        self.param_names = [n for n, _ in pairs]
+        self.params = [p for _, p in pairs]
+        graphs = [p.grad for p in self.params]
+        if all(g is not None and g.requires_grad for g in graphs):
+            grads = list(graphs)  # loss.backward(create_graph=True) left the first-order graph in .grad
+        elif loss is None:
+            raise ValueError("no first-order graph: run loss.backward(create_graph=True) in the training step, "
+                             "or pass the loss (with its graph still alive) as loss=")
+        else:
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
+                raise ValueError("loss must be the scalar training loss with its autograd graph (not detached, "
+                                 "not .item())")
+            try:
+                grads = list(torch.autograd.grad(loss.reshape(()), self.params, create_graph=True,
+                                                 retain_graph=True, allow_unused=True))
+            except RuntimeError as exc:
+                if "backward through the graph a second time" in str(exc) or "freed" in str(exc):
+                    raise ValueError("the loss's graph was already freed by backward(): call the tracker before "
+                                     "loss.backward(), or use loss.backward(create_graph=True)") from exc
+                raise
+        self._grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        self._numels = [p.numel() for p in self.params]
+        p0 = self.params[0]
+        super().__init__(sum(self._numels), p0.dtype, p0.device)
+        self.gradient = torch.cat([g.detach().reshape(-1) for g in self._grads]).clone()
+        self.loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else math.nan
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [t.view_as(p) for t, p in zip(torch.split(flat, self._numels), self.params)]
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = []
+        connected = [g.requires_grad for g in self._grads]
+        grads = [g for g, c in zip(self._grads, connected) if c]
+        for j in range(V.shape[1]):
+            tangents = [t for t, c in zip(self.unflatten(V[:, j]), connected) if c]
+            hv = torch.autograd.grad(grads, self.params, grad_outputs=tangents, retain_graph=True,
+                                     allow_unused=True)
+            out.append(torch.cat([(torch.zeros_like(p) if h is None else h).detach().reshape(-1)
+                                  for p, h in zip(self.params, hv)]))
+        return torch.stack(out, dim=1)

@@ -1,6 +1,7 @@
-"""Optimizer-aware curvature: Adam's pre-conditioned sharpness, stability thresholds, GI-Adam.
+"""Optimizer-aware curvature: pre-conditioned sharpness (Adam and other diagonal pre-conditioners), stability
+thresholds, GI-Adam.
 
-**Pre-conditioned sharpness.** PyTorch's Adam/AdamW step is θ ← θ − η·m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ),
+**Pre-conditioned sharpness (Adam).** PyTorch's Adam/AdamW step is θ ← θ − η·m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ),
 v̂ = v/(1−β₂ᵗ). Written as θ ← θ − η·P⁻¹m with the diagonal pre-conditioner
 
     P = (1−β₁ᵗ)·diag(√v̂ + ε),
@@ -24,8 +25,29 @@ built from the current batch gradient g (computed in float64): v ← β₂v + (1
 ``lookahead=False`` reads the P of the last step taken (v, t as stored). ``info["preconditioner"]`` says which
 (``"next_step"`` / ``"last_step"``). The Hessian H is always that of the loss alone (no decay term).
 
+**Other diagonal pre-conditioners.** The same operator serves every optimizer whose step is
+Δ = −η·P⁻¹·(numerator) with a diagonal P, η the group's lr; scalar factors of η (bias corrections, Adagrad's lr
+decay, Adafactor's relative step) go into P, as Adam's (1−β₁ᵗ) does. With g' = g (+ wd·θ for L2 decay) and t' =
+step + 1, torch 2.13's rules give (lookahead; the last-step P uses the state as stored):
+
+* RMSprop: P = √(αv + (1−α)g'²) + ε; centered: √(αv + (1−α)g'² − ḡ'²) + ε with ḡ' = αḡ + (1−α)g'; with momentum
+  μ the buffer is buf ← μ·buf + P⁻¹g', θ ← θ − η·buf (same P). Numerator g'.
+* Adagrad: P = (1 + (t'−1)·lr_decay)·(√(sum + g'²) + ε). Numerator g'.
+* Adamax: P = (1−β₁^{t'})·max(β₂u, |g'| + ε). Numerator m' (the EMA).
+* NAdam: Δ = −η·D⁻¹(a·g' + b·m'), D = √(v'/(1−β₂^{t'})) + ε, a = (1−μ_t)/(1−Π_t), b = μ_{t+1}/(1−Π_{t+1}) (μ_t the
+  momentum cache, Π_t its running product); P = D·(1−β₁)/(a(1+β₁) + b(1−β₁)), the factor that makes Adam's threshold
+  the one for λ(P⁻¹H) (for Adam, a = 0 and b = 1/(1−β₁ᵗ) give P = (1−β₁ᵗ)·D).
+* RAdam: rectified (ρ_t > 5): P = (1−β₁^{t'})·(√v' + ε)/(r_t·√(1−β₂^{t'})) (ε outside the bias correction, as torch
+  adds it); not rectified (ρ_t ≤ 5, the first steps): the step is un-preconditioned momentum SGD, P = (1−β₁^{t'})·I
+  (``info["unrectified"]`` lists those parameters). Numerator m'.
+* Adafactor: P = (η·c/α)·√max(V̂, ε₁²), V̂ the factored (row·col / mean row) or full second moment, α =
+  max(ε₂, RMS(θ))·min(η, 1/√t'), c = max(1, RMS(g/√V̂)/d) the update clipping of this gradient. Lookahead only.
+* Adadelta: P = √(v' + ε)/√(u + ε), u = ``acc_delta`` before the step. Lookahead only.
+* SGD has P = I (use λ_max(H)); Muon's orthogonalised update is not diagonal: :func:`preconditioned_sharpness`
+  raises a ``TypeError`` that says so and points to λ_c (critical sharpness).
+
 **Stability thresholds** (:func:`stability_threshold`, derived on a quadratic with curvature λ, for PyTorch's
-update rules; η = the first group's current lr, i.e. whatever a scheduler set):
+update rules, P frozen; η = the first group's current lr, i.e. whatever a scheduler set):
 
 * SGD: λ < 2/η.
 * SGD with momentum μ and dampening d (buf ← μ·buf + (1−d)·g, θ ← θ − η·buf): the iteration
@@ -34,7 +56,16 @@ update rules; η = the first group's current lr, i.e. whatever a scheduler set):
 * Nesterov (PyTorch form: buf ← μ·buf + (1−d)·g, θ ← θ − η·(g + μ·buf)): with x = ηλ the characteristic
   polynomial is z² − (1+μ−x(1+μ−μd))z + μ(1−x) = 0; the Jury conditions give λ < (2+2μ)/((1+2μ−μd)η), i.e.
   (2+2μ)/((1+2μ)η) for d = 0 (PyTorch requires d = 0 with Nesterov): ≈ 1.357/η for μ = 0.9.
-* Adam/AdamW: λ^{P⁻¹H} < (2+2β₁)/((1−β₁)η), β₁ of the first group.
+* Adam/AdamW: λ^{P⁻¹H} < (2+2β₁)/((1−β₁)η), β₁ of the first group. The same for Adamax and RAdam (the same
+  heavy ball m ← β₁m + (1−β₁)g on P⁻¹H; RAdam's un-rectified steps too, with P = (1−β₁ᵗ)·I).
+* NAdam: with x = ηλ(D⁻¹H) the iteration (θ, m) has z² − (1 + β₁ − x(a + b(1−β₁)))z + β₁(1 − a·x) = 0; the Jury
+  conditions give x < 2(1+β₁)/(a(1+β₁) + b(1−β₁)) (the |det| < 1 condition is weaker), i.e. λ(P⁻¹H) <
+  (2+2β₁)/((1−β₁)η) with NAdam's P above.
+* RMSprop: λ^{P⁻¹H} < 2/η; with momentum μ (heavy ball on P⁻¹H, buffer from 0): (2+2μ)/η once the buffer exists,
+  2/η before the first step.
+* Adagrad, Adafactor, Adadelta, Muon: ``None`` (:func:`stability_note` says why: Adagrad's accumulator only grows,
+  so P is never quasi-static; Adafactor's step is relative to ‖θ‖ and clipped; Adadelta's P divides by its own past
+  updates; Muon has no diagonal P). The stability figure there is λ_c·η (critical sharpness).
 
 With (L2) ``weight_decay`` wd in SGD the optimizer sees H + wd·I: the threshold applies to λ^H + wd, where λ^H
 is the loss Hessian's sharpness that :func:`~curvature.sharpness` reports (without the decay term).
@@ -61,15 +92,23 @@ from torch import nn
 from .data import CurvatureWarning, as_batches, resolve_loss_fn
 from .diagnostics import check_solver_options, solve, split_operator_options
 from ._exact import StateGuard, call_with_state, frozen_rng, unwrap_model
-from .distributed import all_reduce_sum, resolve_process_group
-from .operators import HessianOperator, LinearOperator, assert_ranks_agree
+from .distributed import assert_ranks_agree, collective_device, resolve_process_group, sum_or_fail
+from .operators import HessianOperator, LinearOperator
+from .sharded import clip_factor
+from ._validate import check_positive_float
 from .solvers import EigenResult
+from .usage import check_batch_argument, check_not_a_batch_half
 
 __all__ = ["PreconditionedHessianOperator", "preconditioned_sharpness", "stability_threshold", "edge_ratio",
-           "is_adam_like", "gi_adam_init", "GIAdam"]
+           "is_adam_like", "gi_adam_init", "GIAdam", "has_diagonal_preconditioner", "require_diagonal_preconditioner",
+           "lookahead_required", "stability_note"]
 
 _SUPPORTED = "torch.optim.SGD (with or without momentum / Nesterov), torch.optim.Adam, torch.optim.AdamW"
 _ADAM_SUPPORTED = "torch.optim.Adam and torch.optim.AdamW (and their subclasses, e.g. curvature.GIAdam)"
+_DIAGONAL_SUPPORTED = ("torch.optim.Adam, AdamW (and subclasses, e.g. curvature.GIAdam), RMSprop, Adagrad, Adamax, "
+                       "NAdam, RAdam, Adafactor and Adadelta")
+#: What the stability figure is for an optimizer without a derived threshold (issue #21: critical sharpness).
+_USE_CRITICAL = "use λ_c·η (critical_sharpness / the tracker's critical_every) as its stability figure"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,31 +162,110 @@ def _has_momentum_buffers(opt: torch.optim.Optimizer, group: dict) -> bool:
     return any(opt.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"])
 
 
-def stability_threshold(optimizer: Any) -> float:
-    """The largest curvature the optimizer's step is stable on (quadratic model), for its first group's lr.
+def _kind(opt: Any) -> str | None:
+    """Which diagonal pre-conditioner ``opt`` has: ``"adam"`` (Adam, AdamW and subclasses), ``"rmsprop"``,
+    ``"adagrad"``, ``"adamax"``, ``"nadam"``, ``"radam"``, ``"adafactor"``, ``"adadelta"``; ``None`` for the rest
+    (SGD: P = I; Muon: not diagonal; Rprop, LBFGS, ASGD, SparseAdam, custom optimizers)."""
+    kinds = [("adam", "Adam"), ("adam", "AdamW"), ("rmsprop", "RMSprop"), ("adagrad", "Adagrad"),
+             ("adamax", "Adamax"), ("nadam", "NAdam"), ("radam", "RAdam"), ("adafactor", "Adafactor"),
+             ("adadelta", "Adadelta")]
+    for kind, name in kinds:
+        cls = getattr(torch.optim, name, None)
+        if cls is not None and isinstance(opt, cls):
+            return kind
+    return None
+
+
+def has_diagonal_preconditioner(optimizer: Any) -> bool:
+    """True when :func:`preconditioned_sharpness` can build the optimizer's diagonal P: Adam, AdamW (and
+    subclasses), RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor, Adadelta (framework wrappers looked through)."""
+    return _kind(unwrap_optimizer(optimizer)) is not None
+
+
+def lookahead_required(optimizer: Any) -> bool:
+    """True when only the P of the step about to be taken can be built (``lookahead=True``): before the optimizer's
+    first step (no parameter with ``step > 0``), and always for Adafactor (its P holds the update-clipping factor
+    of the step's own gradient) and Adadelta (its P divides by ``acc_delta`` as it was *before* the last step)."""
+    opt = unwrap_optimizer(optimizer)
+    if _kind(opt) in ("adafactor", "adadelta"):
+        return True
+    return not any(_scalar(opt.state.get(p, {}).get("step", 0)) > 0 for g in opt.param_groups for p in g["params"])
+
+
+def _no_diagonal_reason(opt: Any) -> str:
+    """Why ``opt`` has no diagonal P, and what to use instead (one sentence for errors and row notes)."""
+    name = type(opt).__name__
+    if isinstance(opt, torch.optim.SGD):
+        return (f"{name} has no pre-conditioner (P = I, λ(P⁻¹H) = λ_max(H)): use sharpness() (λ_max(H)) with "
+                "stability_threshold()")
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is not None and isinstance(opt, muon):
+        return (f"{name} has no diagonal pre-conditioner (it orthogonalises the momentum matrix by Newton–Schulz, "
+                f"a step that is not P⁻¹ times a gradient): {_USE_CRITICAL}")
+    return f"{name} has no diagonal pre-conditioner this library can read: {_USE_CRITICAL}"
+
+
+def stability_note(optimizer: Any) -> str | None:
+    """Why :func:`stability_threshold` is ``None`` for ``optimizer`` and what to use instead; ``None`` when it has
+    a threshold. Written into the tracker's ``stability_note`` column."""
+    opt = unwrap_optimizer(optimizer)
+    name = type(opt).__name__
+    kind = _kind(opt)
+    if isinstance(opt, torch.optim.SGD) or kind in ("adam", "adamax", "nadam", "radam", "rmsprop"):
+        return None
+    if kind == "adagrad":
+        return (f"no stability threshold derived for {name}: its accumulator only grows, so P is never quasi-static "
+                f"and the frozen-P argument behind 2/η does not describe its dynamics; {_USE_CRITICAL}")
+    if kind == "adafactor":
+        return (f"no stability threshold derived for {name}: its step is relative to the parameter norm and clipped "
+                f"by the update's RMS (not linear in the gradient); {_USE_CRITICAL}")
+    if kind == "adadelta":
+        return (f"no stability threshold derived for {name}: its P divides by the running average of its own past "
+                f"updates (acc_delta); {_USE_CRITICAL}")
+    return f"no stability threshold derived for {name}; " + _no_diagonal_reason(opt)
+
+
+def _beta1(group: dict) -> float:
+    beta1 = _scalar(group["betas"][0])
+    if not 0 <= beta1 < 1:
+        raise ValueError(f"beta1 must be in [0, 1) for a stability threshold, got {beta1}")
+    return beta1
+
+
+def stability_threshold(optimizer: Any) -> float | None:
+    """The largest curvature the optimizer's step is stable on (quadratic model, P frozen), for its first group's
+    lr; ``None`` where no threshold is derived (:func:`stability_note` says why).
 
     * SGD: 2/η; with momentum μ (PyTorch form buf ← μ·buf + (1−d)·g): (2+2μ)/((1−d)η), = (2+2μ)/η for the
       default dampening d = 0; with Nesterov: (2+2μ)/((1+2μ−μd)η) (= (2+2μ)/((1+2μ)η)). Before the first step
       (no ``momentum_buffer`` in the state yet) the step is plain GD, 2/η (Nesterov: 2/((1+μ)η)). Compare
       with λ_max(H) (plus the weight decay, if any: the optimizer sees H + wd·I).
-    * Adam/AdamW: (2+2β₁)/((1−β₁)η). Compare with λ_max(P⁻¹H) (:func:`preconditioned_sharpness`).
+    * Adam/AdamW, Adamax, NAdam, RAdam: (2+2β₁)/((1−β₁)η). Compare with λ_max(P⁻¹H)
+      (:func:`preconditioned_sharpness`; NAdam's P carries the factor that makes this one threshold apply).
+    * RMSprop: 2/η; with momentum μ: (2+2μ)/η once the momentum buffer exists (2/η before the first step, the
+      buffer starts at 0). Compare with λ_max(P⁻¹H).
+    * Adagrad, Adafactor, Adadelta, Muon, and other optimizers: ``None``.
 
     η is ``optimizer.param_groups[0]["lr"]`` as it is now (after any scheduler), β₁/μ/d from that group.
-    Derivations in the module docstring.
+    Derivations in the module docstring and docs/optimizers.md.
     """
     opt = unwrap_optimizer(optimizer)
-    if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
-        raise TypeError(f"stability_threshold() supports {_SUPPORTED}; got {type(opt).__name__}")
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"stability_threshold() takes a torch.optim.Optimizer ({_SUPPORTED}, or one with a "
+                        f"diagonal pre-conditioner: {_DIAGONAL_SUPPORTED}); got {type(opt).__name__}")
+    kind = _kind(opt)
+    if not isinstance(opt, torch.optim.SGD) and kind not in ("adam", "adamax", "nadam", "radam", "rmsprop"):
+        return None
     group = opt.param_groups[0]
     lr = _group_lr(group)
-    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-        beta1 = _scalar(group["betas"][0])
-        if not 0 <= beta1 < 1:
-            raise ValueError(f"Adam's beta1 must be in [0, 1) for a stability threshold, got {beta1}")
+    if kind in ("adam", "adamax", "nadam", "radam"):
+        beta1 = _beta1(group)
         return (2 + 2 * beta1) / ((1 - beta1) * lr)
     mu = _scalar(group.get("momentum", 0.0))
     if mu == 0:
         return 2.0 / lr
+    if kind == "rmsprop":  # buf ← μ·buf + g/P, θ ← θ − η·buf: heavy ball on P⁻¹H; the buffer starts at 0
+        return (2 + 2 * mu) / lr if _has_momentum_buffers(opt, group) else 2.0 / lr
     d = _scalar(group.get("dampening", 0.0))
     if d >= 1:
         raise ValueError(f"SGD with dampening={d} >= 1 never feeds gradients into its momentum buffer after the "
@@ -164,8 +282,13 @@ def stability_threshold(optimizer: Any) -> float:
 def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
     """``eigenvalue / stability_threshold(optimizer)``: 1.0 is the edge of stability.
 
-    Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW (a float, a 0-d tensor, or an
-    :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2.
+    Pass λ_max(H) for SGD and λ_max(P⁻¹H) for Adam/AdamW and the other diagonal pre-conditioners (a float, a 0-d
+    tensor, or an :class:`EigenResult`, whose top eigenvalue is used). For plain SGD this is η·λ/2. An optimizer
+    without a derived threshold (Adagrad, ...) is a ``ValueError`` that says why (:func:`stability_note`).
+
+    A NaN eigenvalue (a failed measurement) or a negative one (no positive curvature: the ratio to a threshold
+    on positive curvature has no meaning, and λ_max < 0 usually means the most negative eigenvalue was passed)
+    gives NaN with a ``RuntimeWarning``, never a number that looks like a distance to the edge.
     """
     if isinstance(eigenvalue, EigenResult):
         eigenvalue = eigenvalue.eigenvalue
@@ -177,7 +300,17 @@ def edge_ratio(optimizer: Any, eigenvalue: Any) -> float:
     elif not isinstance(eigenvalue, (int, float)):
         raise TypeError(f"edge_ratio() takes an eigenvalue as a float, a tensor or an EigenResult, "
                         f"got {type(eigenvalue).__name__}")
-    return float(eigenvalue) / stability_threshold(optimizer)
+    value = float(eigenvalue)
+    threshold = stability_threshold(optimizer)
+    if threshold is None:
+        raise ValueError(f"edge_ratio() needs a stability threshold: {stability_note(optimizer)}")
+    if math.isnan(value) or value < 0:
+        what = "NaN (a failed measurement)" if math.isnan(value) else \
+            f"{value:.6g} < 0 (no positive curvature; pass the largest eigenvalue, not the most negative)"
+        warnings.warn(f"edge_ratio: the eigenvalue is {what}; the edge ratio is undefined, returning NaN",
+                      RuntimeWarning, stacklevel=2)
+        return math.nan
+    return value / threshold
 
 
 def _require_adam(optimizer: Any, what: str) -> torch.optim.Optimizer:
@@ -187,19 +320,141 @@ def _require_adam(optimizer: Any, what: str) -> torch.optim.Optimizer:
     return opt
 
 
+def require_diagonal_preconditioner(optimizer: Any, what: str = "preconditioned_sharpness()"
+                                    ) -> torch.optim.Optimizer:
+    """The (unwrapped) optimizer when it has a diagonal P (:func:`has_diagonal_preconditioner`), else a
+    ``TypeError`` naming it, saying why (SGD: P = I; Muon: not diagonal) and what to use instead."""
+    opt = unwrap_optimizer(optimizer)
+    if _kind(opt) is None:
+        raise TypeError(f"{what} supports {_DIAGONAL_SUPPORTED}; got {type(opt).__name__}: "
+                        + _no_diagonal_reason(opt))
+    return opt
+
+
 def _owners(opt: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
 
 
 def _is_decoupled(opt: torch.optim.Optimizer, group: dict) -> bool:
+    if _kind(opt) == "adafactor":  # θ ← (1 − η·wd)·θ, the gradient is never touched
+        return True
     return bool(group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)))
+
+
+def _nadam_mu(beta1: float, psi: float, t: float) -> float:
+    """NAdam's momentum cache μ_t = β₁(1 − ½·0.96^{tψ}) (ψ = ``momentum_decay``), as torch computes it."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (t * psi)))
+
+
+def _diagonal_P(kind: str, group: dict, state: dict, p: torch.Tensor, g: torch.Tensor | None,
+                read: Any) -> tuple[torch.Tensor, str | None]:
+    """One parameter's P (float64, before the lr fold) such that the step is Δ = −η·P⁻¹·(numerator), η the group's
+    lr: the P of the step about to be taken when ``g`` (this data's gradient, L2 decay included) is given, else
+    that of the last step taken (the state as stored). ``read(key, default)`` gives a float64 copy of a state
+    tensor (``default``: the value torch initialises it to). Returns (P, a note on this parameter or None).
+    The formulas follow torch 2.13's update rules (docs/optimizers.md derives each)."""
+    t_prev = _scalar(state.get("step", 0.0))
+    t = t_prev + 1 if g is not None else t_prev
+    zeros = torch.zeros(p.shape, dtype=torch.float64, device=g.device if g is not None else None)
+    eps = group.get("eps")
+    if kind == "adam":
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        v = read("exp_avg_sq", zeros)
+        if g is not None:
+            v = beta2 * v + (1 - beta2) * g * g
+            if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+                v = torch.maximum(read("max_exp_avg_sq", zeros), v)
+        elif group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+            v = read("max_exp_avg_sq", zeros)
+        return (1 - beta1 ** t) * (v.sqrt() / math.sqrt(1 - beta2 ** t) + eps), None
+    if kind == "rmsprop":
+        alpha = _scalar(group["alpha"])
+        v = read("square_avg", zeros)
+        ga = read("grad_avg", zeros) if group.get("centered", False) else None
+        if g is not None:
+            v = alpha * v + (1 - alpha) * g * g
+            ga = None if ga is None else alpha * ga + (1 - alpha) * g
+        var = v if ga is None else (v - ga * ga).clamp_min(0.0)  # ≥ 0 up to rounding (Cauchy–Schwarz)
+        return var.sqrt() + eps, None
+    if kind == "adagrad":  # Δ = −η/(1 + (t−1)·lr_decay) · g/(√sum + ε): the lr decay is a factor of P
+        s = read("sum", torch.full_like(zeros, _scalar(group.get("initial_accumulator_value", 0.0))))
+        if g is not None:
+            s = s + g * g
+        return (1 + (t - 1) * _scalar(group.get("lr_decay", 0.0))) * (s.sqrt() + eps), None
+    if kind == "adamax":  # u ← max(β₂u, |g| + ε), Δ = −η/(1−β₁ᵗ) · m/u
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        u = read("exp_inf", zeros)
+        if g is not None:
+            u = torch.maximum(beta2 * u, g.abs() + eps)
+        return (1 - beta1 ** t) * u, None
+    if kind == "nadam":
+        # Δ = −η·D⁻¹·(a·g + b·m'), D = √(v'/(1−β₂ᵗ)) + ε, a = (1−μ_t)/(1−Π_t), b = μ_{t+1}/(1−Π_{t+1}): on a frozen-P
+        # quadratic this is stable iff ηλ(D⁻¹H) < 2(1+β₁)/(a(1+β₁) + b(1−β₁)); P = D·(1−β₁)/(a(1+β₁) + b(1−β₁))
+        # makes Adam's threshold (2+2β₁)/((1−β₁)η) the one for λ(P⁻¹H) (for Adam itself a = 0, b = 1/(1−β₁ᵗ)
+        # gives Adam's P = (1−β₁ᵗ)·D)
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        psi = _scalar(group.get("momentum_decay", 4e-3))
+        v = read("exp_avg_sq", zeros)
+        mu_t, mu_next = _nadam_mu(beta1, psi, t), _nadam_mu(beta1, psi, t + 1)
+        prod = _scalar(state.get("mu_product", 1.0))
+        if g is not None:
+            v = beta2 * v + (1 - beta2) * g * g
+            prod = prod * mu_t
+        a, b = (1 - mu_t) / (1 - prod), mu_next / (1 - prod * mu_next)
+        D = (v / (1 - beta2 ** t)).sqrt() + eps
+        return D * ((1 - beta1) / (a * (1 + beta1) + b * (1 - beta1))), None
+    if kind == "radam":
+        # rectified (ρ_t > 5): Δ = −η·r_t·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε); otherwise Δ = −η·m/(1−β₁ᵗ): P = (1−β₁ᵗ)·I
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        v = read("exp_avg_sq", zeros)
+        if g is not None:
+            v = beta2 * v + (1 - beta2) * g * g
+        bc2 = 1 - beta2 ** t
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * (beta2 ** t) / bc2
+        if rho_t > 5.0:
+            rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            return (1 - beta1 ** t) * (v.sqrt() + eps) / (rect * math.sqrt(bc2)), None
+        return torch.full_like(v, 1 - beta1 ** t), "unrectified"
+    if kind == "adafactor":
+        # Δ = −(α/c)·g/√max(V̂, ε₁²), α = max(ε₂, RMS(θ))·min(η, 1/√t), c = max(1, RMS(update)/d) (update clipping):
+        # P = (η·c/α)·√max(V̂, ε₁²)
+        assert g is not None  # only the lookahead P (see lookahead_required)
+        lr = _scalar(group["lr"])
+        eps1, eps2 = group["eps"]
+        eps1 = torch.finfo(p.dtype).eps if eps1 is None else _scalar(eps1)
+        w = t ** _scalar(group["beta2_decay"])
+        g2 = g * g
+        if g.dim() > 1:
+            row = read("row_var", None)
+            col = read("col_var", None)
+            row_mean, col_mean = g2.mean(dim=-1, keepdim=True), g2.mean(dim=-2, keepdim=True)
+            row = row_mean * w if row is None else row + w * (row_mean - row)
+            col = col_mean * w if col is None else col + w * (col_mean - col)
+            var = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+        else:
+            var = read("variance", zeros)
+            var = var + w * (g2 - var)
+        denom_sqrt = var.clamp(min=eps1 * eps1).sqrt()
+        theta = p.detach().to(device=g.device, dtype=torch.float64)
+        alpha = max(_scalar(eps2), float(theta.norm()) / math.sqrt(p.numel())) * min(lr, 1 / math.sqrt(t))
+        update = g / denom_sqrt
+        clip = max(1.0, float(update.norm()) / (math.sqrt(update.numel()) * _scalar(group["d"])))
+        return (lr * clip / alpha) * denom_sqrt, None
+    if kind == "adadelta":  # Δ = −η·√(u+ε)/√(v'+ε)·g, u = acc_delta before this step
+        assert g is not None
+        rho = _scalar(group["rho"])
+        v = rho * read("square_avg", zeros) + (1 - rho) * g * g
+        return (v + eps).sqrt() / (read("acc_delta", zeros) + eps).sqrt(), None
+    raise AssertionError(kind)  # pragma: no cover - _require_diagonal admits only the kinds above
 
 
 # ---------------------------------------------------------------------------------------------------
 # The pre-conditioned operator
 # ---------------------------------------------------------------------------------------------------
 class PreconditionedHessianOperator(LinearOperator):
-    """P^{-1/2} H P^{-1/2} for Adam/AdamW's diagonal pre-conditioner P (same eigenvalues as P⁻¹H).
+    """P^{-1/2} H P^{-1/2} for an optimizer's diagonal pre-conditioner P (same eigenvalues as P⁻¹H): Adam/AdamW as
+    below; RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor and Adadelta with the P of the module docstring.
 
     H is a :class:`~curvature.operators.HessianOperator` built with the same ``params`` and options
     (``method``, ``dtype``, ``device``, ``seed``, ``max_batch_size``, ``distributed``, ...), available as
@@ -213,8 +468,10 @@ class PreconditionedHessianOperator(LinearOperator):
 
     Args:
         model, loss_fn, data, params: as for :class:`HessianOperator`; frozen parameters are not in it.
-        optimizer: a ``torch.optim.Adam`` / ``AdamW`` that owns every parameter of the operator (for-loop,
-            foreach or fused implementation; ``step`` stored as a tensor or a number).
+        optimizer: a ``torch.optim.Adam`` / ``AdamW`` (or another optimizer with a diagonal P:
+            :func:`has_diagonal_preconditioner`) that owns every parameter of the operator (for-loop, foreach or
+            fused implementation; ``step`` stored as a tensor or a number). SGD and Muon: a ``TypeError`` that
+            says what to use instead.
         lookahead: ``True`` (default): the P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, then the
             running max with amsgrad; g = this data's gradient, computed in float64, plus wd·θ for Adam's L2
             weight decay); works before the first step (v = (1−β₂)g², t = 1). ``False``: the P of the last step
@@ -226,6 +483,10 @@ class PreconditionedHessianOperator(LinearOperator):
             a dtype: always that (one extra gradient pass on a copy of the parameters when it is wider than the
             operator's); ``None``: always the operator's own gradient (no extra pass).
             ``info["lookahead_gradient"]`` says which dtype was used.
+        max_grad_norm: with ``lookahead``, the gradient P is built from is clipped to this norm first, as
+            ``torch.nn.utils.clip_grad_norm_`` (and the Hugging Face Trainer's ``max_grad_norm``) clips the gradient
+            the optimizer sees: g ← g·min(1, max_grad_norm/(‖g‖ + 1e-6)), ‖g‖ over the operator's parameters.
+            ``None`` (default): unclipped. ``info["lookahead_clip"]`` is the factor applied.
 
     Parameters with no Adam state (never got a gradient: an unused head, a conditional branch) and a zero
     gradient on this data are left out: their rows of H are zero, P = inf there (``info["left_out"]``). With
@@ -252,8 +513,9 @@ class PreconditionedHessianOperator(LinearOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
                  lookahead: bool = True, lookahead_dtype: torch.dtype | str | None = "auto",
-                 inner: HessianOperator | None = None, **operator_options: Any) -> None:
-        opt = _require_adam(optimizer, "PreconditionedHessianOperator")
+                 inner: HessianOperator | None = None, max_grad_norm: float | None = None,
+                 **operator_options: Any) -> None:
+        opt = require_diagonal_preconditioner(optimizer, "PreconditionedHessianOperator")
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be True (P of the step about to be taken) or False (P of the last step "
                             f"taken), got {lookahead!r}")
@@ -271,10 +533,16 @@ class PreconditionedHessianOperator(LinearOperator):
         self.loss: float = inner.loss
         self.gradient: torch.Tensor = inner.gradient
         self.lr = lr0
-        self.beta1 = _scalar(opt.param_groups[0]["betas"][0])
+        betas = opt.param_groups[0].get("betas")
+        self.beta1 = _scalar(betas[0]) if betas is not None else None
+        self.kind: str = _kind(opt)
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step"}
         self.lookahead_dtype = lookahead_dtype
         grad64 = self._lookahead_gradient(operator_options, (model, loss_fn, data))
+        if lookahead and max_grad_norm is not None:  # the gradient the optimizer will see: clipped, as the trainer does
+            factor = clip_factor(float(grad64.norm()), check_positive_float(max_grad_norm, "max_grad_norm"))
+            grad64 = grad64 * factor
+            self.info["lookahead_clip"] = factor
         P64 = self._build_preconditioner(opt, lr0, grad64)
         # ranks whose Adam states differ would silently solve different operators: one collective says so on all
         assert_ranks_agree(getattr(inner, "process_group", None), adam_preconditioner=P64)
@@ -291,8 +559,7 @@ class PreconditionedHessianOperator(LinearOperator):
         want = self.lookahead_dtype
         if want == "auto":
             state = self.optimizer.state
-            fresh = any("exp_avg_sq" not in state.get(p, {}) or _scalar(state[p].get("step", 0)) <= 0
-                        for p in self.params)
+            fresh = any(_scalar(state.get(p, {}).get("step", 0)) <= 0 for p in self.params)
             want = torch.float64 if fresh else None
         elif want is not None and not isinstance(want, torch.dtype):
             raise TypeError(f"lookahead_dtype must be 'auto', a torch.dtype or None, got {want!r}")
@@ -326,71 +593,77 @@ class PreconditionedHessianOperator(LinearOperator):
         if foreign:
             raise ValueError(f"the optimizer does not own these parameters of the operator: {', '.join(foreign)}; "
                              "narrow the operator with params= or pass the optimizer that trains them")
+        kind, name = _kind(opt), type(opt).__name__
+        if not self.lookahead and kind in ("adafactor", "adadelta"):
+            raise ValueError(f"{name}'s P of the last step cannot be rebuilt from its state ("
+                             + ("the update clipping used that step's gradient" if kind == "adafactor" else
+                                "acc_delta has been updated since") + "): pass lookahead=True (the P of the step "
+                             "about to be taken)")
         dtype, device = torch.float64, self.device
         grads = self.inner.unflatten(grad.to(device))
         live = self.inner.unflatten(self.inner.gradient)
-        if not self.lookahead and not any("exp_avg_sq" in opt.state.get(p, {}) for p in self.params):
-            raise ValueError(f"the optimizer has no Adam state (exp_avg_sq, step) for {', '.join(self.param_names)}: "
+        if not self.lookahead and not any("step" in opt.state.get(p, {}) for p in self.params):
+            raise ValueError(f"the optimizer has no {name} state (step, ...) for {', '.join(self.param_names)}: "
                              "P of the last step is undefined. Take an optimizer step first, or pass lookahead=True "
                              "for the P of the step about to be taken")
-        parts, zero_step, left_out, first_step = [], [], [], []
-        for name, p, g, g_live in zip(self.param_names, self.params, grads, live):
+        parts, zero_step, left_out, first_step, unrectified = [], [], [], [], []
+        for pname, p, g, g_live in zip(self.param_names, self.params, grads, live):
             gi = owners[id(p)]
             group = opt.param_groups[gi]
             lr = lr0 if lr0 == 0 else _group_lr(group, gi)
-            beta1, beta2 = (_scalar(b) for b in group["betas"])
-            eps = _scalar(group["eps"])
-            amsgrad = bool(group.get("amsgrad", False))
             state = opt.state.get(p, {})
-            has_state = "exp_avg_sq" in state and "step" in state
+            # state that data has written: stepped, or Adam's initialised moments (GI-Adam: v₀ = g₀², step 0);
+            # Adagrad's state at construction (step 0, sum = initial value) carries no gradient yet
+            has_state = "step" in state and (_scalar(state["step"]) > 0 or kind == "adam")
 
-            def read(key: str) -> torch.Tensor | None:  # a detached float64 copy on the operator's device
+            def read(key: str, default: torch.Tensor | None) -> torch.Tensor | None:
+                """A detached float64 copy of a state tensor on the operator's device (``default`` if absent)."""
                 t = state.get(key)
-                return None if t is None else t.detach().to(device=device, dtype=dtype, copy=True)
+                if t is None:
+                    return None if default is None else default.to(device)
+                return t.detach().to(device=device, dtype=dtype, copy=True)
 
             if not has_state and not bool(g_live.ne(0).any()):
                 # never got a gradient (unused head, conditional branch) and none on this data: its rows of H are
                 # zero, so it is left out of P⁻¹H (P = inf) instead of blocking the whole model
-                left_out.append(name)
+                left_out.append(pname)
                 parts.append(torch.full(p.shape, math.inf, dtype=dtype, device=device))
                 continue
-            if self.lookahead or not has_state:
-                if not has_state and not self.lookahead:
-                    first_step.append(name)  # used now but never stepped: the P its first step will have
+            if self.lookahead or "step" not in state:
+                if "step" not in state and not self.lookahead:
+                    first_step.append(pname)  # used now but never stepped: the P its first step will have
                 g = g.to(dtype)
+                if group.get("maximize", False):
+                    g = -g
                 wd = _scalar(group.get("weight_decay", 0.0))
                 if wd != 0 and not _is_decoupled(opt, group):
                     g = g + wd * p.detach().to(device=device, dtype=dtype)
-                if has_state:
-                    t = _scalar(state["step"]) + 1
-                    v = beta2 * read("exp_avg_sq") + (1 - beta2) * g * g
-                else:
-                    t, v = 1.0, (1 - beta2) * g * g
-                vmax = read("max_exp_avg_sq") if amsgrad and has_state else None
-                if vmax is not None:
-                    v = torch.maximum(vmax, v)
             else:
-                t = _scalar(state["step"])
-                if t <= 0:
-                    zero_step.append(name)
+                if _scalar(state["step"]) <= 0:
+                    zero_step.append(pname)
                     continue
-                v = read("max_exp_avg_sq") if amsgrad and "max_exp_avg_sq" in state else read("exp_avg_sq")
-            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-            parts.append(bc1 * (v.sqrt() / math.sqrt(bc2) + eps) * (1.0 if lr == lr0 else lr0 / lr))
+                g = None
+            P, note = _diagonal_P(kind, group, state, p, g, read)
+            if note == "unrectified":
+                unrectified.append(pname)
+            parts.append(P * (1.0 if lr == lr0 else lr0 / lr))
         if zero_step:
             raise ValueError(f"the optimizer has step = 0 for {', '.join(zero_step)}: P of the last step is undefined. "
                              "Take an optimizer step first, or pass lookahead=True for the P of the step about to be "
                              "taken")
         self.info["left_out"] = left_out
         self.info["first_step_preconditioner"] = first_step
+        if kind == "radam":
+            # ρ_t ≤ 5: RAdam's step is un-preconditioned momentum SGD, Δ = −η·m/(1−β₁ᵗ), i.e. P = (1−β₁ᵗ)·I
+            self.info["unrectified"] = unrectified
         P = torch.cat([x.reshape(-1) for x in parts])
         bad = ~((torch.isfinite(P) & (P > 0)) | (P == math.inf))
         if bad.any():
             names = sorted({self.param_names[i] for i in self._param_index(bad.nonzero().flatten().tolist())})
             raise ValueError(f"the pre-conditioner is not positive and finite in {', '.join(names)} "
-                             "(eps = 0 with exp_avg_sq = 0, or a non-finite state)")
+                             "(eps = 0 with a zero second moment, or a non-finite state)")
         if bool((P == math.inf).all()):
-            raise ValueError("every parameter of the operator is left out (no Adam state and a zero gradient on "
+            raise ValueError(f"every parameter of the operator is left out (no {name} state and a zero gradient on "
                              "this data): P⁻¹H is zero")
         return P
 
@@ -422,30 +695,40 @@ class PreconditionedHessianOperator(LinearOperator):
 def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimizer: Any, k: int = 1,
                              solver: str = "lanczos", tol: float | None = None, max_iters: int | None = None,
                              X0: torch.Tensor | None = None, *, params: Any = None, lookahead: bool = True,
-                             lookahead_dtype: torch.dtype | str | None = "auto",
+                             lookahead_dtype: torch.dtype | str | None = "auto", max_grad_norm: float | None = None,
                              largest: bool = True, solver_seed: int = 0, eig_tol: float | None = None,
                              **operator_options: Any) -> EigenResult:
-    """Top-k eigenvalues of Adam/AdamW's pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are
-    those of the symmetric form), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
+    """Top-k eigenvalues of the pre-conditioned Hessian P⁻¹H (of P^{-1/2} H P^{-1/2}; eigenvectors are those of
+    the symmetric form) for Adam/AdamW and the other diagonal pre-conditioners (RMSprop, Adagrad, Adamax, NAdam,
+    RAdam, Adafactor, Adadelta), from the optimizer's own state (see :class:`PreconditionedHessianOperator`).
 
     Compare ``eigenvalues[0]`` with :func:`stability_threshold` ``(2+2β₁)/((1−β₁)η)``, or use
     :func:`edge_ratio`. Solver options as in :func:`~curvature.sharpness`; extra keyword options go to the
     inner :class:`HessianOperator`. ``lookahead=True`` (default) uses the P of the step about to be taken,
-    ``False`` that of the last step taken. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead``,
+    ``False`` that of the last step taken; ``max_grad_norm`` clips the gradient of that step first, as the
+    training loop does. ``info`` holds ``loss``, ``method``, ``num_params``, ``lookahead``,
     ``preconditioner`` (``"next_step"`` / ``"last_step"``), ``left_out`` (parameters without Adam state and
-    without gradient, whose zero rows of H are left out) and ``threshold`` (``None`` at lr = 0, where it is
-    undefined).
+    without gradient, whose zero rows of H are left out), ``threshold`` (``None`` at lr = 0, where it is
+    undefined, and for optimizers without a derived threshold), ``stability_note`` (why ``threshold`` is ``None``;
+    ``None`` when it is there), ``optimizer`` (its class name) and, for RAdam, ``unrectified``.
     """
     op_kw, rest = split_operator_options(dict(operator_options))
     if rest:
         raise TypeError(f"preconditioned_sharpness() got unexpected keyword arguments: {sorted(rest)}")
+    call = "preconditioned_sharpness(model, loss_fn, data, optimizer)"
+    check_not_a_batch_half(optimizer, "optimizer", call, batch_name="data")
+    check_not_a_batch_half(k, "k", call, batch_name="data")
+    check_batch_argument(data, "data", call)
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead,
-                                       lookahead_dtype=lookahead_dtype, **op_kw)
+                                       lookahead_dtype=lookahead_dtype, max_grad_norm=max_grad_norm, **op_kw)
     res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
     res.info.update(op.info)
+    threshold = stability_threshold(optimizer) if op.lr > 0 else None
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,
-                    threshold=stability_threshold(optimizer) if op.lr > 0 else None)
+                    threshold=threshold, optimizer=type(op.optimizer).__name__,
+                    stability_note=stability_note(optimizer) if op.lr > 0 else
+                    "lr = 0: the stability threshold is undefined (λ(P⁻¹H) is not)")
     return res
 
 
@@ -501,35 +784,50 @@ def _first_order_gradient(model: nn.Module, loss_fn: Any, batch: Any, wanted: Se
     total = batches.total_weight
     single = len(batches) == 1 and group is None
     grads: list[torch.Tensor] = [torch.zeros_like(named[n]) for n in wanted]
-    loss_sum = 0.0
-    with frozen_rng(device), torch.enable_grad():
-        for b in batches:
-            leaves = {n: named[n].detach().requires_grad_() for n in wanted}
-            state: dict[str, torch.Tensor] = {n: p.detach() for n, p in named.items() if n not in leaves}
-            state.update({n: buf.clone() for n, buf in model.named_buffers()})
-            state.update(leaves)
-            guard = StateGuard()  # interrupt-safe swap: the model keeps its own Parameter objects
-            try:
-                out = call_with_state(model, state, b.args, b.kwargs, guard)
-            finally:
-                guard.restore()
-            loss = loss_fn(out, b.targets)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar (mean-reduced) loss")
-            gs = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
-            loss_sum += float(loss.detach()) * b.weight
-            for i, gr in enumerate(gs):
-                if gr is None:
-                    continue
-                if single:
-                    grads[i] = gr
-                else:
-                    grads[i].add_(gr, alpha=b.weight)
+
+    def local() -> float:
+        loss_sum = 0.0
+        with frozen_rng(device), torch.enable_grad():
+            for b in batches:
+                leaves = {n: named[n].detach().requires_grad_() for n in wanted}
+                state: dict[str, torch.Tensor] = {n: p.detach() for n, p in named.items() if n not in leaves}
+                state.update({n: buf.clone() for n, buf in model.named_buffers()})
+                state.update(leaves)
+                guard = StateGuard()  # interrupt-safe swap: the model keeps its own Parameter objects
+                try:
+                    out = call_with_state(model, state, b.args, b.kwargs, guard)
+                finally:
+                    guard.restore()
+                loss = loss_fn(out, b.targets)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError("loss_fn must return a scalar (mean-reduced) loss")
+                gs = torch.autograd.grad(loss.reshape(()), list(leaves.values()), allow_unused=True)
+                loss_sum += float(loss.detach()) * b.weight
+                for i, gr in enumerate(gs):
+                    if gr is None:
+                        continue
+                    if single:
+                        grads[i] = gr
+                    else:
+                        grads[i].add_(gr, alpha=b.weight)
+        return loss_sum
+
     if single:
-        return loss_sum / total, grads
-    count = all_reduce_sum(torch.tensor([float(total), loss_sum], dtype=torch.float64, device=device), group)
-    grads = [all_reduce_sum(gr, group) / float(count[0]) for gr in grads]
-    return float(count[1] / count[0]), grads
+        return local() / total, grads
+    # One fail-together all-reduce of [Σ w, Σ w·loss, Σ w·g...]: a rank that fails or is interrupted here tells
+    # the others at once instead of leaving them in the all-reduce (see distributed.sum_or_fail).
+    sizes = [g.numel() for g in grads]
+
+    def flat() -> torch.Tensor:
+        loss_sum = local()
+        return torch.cat([torch.tensor([float(total), loss_sum], dtype=torch.float64, device=device)] +
+                         [g.reshape(-1).to(torch.float64) for g in grads])
+    summed = sum_or_fail(flat, (2 + sum(sizes),), torch.float64, collective_device(group, device), group,
+                         "in the first-order gradient")
+    count = float(summed[0])
+    parts = torch.split(summed[2:], sizes)
+    grads = [(part / count).reshape(g.shape).to(device=g.device, dtype=g.dtype) for part, g in zip(parts, grads)]
+    return float(summed[1]) / count, grads
 
 
 def gi_adam_init(optimizer: Any, model: nn.Module, loss_fn: Any, batch: Any, *, overwrite: bool = False,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["plot_sharpness", "plot_spectrum", "log_scale"]
+__all__ = ["plot_sharpness", "plot_spectrum", "log_scale", "threshold_label"]
 
 
 def _pyplot() -> Any:
@@ -124,19 +126,89 @@ def log_scale(axis: Any, values: Iterable[float], which: str = "y") -> None:
     target.set_minor_formatter(ticker.NullFormatter())
 
 
+#: Optimizers whose threshold is Adam's (2+2β₁)/((1−β₁)η) (docs/optimizers.md).
+ADAM_FAMILY = ("Adam", "AdamW", "GIAdam", "Adamax", "NAdam", "RAdam", "SparseAdam")
+
+
+def threshold_label(rows: Sequence[Mapping]) -> str:
+    """The legend text of the rows' ``threshold``, from the optimizer that set it: the ``optimizer`` column and
+    c = threshold·η (the median over rows that have both). Adam/AdamW: (2+2β₁)/((1−β₁)η) = c/η with
+    β₁ = (c−2)/(c+2) (38/η for β₁ = 0.9); SGD: 2/η, or (2+2μ)/η with μ = c/2 − 1 (momentum). Every row may have
+    failed: the threshold is computed before the measurement, so this still names the right formula. RMSprop:
+    2/η or (2+2μ)/η; Adamax, NAdam and RAdam share Adam's formula."""
+    names = [str(r.get("optimizer")) for r in rows if r.get("optimizer") not in (None, "")]
+    name = max(set(names), key=names.count) if names else None
+    products = [t * lr for t, lr in ((_num(r.get("threshold")), _num(r.get("lr"))) for r in rows)
+                if t is not None and lr is not None and math.isfinite(t * lr) and t * lr > 0]
+    c = statistics.median(products) if products else None
+    adam = name is not None and (name in ADAM_FAMILY or "adam" in name.lower())
+    if name == "RMSprop":  # a pre-conditioned GD step: GD's threshold, or momentum's (docs/optimizers.md)
+        if c is not None and abs(c / 2 - 1) > 1e-6:
+            return rf"RMSprop threshold $(2+2\mu)/\eta$ = {c:.3g}/η (momentum μ = {c / 2 - 1:.3g})"
+        return r"RMSprop threshold $2/\eta$"
+    if adam or (name is None and c is not None and c > 4.5):
+        text = r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$"
+        return text + (f" = {c:.3g}/η (β₁ = {(c - 2) / (c + 2):.3g}, {name or 'Adam'})" if c is not None
+                       else f" ({name})")
+    if c is not None and abs(c / 2 - 1) > 1e-6:
+        return rf"stability threshold $(2+2\mu)/\eta$ = {c:.3g}/η (momentum μ = {c / 2 - 1:.3g}, {name or 'SGD'})"
+    if c is not None or (name is not None and name.upper().startswith("SGD")):
+        return rf"stability threshold $2/\eta$ ({name or 'SGD'})"
+    return "stability threshold" + (f" ({name})" if name else "")
+
+
+def _warn_empty(what: str, rows: Sequence[Mapping]) -> str:
+    """The text for axes with nothing to draw (and the same as a warning): how many rows failed, and the first
+    error."""
+    failed = [r for r in rows if r.get("error") not in (None, "")]
+    text = f"no finite {what}"
+    if failed:
+        text += f": {len(failed)} of {len(rows)} measurements failed"
+        first = " ".join(str(failed[0]["error"]).split())
+        detail = f" (first error: {first[:200]})"
+    elif not rows:
+        text, detail = f"no {what}: no rows", ""
+    else:
+        detail = ""
+    warnings.warn(f"curvature: the figure shows {text}{detail}", UserWarning, stacklevel=3)
+    return text
+
+
 def _constant(values: Sequence[float]) -> bool:
     return bool(values) and max(values) - min(values) <= 1e-9 * max(abs(v) for v in values)
+
+
+def _plot_critical(ax: Any, rows: Sequence[Mapping], plain_threshold: bool) -> list[float]:
+    """λ_c = 2/η_c (``critical_sharpness``) and, unless the threshold drawn already is 2/η, the line 2/η it meets at
+    the edge of stability (for every optimizer: η·λ_c = 2 is where the step about to be taken starts to raise the
+    loss). Returns the values drawn."""
+    xc, yc = _series(rows, "critical_sharpness")
+    if not yc:
+        return []
+    c_c = "tab:purple"
+    ax.plot(xc, yc, "-^", color=c_c, ms=3, lw=1.3, label=r"critical sharpness $\lambda_c = 2/\eta_c$")
+    drawn = list(yc)
+    if not plain_threshold:
+        pairs = [(x, 2.0 / y) for x, y in zip(*_series(rows, "lr")) if y > 0]
+        if pairs:
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "-.", color=c_c, lw=1.1,
+                    label=r"$\lambda_c$'s threshold $2/\eta$")
+            drawn += [p[1] for p in pairs]
+    return drawn
 
 
 def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = None, title: str | None = None,
                    *, show_loss: bool = True, dpi: int = 120) -> Any:
     """Sharpness against its stability threshold over training.
 
-    Top panel (log scale): λ_max(H) and, when the rows have it (Adam/AdamW), λ_max(P⁻¹H); the threshold
-    (``row["threshold"]``: 2/η for SGD, (2+2μ)/η with momentum, 38/η for Adam with β₁ = 0.9) drawn dashed in the
-    colour of the quantity it bounds (λ^{P⁻¹H} for Adam, λ^H otherwise); the learning rate on a twin axis.
-    Bottom panel: the loss on the measured data. Rows with an ``error`` are drawn as gaps (their values are skipped
-    when missing).
+    Top panel (log scale): λ_max(H) and, when the rows have it (Adam/AdamW, RMSprop, Adagrad, ...), λ_max(P⁻¹H);
+    the threshold (``row["threshold"]``: 2/η for SGD, (2+2μ)/η with momentum, 38/η for Adam with β₁ = 0.9, 2/η for
+    RMSprop, labelled by :func:`threshold_label` from the optimizer that set it) drawn dashed in the colour of the
+    quantity it bounds (λ^{P⁻¹H} where the rows have it, λ^H otherwise), or a legend entry saying that no threshold
+    is derived (Adagrad, Adafactor, Adadelta: the rows' ``stability_note``); with a ``critical_sharpness`` column,
+    λ_c = 2/η_c against its own threshold 2/η; the learning rate on a twin axis. Bottom panel: the loss on the
+    measured data. Rows with an ``error`` are drawn as gaps (their values are skipped when missing). A figure
+    without a single finite sharpness says so on the axes and in a warning (how many rows failed, the first error).
 
     Args:
         rows: tracker rows (``tracker.history``), a DataFrame, or a CSV / JSON-lines path written by a sink.
@@ -159,6 +231,8 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
         fig, ax_loss = ax.figure, None
 
     has_pre = any(_num(r.get("preconditioned_sharpness")) is not None for r in rows)
+    label = threshold_label(rows)
+    adam_threshold = label.startswith("Adam threshold")
     c_h, c_p, c_lr, c_loss = "tab:blue", "tab:red", "tab:gray", "tab:green"
     drawn: list[float] = []
     xs, ys = _series(rows, "sharpness")
@@ -166,15 +240,19 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
         ax.plot(xs, ys, "-o", color=c_h, ms=3, lw=1.4, label=r"$\lambda_{\max}(H)$")
         drawn += ys
     xt, yt = _series(rows, "threshold")
+    values = list(ys)
     if has_pre:
         xp, yp = _series(rows, "preconditioned_sharpness")
         ax.plot(xp, yp, "-s", color=c_p, ms=3, lw=1.4, label=r"$\lambda_{\max}(P^{-1}H)$")
         drawn += yp
-        if yt:
-            ax.plot(xt, yt, "--", color=c_p, lw=1.2, label=r"Adam threshold $(2+2\beta_1)/((1-\beta_1)\eta)$")
-    elif yt:
-        ax.plot(xt, yt, "--", color=c_h, lw=1.2, label=r"stability threshold ($2/\eta$ for SGD)")
+        values += yp
+    if yt:
+        ax.plot(xt, yt, "--", color=c_p if (has_pre or adam_threshold) else c_h, lw=1.2, label=label)
+    elif has_pre:  # Adagrad, Adafactor, Adadelta: no derived threshold (the rows' stability_note says why)
+        ax.plot([], [], " ", label="no threshold derived (see stability_note)")
     drawn += yt
+    values += _series(rows, "critical_sharpness")[1]
+    drawn += _plot_critical(ax, rows, plain_threshold=bool(yt) and r"$2/\eta$" in label)
     if _positive(drawn) and all(y > 0 for y in drawn):
         log_scale(ax, drawn)
     ax.set_ylabel("sharpness")
@@ -206,8 +284,9 @@ def plot_sharpness(rows: Any, path: str | os.PathLike | None = None, ax: Any = N
     if handles:  # above the panel, outside the data: it never covers a line
         ax.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.01, 1.0, 0.1), mode="expand",
                   ncol=2, fontsize=8, frameon=False, borderaxespad=0.0)
-    if not rows or not (ys or yt):
-        ax.text(0.5, 0.5, "no sharpness values", ha="center", va="center", transform=ax.transAxes)
+    if not values:
+        ax.text(0.5, 0.5, _warn_empty("sharpness values", rows), ha="center", va="center", transform=ax.transAxes,
+                wrap=True)
 
     if ax_loss is not None:
         xo, yo = _series(rows, "loss")
@@ -286,8 +365,9 @@ def plot_spectrum(rows_or_eigenvalues: Any, path: str | os.PathLike | None = Non
     if k:
         ax.legend(fontsize=8, ncol=min(k, 8), loc="lower left", bbox_to_anchor=(0.0, 1.01), frameon=False,
                   borderaxespad=0.0)
-    else:
-        ax.text(0.5, 0.5, "no eigenvalues", ha="center", va="center", transform=ax.transAxes)
+    if not flat:
+        ax.text(0.5, 0.5, _warn_empty("eigenvalues", rows if is_rows else []), ha="center", va="center",
+                transform=ax.transAxes, wrap=True)
     if title:
         if own_figure:
             fig.suptitle(title)

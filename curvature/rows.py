@@ -1,6 +1,7 @@
-"""The one writer and reader of row files (CSV and JSON lines), for the tracker's sinks and ``analyze_checkpoints``.
+"""The row: its schema (:data:`ROW_KEYS`, the column order; :data:`SCALAR_KEYS`, what scalar loggers get) and the
+one writer and reader of row files (CSV and JSON lines), for the tracker's sinks and ``analyze_checkpoints``.
 
-A *row* is a flat dict (:data:`curvature.tracking.ROW_KEYS`, plus ``file`` etc. for checkpoint analysis). On disk:
+A *row* is a flat dict (:data:`ROW_KEYS`, plus ``file`` etc. for checkpoint analysis). On disk:
 
 * **JSON lines**: one object per line, always valid JSON (``json.dumps(allow_nan=False)``). JSON has no NaN or
   infinity, so a non-finite float, also inside a list (``eigenvalues``), is written as the string ``"nan"``,
@@ -27,18 +28,71 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["to_plain", "encode_json_row", "encode_csv_row", "parse_value", "is_json_lines", "read_rows",
-           "read_row_file", "repair_row_file", "append_rows", "write_rows", "RowFile", "LIST_KEYS", "INT_KEYS",
-           "BOOL_KEYS", "STR_KEYS"]
+__all__ = ["ROW_KEYS", "SCALAR_KEYS", "SIGNAL_KEYS", "CRITICAL_KEYS", "to_plain", "encode_json_row", "encode_csv_row",
+           "parse_value", "is_json_lines", "read_rows", "read_row_file", "repair_row_file", "append_rows", "write_rows",
+           "RowFile", "LIST_KEYS", "INT_KEYS", "BOOL_KEYS", "STR_KEYS"]
+
+#: The tracker row columns :func:`curvature.signals.step_signals` fills.
+SIGNAL_KEYS = ("batch_sharpness", "update_sharpness", "predicted_loss_change", "actual_loss_change",
+               "preconditioned_batch_sharpness", "preconditioned_update_sharpness", "signals_num_hvps",
+               "signals_seconds")
+
+#: The tracker row columns of a critical-sharpness measurement (:func:`curvature.critical.critical_sharpness`,
+#: ``critical_every=N``): λ_c = 2/η_c, η_c, η·λ_c/2 (1.0 = the edge of stability, any optimizer), its forward passes
+#: (the loss at θ included unless the step's loss was reused) and seconds.
+CRITICAL_KEYS = ("critical_sharpness", "critical_lr", "critical_edge_ratio", "critical_forward_passes",
+                 "critical_seconds")
+
+#: The keys of every tracker row, in column order (the API contract's keys first).
+ROW_KEYS: tuple[str, ...] = (
+    "step",                       # the step label passed to tracker.step (or the tracker's own call counter)
+    "lr",                         # optimizer.param_groups[0]["lr"] at the time of measurement
+    "loss",                       # mean loss at the measured parameters, on the probe data
+    "sharpness",                  # λ_max(H)
+    "preconditioned_sharpness",   # λ_max(P⁻¹H) for optimizers with a diagonal P (Adam, RMSprop, ...), else None
+    "threshold",                  # stability_threshold(optimizer): 2/η (SGD), (2+2μ)/η, (2+2β₁)/((1−β₁)η) (Adam)
+    "edge_ratio",                 # λ / threshold (λ^{P⁻¹H} for Adam): 1.0 = edge of stability
+    "num_hvps",                   # HVPs spent on this row (H, P⁻¹H and the signals, retries included)
+    "seconds",                    # wall time of the measurement
+    "converged",                  # every solve reached tol
+    "eigenvalues",                # top-k eigenvalues of H (list)
+    "preconditioned_eigenvalues",  # top-k of P⁻¹H (list) or None
+    "residual",                   # largest relative residual ‖Hv − λv‖/|λ| of the H solve
+    "preconditioned_residual",    # same for P⁻¹H
+    "preconditioned_num_hvps",    # the part of num_hvps spent on P⁻¹H
+    "warm_start",                 # the accepted H solve started from the previous eigenvectors
+    "lookahead",                  # P was built for the step about to be taken (Adam before its first step)
+    "optimizer",                  # optimizer class name
+    "when",                       # "before_step" or "after_step"
+    "error",                      # None, or why the measurement failed / did not converge
+    "preconditioner",             # "next_step" (P of the step about to be taken) or "last_step"; None without Adam
+    "error_bound",                # bound on the relative error of `sharpness`: ‖r‖²/(gap·|λ|) (solver's estimate)
+    "preconditioned_error_bound",  # the same for `preconditioned_sharpness`
+    "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
+    "solver",                     # eigensolver used
+    "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
+    "error_kind",                 # None, or why the row is empty / inexact: curvature.usage.FAILURE_KINDS
+    "stability_note",             # why threshold / edge_ratio / preconditioned_sharpness is empty (None: all there)
+    "hvp_route",                  # "one_sided" (one gradient per HVP, central check on the Ritz vector) or "exact"
+    "num_gradients",              # first-order gradient passes of the row (one-sided route: G(θ), 1/HVP, 2/check)
+    "hvp_route_note",             # why the route is exact where one-sided was eligible (None otherwise)
+) + SIGNAL_KEYS + CRITICAL_KEYS   # per-step signals (signals=True), critical sharpness (critical_every=N)
+
+#: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
+SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
+               "seconds", "residual", "critical_sharpness", "critical_edge_ratio")
+
 
 #: Columns holding lists of floats (JSON text in CSV).
 LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
 #: Integer columns.
-INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "optimizer_index", "file_size")
+INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "critical_forward_passes", "num_gradients",
+            "optimizer_index", "file_size")
 #: Boolean columns.
 BOOL_KEYS = ("converged", "warm_start", "lookahead")
 #: Text columns (never parsed as numbers).
-STR_KEYS = ("optimizer", "when", "error", "file", "preconditioner", "file_id", "options", "run", "solver", "source")
+STR_KEYS = ("optimizer", "when", "error", "error_kind", "file", "preconditioner", "file_id", "options", "run", "solver",
+            "source", "stability_note", "hvp_route", "hvp_route_note")
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
               "-infinity": -math.inf}

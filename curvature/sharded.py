@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from .data import as_batches, model_output_loss, resolve_loss_fn
-from .distributed import all_reduce_sum, disagreeing, ranks_disagree
+from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
 from .finite_difference import FiniteDifferenceEngine, is_dtensor
-from .operators import LinearOperator, ParameterOperator
+from .hvp import check_parameters, select_parameters
+from .linear_operator import LinearOperator, ParameterOperator
 
 __all__ = ["ShardedHessianOperator", "ShardedPreconditionedOperator", "is_sharded_model", "sharded_lanczos"]
 
@@ -76,10 +77,17 @@ class ShardedHessianOperator(ParameterOperator):
             s = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(torch.initial_seed() % 2**62))
             dist.broadcast(s, src=dist.get_global_rank(group, 0), group=group)
             seed = int(s.item())
-        data = as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=model,
-                          own_loss=resolve_loss_fn(loss_fn) is model_output_loss)
+        prepared: list[Any] = []
+
+        def batch_count() -> torch.Tensor:  # a rank whose data fails (or that is interrupted) fails every rank
+            check_parameters(model, select_parameters(model, params))  # e.g. inf in this rank's shard only
+            prepared.append(as_batches(data, max_batch_size, weight_fn=weight_fn, inputs_as=inputs_as, model=model,
+                                       own_loss=resolve_loss_fn(loss_fn) is model_output_loss))
+            return ranks_disagree(torch.tensor([float(len(prepared[0]))], dtype=torch.float64))
+        counts = sum_or_fail(batch_count, (2,), torch.float64, torch.device("cpu"), group,
+                             "while preparing its data for the sharded operator")
+        data = prepared[0]
         batches_probe = len(data)
-        counts = all_reduce_sum(ranks_disagree(torch.tensor([float(batches_probe)], dtype=torch.float64)), group)
         if disagreeing(counts, self.world):
             raise ValueError(f"every rank must pass the same number of batches to a sharded operator (each batch "
                              f"is one FSDP forward/backward, a collective); this rank has {batches_probe}")
@@ -217,6 +225,14 @@ def sharded_lanczos(op: "ShardedHessianOperator", k: int, steps: int = 60, seed:
     return torch.linalg.eigvalsh(T).flip(0)[:k], len(Q)
 
 
+def clip_factor(grad_norm: float, max_grad_norm: float | None) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` (and so the Hugging Face Trainer) scales a gradient of norm
+    ``grad_norm`` by: min(1, max_grad_norm / (‖g‖ + 1e-6)); 1 when ``max_grad_norm`` is None or ≤ 0 (no clipping)."""
+    if max_grad_norm is None or max_grad_norm <= 0:
+        return 1.0
+    return min(1.0, float(max_grad_norm) / (grad_norm + 1e-6))
+
+
 class ShardedPreconditionedOperator(LinearOperator):
     """P^{-1/2} H P^{-1/2} for a fully-sharded model and its Adam/AdamW, with P read shard by shard from the
     optimizer's own (sharded) state — the formula of :class:`curvature.optim.PreconditionedHessianOperator`:
@@ -230,7 +246,8 @@ class ShardedPreconditionedOperator(LinearOperator):
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Any, data: Any, optimizer: Any, params: Any = None, *,
-                 lookahead: bool = True, inner: ShardedHessianOperator | None = None, **options: Any) -> None:
+                 lookahead: bool = True, inner: ShardedHessianOperator | None = None,
+                 max_grad_norm: float | None = None, **options: Any) -> None:
         if inner is None:
             inner = ShardedHessianOperator.from_operator_options(model, loss_fn, data, params, **options)
         elif options or params is not None:
@@ -246,7 +263,12 @@ class ShardedPreconditionedOperator(LinearOperator):
         lr0 = float(opt.param_groups[0]["lr"])
         self.lr, self.beta1 = lr0, float(opt.param_groups[0]["betas"][0])
         self.info: dict[str, Any] = {"preconditioner": "next_step" if lookahead else "last_step", "sharded": True}
-        grads = inner.unflatten(inner.gradient)
+        gradient = inner.gradient
+        if lookahead and max_grad_norm is not None:
+            factor = clip_factor(float(inner.dot(gradient, gradient).sqrt()), max_grad_norm)
+            gradient = gradient * factor
+            self.info["lookahead_clip"] = factor
+        grads = inner.unflatten(gradient)
         parts = []
         for name, p, g in zip(inner.param_names, inner.params, grads):
             group = owners.get(id(p))

@@ -21,7 +21,7 @@ with the threshold (2+2β₁)/((1−β₁)η)):
     preconditioned_update_sharpness = Δθᵀ H Δθ / (Δθᵀ P Δθ).
 
 Each function takes a Hessian operator with a ``gradient`` (a :class:`~curvature.operators.HessianOperator`, or a
-:class:`GraphHessianOperator` on the training step's own graph) and returns plain floats; its cost in HVPs is
+:class:`~curvature.operators.GraphHessianOperator` on the training step's own graph) and returns plain floats; its cost in HVPs is
 in the docstring. :func:`next_update` gives the Δθ that ``optimizer.step()`` is about to take (SGD with
 momentum/Nesterov/weight decay, Adam/AdamW with amsgrad), without taking it.
 """
@@ -35,84 +35,12 @@ import torch
 
 from ._exact import StateGuard, call_with_state
 from .data import as_batches, model_output_loss
-from .operators import LinearOperator
+from .operators import GraphHessianOperator  # re-exported: it lived here before
+from .rows import SIGNAL_KEYS  # the columns step_signals fills (the row schema)
 
 __all__ = ["GraphHessianOperator", "batch_sharpness", "preconditioned_batch_sharpness", "update_sharpness",
-           "next_update", "loss_at", "step_signals", "SIGNAL_KEYS"]
+           "next_update", "parameter_update", "loss_at", "step_signals", "SIGNAL_KEYS"]
 
-#: The tracker row columns :func:`step_signals` fills.
-SIGNAL_KEYS = ("batch_sharpness", "update_sharpness", "predicted_loss_change", "actual_loss_change",
-               "preconditioned_batch_sharpness", "preconditioned_update_sharpness", "signals_num_hvps",
-               "signals_seconds")
-
-
-class GraphHessianOperator(LinearOperator):
-    """The Hessian of a loss whose autograd graph already exists — the training step's own forward pass.
-
-    ``H v = ∂(gᵀv)/∂θ`` by a backward pass through the first-order gradient ``g = ∂L/∂θ``. ``g`` is taken from
-    the parameters' ``.grad`` when the loop ran ``loss.backward(create_graph=True)`` (then no extra pass is
-    needed), else computed once from ``loss`` (whose graph must still exist: call before ``backward()``, or
-    use ``backward(retain_graph=True)``). Nothing is accumulated into ``.grad``.
-
-    Args:
-        params: the parameters (tensors, or ``(name, tensor)`` pairs) the Hessian is taken with respect to.
-        loss: the scalar training loss with its graph, or ``None`` to use the graphs in ``p.grad``.
-
-    Attributes: ``gradient`` (flat, detached), ``loss`` (float, ``nan`` when not given), ``param_names``,
-    ``params``, ``method = "training_graph"``. Valid until the parameters change (``optimizer.step()``).
-    """
-
-    method = "training_graph"
-
-    def __init__(self, params: Sequence[Any], loss: torch.Tensor | None = None) -> None:
-        pairs = [p if isinstance(p, tuple) else (f"param{i}", p) for i, p in enumerate(params)]
-        pairs = [(n, p) for n, p in pairs if p.requires_grad]
-        if not pairs:
-            raise ValueError("GraphHessianOperator needs at least one parameter that requires grad")
-        self.param_names = [n for n, _ in pairs]
-        self.params = [p for _, p in pairs]
-        graphs = [p.grad for p in self.params]
-        if all(g is not None and g.requires_grad for g in graphs):
-            grads = list(graphs)  # loss.backward(create_graph=True) left the first-order graph in .grad
-        elif loss is None:
-            raise ValueError("no first-order graph: run loss.backward(create_graph=True) in the training step, "
-                             "or pass the loss (with its graph still alive) as loss=")
-        else:
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
-                raise ValueError("loss must be the scalar training loss with its autograd graph (not detached, "
-                                 "not .item())")
-            try:
-                grads = list(torch.autograd.grad(loss.reshape(()), self.params, create_graph=True,
-                                                 retain_graph=True, allow_unused=True))
-            except RuntimeError as exc:
-                if "backward through the graph a second time" in str(exc) or "freed" in str(exc):
-                    raise ValueError("the loss's graph was already freed by backward(): call the tracker before "
-                                     "loss.backward(), or use loss.backward(create_graph=True)") from exc
-                raise
-        self._grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        self._numels = [p.numel() for p in self.params]
-        p0 = self.params[0]
-        super().__init__(sum(self._numels), p0.dtype, p0.device)
-        self.gradient = torch.cat([g.detach().reshape(-1) for g in self._grads]).clone()
-        self.loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else math.nan
-
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [t.view_as(p) for t, p in zip(torch.split(flat, self._numels), self.params)]
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        out = []
-        connected = [g.requires_grad for g in self._grads]
-        grads = [g for g, c in zip(self._grads, connected) if c]
-        for j in range(V.shape[1]):
-            tangents = [t for t, c in zip(self.unflatten(V[:, j]), connected) if c]
-            hv = torch.autograd.grad(grads, self.params, grad_outputs=tangents, retain_graph=True,
-                                     allow_unused=True)
-            out.append(torch.cat([(torch.zeros_like(p) if h is None else h).detach().reshape(-1)
-                                  for p, h in zip(self.params, hv)]))
-        return torch.stack(out, dim=1)
 
 
 def _quotient(H: Any, u: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -170,44 +98,51 @@ def next_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]
         group = owner.get(id(p))
         if group is None:
             raise ValueError("the optimizer does not own every parameter of the operator")
-        state = optimizer.state.get(p, {})
-        g = g.detach().to(torch.float64).reshape(p.shape)
-        theta = p.detach().to(torch.float64)
-        lr = _scalar(group["lr"])
-        wd = _scalar(group.get("weight_decay", 0.0))
-        if group.get("maximize", False):
-            g = -g
-        if isinstance(optimizer, torch.optim.SGD):
-            d = g + wd * theta if wd else g
-            mu = _scalar(group.get("momentum", 0.0))
-            if mu:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = d
-                else:
-                    buf = mu * buf.detach().to(torch.float64) + (1 - _scalar(group.get("dampening", 0.0))) * d
-                d = d + mu * buf if group.get("nesterov", False) else buf
-            parts.append((-lr * d).reshape(-1))
-        elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            beta1, beta2 = (_scalar(b) for b in group["betas"])
-            eps = _scalar(group["eps"])
-            decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-            if wd and not decoupled:
-                g = g + wd * theta
-            has = "exp_avg" in state and "step" in state
-            m = (beta1 * state["exp_avg"].detach().double() if has else 0.0) + (1 - beta1) * g
-            v = (beta2 * state["exp_avg_sq"].detach().double() if has else 0.0) + (1 - beta2) * g * g
-            t = (_scalar(state["step"]) if has else 0.0) + 1
-            if group.get("amsgrad", False):
-                vmax = state.get("max_exp_avg_sq")
-                v = torch.maximum(vmax.detach().double(), v) if vmax is not None else v
-            step = -lr * (m / (1 - beta1 ** t)) / (v.sqrt() / math.sqrt(1 - beta2 ** t) + eps)
-            if wd and decoupled:
-                step = step - lr * wd * theta
-            parts.append(step.reshape(-1))
-        else:
-            raise TypeError(f"next_update supports SGD, Adam and AdamW, got {type(optimizer).__name__}")
+        parts.append(parameter_update(optimizer, group, optimizer.state.get(p, {}), p, g).reshape(-1))
     return torch.cat(parts)
+
+
+def parameter_update(optimizer: torch.optim.Optimizer, group: dict, state: Any, param: torch.Tensor,
+                     grad: torch.Tensor) -> torch.Tensor:
+    """One parameter's part of :func:`next_update` (float64, shaped like ``param``): the step ``optimizer`` would
+    take for ``param`` in ``group`` with optimizer ``state`` (a mapping: ``optimizer.state[param]``, or the same
+    with rank-local shards of its tensors) and gradient ``grad``. Reads, never writes."""
+    p = param
+    g = grad.detach().to(torch.float64).reshape(p.shape)
+    theta = p.detach().to(torch.float64)
+    lr = _scalar(group["lr"])
+    wd = _scalar(group.get("weight_decay", 0.0))
+    if group.get("maximize", False):
+        g = -g
+    if isinstance(optimizer, torch.optim.SGD):
+        d = g + wd * theta if wd else g
+        mu = _scalar(group.get("momentum", 0.0))
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = d
+            else:
+                buf = mu * buf.detach().to(torch.float64) + (1 - _scalar(group.get("dampening", 0.0))) * d
+            d = d + mu * buf if group.get("nesterov", False) else buf
+        return -lr * d
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        eps = _scalar(group["eps"])
+        decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+        if wd and not decoupled:
+            g = g + wd * theta
+        has = "exp_avg" in state and "step" in state
+        m = (beta1 * state["exp_avg"].detach().double() if has else 0.0) + (1 - beta1) * g
+        v = (beta2 * state["exp_avg_sq"].detach().double() if has else 0.0) + (1 - beta2) * g * g
+        t = (_scalar(state["step"]) if has else 0.0) + 1
+        if group.get("amsgrad", False):
+            vmax = state.get("max_exp_avg_sq")
+            v = torch.maximum(vmax.detach().double(), v) if vmax is not None else v
+        step = -lr * (m / (1 - beta1 ** t)) / (v.sqrt() / math.sqrt(1 - beta2 ** t) + eps)
+        if wd and decoupled:
+            step = step - lr * wd * theta
+        return step
+    raise TypeError(f"next_update supports SGD, Adam and AdamW, got {type(optimizer).__name__}")
 
 
 def loss_at(model: torch.nn.Module, loss_fn: Any, data: Any, named_params: Sequence[tuple[str, torch.Tensor]],

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .rows import append_rows, is_json_lines, repair_row_file
+from .rows import ROW_KEYS, SCALAR_KEYS, append_rows, is_json_lines, repair_row_file
 
 __all__ = ["CSVSink", "JSONLinesSink", "TensorBoardSink", "LoggingSink", "CallableSink", "WandbSink", "MLflowSink",
            "make_sink", "format_row", "is_rank_zero"]
@@ -43,23 +43,11 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _row_keys() -> tuple[str, ...]:
-    from .tracking import ROW_KEYS  # the tracker owns the column list
-
-    return ROW_KEYS
-
-
-def _scalar_keys() -> tuple[str, ...]:
-    from .tracking import SCALAR_KEYS
-
-    return SCALAR_KEYS
-
-
 def numeric_items(row: dict, prefix: str = "") -> dict[str, float]:
-    """The row's finite numeric scalars (:data:`~curvature.tracking.SCALAR_KEYS`) as floats, plus
+    """The row's finite numeric scalars (:data:`~curvature.rows.SCALAR_KEYS`) as floats, plus
     ``eigenvalue_i`` / ``preconditioned_eigenvalue_i`` when a row holds more than one eigenvalue."""
     out: dict[str, float] = {}
-    for key in _scalar_keys():
+    for key in SCALAR_KEYS:
         value = row.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[prefix + key] = float(value)
@@ -131,7 +119,7 @@ class _FileSink(_RankZeroSink):
                               "append=False, for a fresh file)", RuntimeWarning, stacklevel=3)
             return
         if not self._json_lines and self.columns is None:
-            keys = _row_keys()
+            keys = ROW_KEYS
             self.columns = list(keys) + [k for k in row if k not in keys]
         append_rows(self.path, [row], self.columns, self._json_lines, fsync=False)
 
@@ -143,7 +131,7 @@ class _FileSink(_RankZeroSink):
 
 
 class CSVSink(_FileSink):
-    """Rows to a CSV file (header = :data:`~curvature.tracking.ROW_KEYS` plus any extra keys of the first row, or
+    """Rows to a CSV file (header = :data:`~curvature.rows.ROW_KEYS` plus any extra keys of the first row, or
     the existing file's header), one flushed record per row. Lists (``eigenvalues``) are JSON text, ``None`` an
     empty cell. An existing file is appended to (steps already in it are not written again); ``append=False``
     overwrites it."""
@@ -310,6 +298,8 @@ def format_row(row: dict) -> str:
     parts.append(f"edge_ratio={_fmt(row.get('edge_ratio'), '.3f')}")
     parts.append(f"lr={_fmt(row.get('lr'))} loss={_fmt(row.get('loss'))}")
     parts.append(f"hvps={row.get('num_hvps')} {_fmt(row.get('seconds'), '.3f')}s")
+    if row.get("stability_note") and not row.get("error"):  # why threshold / edge_ratio is empty
+        parts.append(f"note: {row['stability_note']}")
     if row.get("error"):
         parts.append(f"ERROR: {row['error']}")
     return ", ".join(parts)

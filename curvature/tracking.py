@@ -1,8 +1,10 @@
-"""Sharpness during training: :class:`SharpnessTracker` and the sinks its rows go to.
+"""Sharpness during training: :class:`SharpnessTracker` (its rows go to the sinks of :mod:`curvature.sinks`).
 
 A tracker measures, every ``every`` steps, the top Hessian eigenvalue λ_max(H) of the loss at the model's current
-parameters (and, for Adam/AdamW, the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
-stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement::
+parameters (and, for an optimizer with a diagonal pre-conditioner — Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam,
+RAdam, Adafactor, Adadelta — the pre-conditioned sharpness λ_max(P⁻¹H)), compares it with the optimizer's
+stability threshold (:func:`~curvature.optim.stability_threshold`) and writes one row per measurement; where no
+threshold is derived, ``stability_note`` says so (and what to use instead)::
 
     tracker = SharpnessTracker(F.cross_entropy, every=50, sinks=["sharpness.csv"])
     for i, (x, y) in enumerate(loader):
@@ -27,8 +29,24 @@ about to be taken from the probe batch's gradient (``lookahead=True`` in
 
 **Never hurts training.** Nothing the tracker does changes parameters, ``.grad``, buffers, optimizer state,
 ``model.training`` or the global RNG state: a run with a tracker attached is bit-identical to the same run
-without it. A failed measurement (NaN loss, no convergence, an exception in a sink) gives a warning and a row
-with an ``error`` field, and training goes on; ``on_error="raise"`` raises instead.
+without it (the one thing it adds is a read-only ``register_step_post_hook`` on the optimizer, see below).
+
+**When a measurement fails** (the policy; the framework callbacks follow it too):
+
+* *Set-up errors fail at once.* When no measurement has succeeded yet and one fails with the kind of error a wrong
+  set-up raises (a ``loss_fn(model, batch)`` signature, ``F.cross_entropy`` on (B, T, V) logits, inputs and targets
+  of different lengths: TypeError, ValueError, shape RuntimeErrors, ...), every later row would fail the same way:
+  :class:`TrackingSetupError` is raised, naming what was given and the expected ``loss_fn(outputs, targets)``, and
+  no row is written. ``setup_errors="warn"`` warns once with that text instead and goes on.
+* *Later failures warn once per kind.* After a row has succeeded, a failure (out of memory, NaN, a transient
+  fault, no convergence, a failing sink) gives a :class:`TrackingWarning` the first time for each kind, then again
+  at the 10th, 100th, ... with the count (``tracker.failures``); every such row is written with ``error`` (why) and
+  ``error_kind`` (one of :data:`curvature.usage.FAILURE_KINDS`), and training goes on. ``on_error="raise"``
+  raises :class:`TrackingError` after writing the row instead.
+
+**Order of calls.** With ``when="before_step"`` the tracker watches the optimizer through a read-only step hook:
+when :meth:`SharpnessTracker.step` comes after ``optimizer.step()`` with no ``backward()`` in between (its row
+would describe the parameters after the update), it warns once with the fix.
 
 **Starts and cost.** Each solve (Lanczos by default, stopped once the eigenvalue is within ``eig_tol=1e-3``) starts
 from the previous measurement's Ritz vectors plus a guard vector (the next one), so a λ1/λ2 swap between rows
@@ -46,8 +64,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -55,71 +75,49 @@ import torch
 
 from ._exact import frozen_rng, unwrap_model
 from .diagnostics import OPERATOR_OPTIONS, SOLVERS, solve, split_operator_options
+from .distributed import RemoteRankError
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
 from .route_check import check_one_sided, rayleigh_quotient
-from .optim import (PreconditionedHessianOperator, edge_ratio, is_adam_like, stability_threshold,
+from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
+                    lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
                     unwrap_optimizer)
-from .signals import SIGNAL_KEYS, GraphHessianOperator, loss_at, step_signals
-from ._validate import check_optional_positive_int, check_seed, check_tol
+from .critical import critical_sharpness
+from .operators import GraphHessianOperator
+from .rows import ROW_KEYS, SCALAR_KEYS  # the row schema (re-exported)
+from .signals import loss_at, step_signals
+from ._validate import check_optional_positive_int, check_positive_float, check_seed, check_tol
+from .usage import (check_batch_argument, check_not_a_batch_half, describe, explain_setup_failure, failure_kind)
 
-__all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingWarning", "CSVSink",
+__all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingSetupError", "TrackingWarning",
+           "CSVSink",
            "JSONLinesSink", "TensorBoardSink", "LoggingSink", "CallableSink", "WandbSink", "MLflowSink", "make_sink",
            "format_row", "model_output_loss", "read_rows", "parse_value", "is_json_lines", "warm_started_solve"]
 
 log = logging.getLogger("curvature.tracking")
 
-#: The keys of every tracker row, in column order (the API contract's keys first).
-ROW_KEYS: tuple[str, ...] = (
-    "step",                       # the step label passed to tracker.step (or the tracker's own call counter)
-    "lr",                         # optimizer.param_groups[0]["lr"] at the time of measurement
-    "loss",                       # mean loss at the measured parameters, on the probe data
-    "sharpness",                  # λ_max(H)
-    "preconditioned_sharpness",   # λ_max(P⁻¹H) for Adam/AdamW, else None
-    "threshold",                  # stability_threshold(optimizer): 2/η (SGD), (2+2μ)/η, (2+2β₁)/((1−β₁)η) (Adam)
-    "edge_ratio",                 # λ / threshold (λ^{P⁻¹H} for Adam): 1.0 = edge of stability
-    "num_hvps",                   # Hessian-vector products spent on this row (H and P⁻¹H, retries included)
-    "seconds",                    # wall time of the measurement
-    "converged",                  # every solve reached tol
-    "eigenvalues",                # top-k eigenvalues of H (list)
-    "preconditioned_eigenvalues",  # top-k of P⁻¹H (list) or None
-    "residual",                   # largest relative residual ‖Hv − λv‖/|λ| of the H solve
-    "preconditioned_residual",    # same for P⁻¹H
-    "preconditioned_num_hvps",    # the part of num_hvps spent on P⁻¹H
-    "warm_start",                 # the accepted H solve started from the previous eigenvectors
-    "lookahead",                  # P was built for the step about to be taken (Adam before its first step)
-    "optimizer",                  # optimizer class name
-    "when",                       # "before_step" or "after_step"
-    "error",                      # None, or why the measurement failed / did not converge
-    "preconditioner",             # "next_step" (P of the step about to be taken) or "last_step"; None without Adam
-    "error_bound",                # bound on the relative error of `sharpness`: ‖r‖²/(gap·|λ|) (solver's estimate)
-    "preconditioned_error_bound",  # the same for `preconditioned_sharpness`
-    "eig_tol",                    # the relative eigenvalue accuracy asked for (None: residual tol only)
-    "solver",                     # eigensolver used
-    "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
-    "hvp_route",                  # "one_sided" (one gradient per HVP, central check on the Ritz vector) or "exact"
-    "num_gradients",              # first-order gradient passes of the row (one-sided route: G(θ), 1/HVP, 2/check)
-    "hvp_route_note",             # why the route is exact where one-sided was eligible (None otherwise)
-) + SIGNAL_KEYS                   # per-step signals (signals=True): see curvature.signals
-
-#: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
-SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio", "lr", "loss", "num_hvps",
-               "seconds", "residual")
-
-
 class TrackingError(RuntimeError):
     """A measurement failed (or did not converge) and the tracker was built with ``on_error="raise"``."""
+
+
+class TrackingSetupError(TrackingError, TypeError):
+    """The first measurement failed because of how the tracker is set up (the loss's signature, the batch's form,
+    shapes): every later row would fail the same way. Raised whatever ``on_error`` says, unless
+    ``setup_errors="warn"``; the message names what was given and the expected ``loss_fn(outputs, targets)``."""
 
 
 class TrackingWarning(RuntimeWarning):
     """A measurement failed; training goes on (``on_error="warn"``)."""
 
 
+_STEP_CALL = "tracker.step(model, optimizer, batch, step)"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loss adapters
 # ---------------------------------------------------------------------------------------------------
-from .data import model_output_loss, own_loss_batch  # noqa: E402  (model_output_loss re-exported here)
+from .data import model_output_loss, own_loss_batch, resolve_loss_fn  # noqa: E402  (model_output_loss re-exported here)
 
 
 # Row files and sinks live in rows.py and sinks.py; re-exported here (public names of this module).
@@ -157,8 +155,10 @@ def _finite(values: Sequence[float]) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
 
 
-def _has_adam_state(optimizer: torch.optim.Optimizer) -> bool:
-    return any("exp_avg_sq" in optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"])
+def _is_sharded(net: torch.nn.Module) -> bool:
+    from .sharded import is_sharded_model  # lazily: torch.distributed's FSDP pieces only when needed
+
+    return is_sharded_model(net)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -237,12 +237,19 @@ class SharpnessTracker:
             g leans towards the top eigenvectors (at the edge of stability the iterates oscillate along them):
             the cold GPT row took 23 HVPs instead of 33; added to a warm start it helped at every=100 on the MLP
             and cost a little at every=1/10 (``docs/tracking.md``).
-        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer is Adam/AdamW; ``True`` requires it,
-            ``False`` never.
+        preconditioned: ``"auto"`` measures λ_max(P⁻¹H) when the optimizer has a diagonal pre-conditioner
+            (Adam/AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor, Adadelta:
+            :func:`~curvature.optim.has_diagonal_preconditioner`); ``True`` requires it, ``False`` never. Where a
+            stability column stays empty (no derived threshold: Adagrad, Adafactor, Adadelta, Muon; lr = 0;
+            ``preconditioned=False`` with an adaptive optimizer), the row's ``stability_note`` says why.
         lookahead: ``True`` (default): P of the step about to be taken (v ← β₂v + (1−β₂)g², t ← t+1, g = the
             measured batch's gradient), matching what a row describes; ``False``: P of the last step taken (from
-            the optimizer state; undefined before the first step); ``"auto"``: last step once state exists, next
-            step before (the old behaviour). Each row says which in ``preconditioner``.
+            the optimizer state; undefined before the first step); ``"auto"``: last step once the optimizer has
+            stepped, next step before (and always for Adafactor and Adadelta, whose last-step P cannot be rebuilt:
+            :func:`~curvature.optim.lookahead_required`). Each row says which in ``preconditioner``.
+        max_grad_norm: the training loop clips gradients to this norm (``clip_grad_norm_``): the lookahead P is
+            built from the measured gradient clipped the same way, as the optimizer will see it. ``None`` (default):
+            unclipped. The Hugging Face callback sets it from ``TrainingArguments.max_grad_norm``.
         share_graph: λ(H) and λ(P⁻¹H) (and the signals) from one first-order graph per measurement (default);
             ``False`` builds one per solve (the old cost).
         signals: also compute the per-step signals of :mod:`curvature.signals` (batch sharpness, update
@@ -250,8 +257,11 @@ class SharpnessTracker:
             batch: 2–3 HVPs and one forward pass more per row (``signals_num_hvps``, ``signals_seconds``).
         sinks: where rows go besides ``history``: paths (``.csv``, ``.jsonl``), a ``logging.Logger``, a TensorBoard
             ``SummaryWriter``, sink objects (:class:`CSVSink`, :class:`TensorBoardSink`, ...) or any callable(row).
-        on_error: ``"warn"`` (a failed measurement gives a :class:`TrackingWarning` and a row with ``error``) or
-            ``"raise"`` (:class:`TrackingError`, after the row is written).
+        on_error: ``"warn"`` (a failed measurement gives a :class:`TrackingWarning`, once per kind of failure,
+            and a row with ``error`` / ``error_kind``) or ``"raise"`` (:class:`TrackingError`, after the row is
+            written).
+        setup_errors: ``"raise"`` (default): a first measurement that fails because of the set-up raises
+            :class:`TrackingSetupError` (see the module docs); ``"warn"``: warn once with the same text and go on.
         retry_cold: when a warm-started solve does not converge, retry once from a random start.
         batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
         hvp_route: how the solves apply the Hessian. ``"exact"``: double backward through a cached first-order
@@ -266,6 +276,14 @@ class SharpnessTracker:
             exact otherwise (``row["hvp_route_note"]`` says why). ``row["hvp_route"]`` is the route used.
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
+        critical_every: also measure the critical sharpness λ_c = 2/η_c of the step about to be taken
+            (:func:`~curvature.critical.critical_sharpness`: forward passes only, any linear-in-lr optimizer) when
+            ``step % critical_every == 0``, into the ``critical_*`` columns (``critical_edge_ratio`` = η·λ_c/2,
+            1.0 = the edge of stability for every optimizer); a step that is not a λ_max step gets a row with only
+            those columns (and ``lr``, ``loss``). Warm-started from the previous η_c; the loss at θ is the
+            ``loss=`` given to :meth:`step` when the tracker has no probe and the model no active dropout.
+            ``every=None`` with ``critical_every``: critical-sharpness rows only.
+        critical_rtol: its bracket tolerance (default 1/16).
         **operator_options: passed to the operator (``method``, ``dtype``, ``device``, ``max_batch_size``,
             ``params``, ``distributed``, ...).
     """
@@ -275,11 +293,19 @@ class SharpnessTracker:
                  when: str = "before_step", warm_start: bool = True, preconditioned: bool | str = "auto",
                  sinks: Iterable[Any] = (), on_error: str = "warn", *, eig_tol: float | None = 1e-3,
                  lookahead: bool | str = True, warm_guard: bool = True, gradient_start: bool | str = "cold",
-                 share_graph: bool = True,
+                 share_graph: bool = True, max_grad_norm: float | None = None, setup_errors: str = "raise",
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
-                 solver_seed: int = 0, hvp_route: str = "auto", **operator_options: Any) -> None:
-        self.every = _positive_int(every, "every")
+                 solver_seed: int = 0, critical_every: int | None = None, critical_rtol: float = 1 / 16,
+                 hvp_route: str = "auto", **operator_options: Any) -> None:
+        self.critical_every = None if critical_every is None else _positive_int(critical_every, "critical_every")
+        if every is None and self.critical_every is None:
+            raise ValueError("every=None measures nothing: give every=N (λ_max rows) and/or critical_every=N")
+        self.every = None if every is None else _positive_int(every, "every")
+        self.critical_rtol = float(critical_rtol)
+        if not (math.isfinite(self.critical_rtol) and 0 < self.critical_rtol < 1):
+            raise ValueError(f"critical_rtol must be in (0, 1), got {critical_rtol!r}")
+        self._critical_lr: float | None = None
         self.k = _positive_int(k, "k")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
@@ -287,6 +313,9 @@ class SharpnessTracker:
             raise ValueError(f"when must be 'before_step' or 'after_step', got {when!r}")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if setup_errors not in ("warn", "raise"):
+            raise ValueError(f"setup_errors must be 'raise' (a misconfigured first measurement raises) or 'warn', "
+                             f"got {setup_errors!r}")
         if preconditioned not in ("auto", True, False):
             raise ValueError(f"preconditioned must be 'auto', True or False, got {preconditioned!r}")
         if lookahead not in ("auto", True, False):
@@ -296,7 +325,8 @@ class SharpnessTracker:
         if unknown:
             raise TypeError(f"SharpnessTracker() got unexpected keyword arguments: {unknown}")
         self.own_loss = loss_fn is None
-        self.loss_fn = model_output_loss if loss_fn is None else loss_fn
+        self.loss_fn = resolve_loss_fn(loss_fn)  # None: the model's own loss; a loss class or sum-reduction refused
+        self.setup_errors = setup_errors
         self.solver = solver
         self.eig_tol = check_tol(eig_tol, "eig_tol", allow_none=True)
         self.tol = check_tol(tol, "tol", allow_none=True)
@@ -305,6 +335,9 @@ class SharpnessTracker:
         self.max_iters = check_optional_positive_int(max_iters, "max_iters")
         self.probe = probe
         self.when = when
+        if self.critical_every is not None and when != "before_step":
+            raise ValueError("critical_every= measures the step about to be taken: it needs when='before_step' "
+                             "(call tracker.step after backward(), before optimizer.step())")
         self.warm_start = bool(warm_start)
         self.warm_guard = bool(warm_guard)
         if gradient_start not in ("cold", True, False):
@@ -315,6 +348,7 @@ class SharpnessTracker:
         self.signals = bool(signals)
         self.preconditioned = preconditioned
         self.lookahead = lookahead
+        self.max_grad_norm = None if max_grad_norm is None else check_positive_float(max_grad_norm, "max_grad_norm")
         self.on_error = on_error
         self.retry_cold = bool(retry_cold)
         self.batch_transform = batch_transform
@@ -336,11 +370,23 @@ class SharpnessTracker:
         self._X_h: torch.Tensor | None = None
         self._X_p: torch.Tensor | None = None
         self._signature_seen: tuple | None = None
+        #: failed measurements so far, by kind (:data:`curvature.usage.FAILURE_KINDS`)
+        self.failures: dict[str, int] = {}
+        self._succeeded = False  # a measurement has given a value: later failures are not set-up errors
+        self._order_hooks: dict[int, Any] = {}
+        self._grads_at_step: dict[int, list[tuple[Any, Any, int]]] = {}
+        self._order_warned = False
 
     # -- public ---------------------------------------------------------------------------------------
     def should_measure(self, step: int) -> bool:
-        """``step % every == 0``."""
-        return int(step) % self.every == 0
+        """``step % every == 0`` (λ_max) or ``step % critical_every == 0`` (λ_c)."""
+        return self._sharpness_due(step) or self._critical_due(step)
+
+    def _sharpness_due(self, step: int) -> bool:
+        return self.every is not None and int(step) % self.every == 0
+
+    def _critical_due(self, step: int) -> bool:
+        return self.critical_every is not None and int(step) % self.critical_every == 0
 
     def step(self, model: torch.nn.Module, optimizer: Any, batch: Any = None, step: int | None = None, *,
              loss: torch.Tensor | None = None) -> dict | None:
@@ -355,6 +401,9 @@ class SharpnessTracker:
         ``dtype``), the HVPs run through the first-order graph in ``p.grad``; or pass ``loss=`` (before
         ``backward()``, graph alive). Set ``p.grad = None`` after ``optimizer.step()`` to free that graph.
         """
+        step = self._check_call(model, optimizer, batch, step)
+        if self.when == "before_step":
+            self._check_order(optimizer, self._calls if step is None else step)
         if step is None:
             step = self._calls
         self._calls += 1
@@ -368,7 +417,15 @@ class SharpnessTracker:
         if loss is not None and self.probe is not None:
             raise ValueError("loss= measures on the training step's own graph (its batch); the tracker has a "
                              "probe= batch: use one or the other")
-        row = self._measure(model, optimizer, batch, self._calls if step is None else int(step), loss)
+        step = self._check_call(model, optimizer, batch, step, call="tracker.measure(model, optimizer, batch, step)")
+        step = self._calls if step is None else step
+        if self.every is None or (self.critical_every is not None and not self._sharpness_due(step)
+                                  and self._critical_due(step)):
+            row = self._critical_only_row(step, optimizer)  # a critical-sharpness step between λ_max steps
+        else:
+            row = self._measure(model, optimizer, batch, step, loss)
+        if self._critical_due(step):
+            self._add_critical(row, model, optimizer, batch, loss)
         self._emit(row)
         if row.get("error") and self.on_error == "raise":
             raise TrackingError(f"sharpness measurement at step {row['step']} failed: {row['error']}")
@@ -382,7 +439,7 @@ class SharpnessTracker:
         """What a resumed run needs to continue this tracker: the rows, the call counter and the warm-start
         vectors (CPU tensors). Plain Python values and tensors only (``torch.load(weights_only=True)`` reads it);
         the framework callbacks save it with their checkpoints."""
-        return {"history": [dict(r) for r in self.history], "calls": self._calls,
+        return {"history": [dict(r) for r in self.history], "calls": self._calls, "critical_lr": self._critical_lr,
                 "warm_start_h": None if self._X_h is None else self._X_h.detach().cpu().clone(),
                 "warm_start_p": None if self._X_p is None else self._X_p.detach().cpu().clone()}
 
@@ -393,8 +450,12 @@ class SharpnessTracker:
         self.history = [dict(r) for r in state.get("history", [])]
         self.last = self.history[-1] if self.history else None
         self._calls = int(state.get("calls", len(self.history)))
+        lr_c = state.get("critical_lr")
+        self._critical_lr = float(lr_c) if isinstance(lr_c, (int, float)) and math.isfinite(lr_c) and lr_c > 0 else None
         self._X_h = self._X_p = None
         self._signature_seen = None
+        self._succeeded = any(r.get("sharpness") is not None or r.get("critical_sharpness") is not None
+                              for r in self.history)
         if model is None:
             return
         net = unwrap_model(model)
@@ -420,7 +481,13 @@ class SharpnessTracker:
         return pd.DataFrame(self.history, columns=columns)
 
     def close(self) -> None:
-        """Close file and TensorBoard sinks (rows are already flushed; this releases the handles)."""
+        """Close file and TensorBoard sinks (rows are already flushed; this releases the handles) and remove the
+        read-only optimizer step hooks."""
+        for handle in self._order_hooks.values():
+            with contextlib.suppress(Exception):
+                handle.remove()
+        self._order_hooks.clear()
+        self._grads_at_step.clear()
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if callable(close):
@@ -676,14 +743,14 @@ class SharpnessTracker:
 
                 # lr = 0 (the first step of a warm-up from 0): λ_max(P⁻¹H) is defined, the threshold is not
                 P_op = None
-                if opt is not None and self._wants_preconditioned(opt):
-                    lookahead = self.lookahead if self.lookahead != "auto" else not _has_adam_state(opt)
+                if opt is not None and self._wants_preconditioned(opt, net):
+                    lookahead = self.lookahead if self.lookahead != "auto" else lookahead_required(opt)
                     row["lookahead"] = bool(lookahead)
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
 
                     def preconditioned(inner: Any) -> Any:
                         return PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=inner)
+                                                             inner=inner, max_grad_norm=self.max_grad_norm)
                     if self.share_graph:
                         P_op = preconditioned(H)
                     else:
@@ -712,21 +779,120 @@ class SharpnessTracker:
                 if self.signals:
                     row.update(self._signals(net, opt, H, P_op, data))
                     row["num_hvps"] += row["signals_num_hvps"] or 0
-            top = row["preconditioned_sharpness"] if row["preconditioned_sharpness"] is not None else row["sharpness"]
+            # the threshold of an optimizer with a diagonal P is one for λ(P⁻¹H), never for λ(H)
+            top = row["preconditioned_sharpness"] if opt is not None and has_diagonal_preconditioner(opt) \
+                else row["sharpness"]
             if row["threshold"] is not None and top is not None:
                 row["edge_ratio"] = float(edge_ratio(opt, top))
         except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            if isinstance(exc, RemoteRankError) and exc.interrupted:
+                raise  # another rank was stopped (Ctrl-C, sys.exit): this one stops too instead of training on alone
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
             problems.insert(0, msg)
             row["converged"] = False
+            row["error_kind"] = failure_kind(exc, first=not self._succeeded)
             log.debug("measurement at step %s failed", step, exc_info=True)
+            if row["error_kind"] == "setup":
+                explained = explain_setup_failure(exc, self.loss_fn, self._shown_data(batch),
+                                                 data_name="probe" if self.probe is not None else "batch")
+                if self.setup_errors == "raise":
+                    raise TrackingSetupError(
+                        f"curvature: {explained}\n(no row was written; this tracker raises on a first measurement "
+                        "that fails like this because every later one would too: SharpnessTracker(..., "
+                        "setup_errors='warn') warns once instead)") from exc
+                problems[0] = f"{msg} [set-up: {explained.splitlines()[1]}]"
+        if row["sharpness"] is not None:
+            self._succeeded = True
         row["seconds"] = time.perf_counter() - t0
+        if opt is not None:
+            row["stability_note"] = self._stability_note(opt, row, problems)
         if problems:
             row["error"] = "; ".join(problems)
+            row["error_kind"] = row["error_kind"] or "not_converged"
             if self.on_error == "warn":
-                warnings.warn(f"curvature: sharpness measurement at step {step} failed ({row['error']}); "
-                              "training continues", TrackingWarning, stacklevel=4)
+                self._warn_failure(row["error_kind"], step, row["error"])
         return row
+
+    def _shown_data(self, batch: Any) -> Any:
+        """The data a failed measurement was given (after ``batch_transform``), for its error message."""
+        data = self.probe if self.probe is not None else batch
+        if self.batch_transform is not None:
+            with contextlib.suppress(Exception):
+                data = self.batch_transform(data)
+        return data
+
+    def _warn_failure(self, kind: str, step: Any, text: str) -> None:
+        """One :class:`TrackingWarning` per kind of failure, then again at the 10th, 100th, ... with the count."""
+        count = self.failures[kind] = self.failures.get(kind, 0) + 1
+        if count == 1:
+            warnings.warn(f"curvature: sharpness measurement at step {step} failed ({text}); training continues. "
+                          f"Further failures of this kind ({kind}) are counted in tracker.failures and warned at "
+                          "the 10th, 100th, ...; each row says why in its error and error_kind columns",
+                          TrackingWarning, stacklevel=5)
+        elif math.log10(count).is_integer():
+            warnings.warn(f"curvature: {count} sharpness measurements have failed with {kind} so far (the latest at "
+                          f"step {step}: {text}); training continues", TrackingWarning, stacklevel=5)
+
+    def _critical_only_row(self, step: int, optimizer: Any) -> dict:
+        row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+        opt = unwrap_optimizer(optimizer)
+        row.update(step=step, num_hvps=0, when=self.when, optimizer=type(opt).__name__ if opt is not None else None)
+        if isinstance(opt, torch.optim.Optimizer):
+            with contextlib.suppress(TypeError, ValueError):
+                row["lr"] = float(opt.param_groups[0]["lr"])
+            with contextlib.suppress(TypeError, ValueError):
+                row["threshold"] = float(stability_threshold(opt))
+            if row["threshold"] is None:
+                with contextlib.suppress(TypeError, ValueError):
+                    row["stability_note"] = stability_note(opt)
+        return row
+
+    def _add_critical(self, row: dict, model: torch.nn.Module, optimizer: Any, batch: Any,
+                      loss: torch.Tensor | None) -> None:
+        """The critical-sharpness columns of ``row`` (a failure goes into ``error``; training goes on)."""
+        t0 = time.perf_counter()
+        only = row.get("sharpness") is None and row.get("source") is None
+        try:
+            net = unwrap_model(model)
+            data = self._data(batch)
+            stochastic = net.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                                              for m in net.modules())
+            reuse = loss if (loss is not None and self.probe is None and not stochastic) else None
+            options = {k: v for k, v in self.operator_options.items()
+                       if k in ("distributed", "process_group", "weight_fn", "inputs_as", "max_batch_size", "seed")}
+            if self.when != "before_step":
+                raise ValueError("critical sharpness measures the step about to be taken: it needs "
+                                 "when='before_step' (after backward(), before optimizer.step())")
+            res = critical_sharpness(model, None if self.own_loss else self.loss_fn, data, optimizer,
+                                     rtol=self.critical_rtol, lr_start=self._critical_lr, loss=reuse, **options)
+            row.update(res.row())
+            if only:
+                row["loss"] = res.loss
+                row["converged"] = res.converged
+            if res.note:
+                raise RuntimeError(f"critical sharpness: {res.note}")
+            self._critical_lr = res.critical_lr
+            self._succeeded = True
+        except Exception as exc:  # noqa: BLE001 - a measurement must never stop training unless asked to
+            if isinstance(exc, RemoteRankError) and exc.interrupted:
+                raise  # another rank was stopped (Ctrl-C, sys.exit): this one stops too, as in _measure
+            msg = f"critical sharpness: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            msg = msg.rstrip(": ")
+            row["error"] = msg if not row.get("error") else f"{row['error']}; {msg}"
+            kind = failure_kind(exc, first=not self._succeeded)
+            row["error_kind"] = row.get("error_kind") or kind
+            log.debug("critical sharpness at step %s failed", row.get("step"), exc_info=True)
+            if kind == "setup" and self.setup_errors == "raise":  # the same policy as the λ_max measurement
+                explained = explain_setup_failure(exc, self.loss_fn, self._shown_data(batch),
+                                                  data_name="probe" if self.probe is not None else "batch")
+                raise TrackingSetupError(
+                    f"curvature: {explained}\n(no row was written; this tracker raises on a first measurement that "
+                    "fails like this because every later one would too: SharpnessTracker(..., "
+                    "setup_errors='warn') warns once instead)") from exc
+            if self.on_error == "warn":
+                self._warn_failure(kind, row.get("step"), msg)
+        row["critical_seconds"] = time.perf_counter() - t0
+        row["seconds"] = row["critical_seconds"] + (0.0 if only else (row.get("seconds") or 0.0))  # the whole row
 
     def _signals(self, net: torch.nn.Module, opt: Any, H: Any, P_op: Any, data: Any) -> dict:
         """The per-step signals on the measured batch (see :func:`curvature.signals.step_signals`)."""
@@ -743,12 +909,31 @@ class SharpnessTracker:
         """Which parameters the operator runs over; warm-start vectors are kept only while it is the same."""
         return tuple((id(p), tuple(p.shape), p.requires_grad) for p in net.parameters())
 
-    def _wants_preconditioned(self, opt: Any) -> bool:
-        if self.preconditioned == "auto":
-            return is_adam_like(opt)
-        if self.preconditioned and not is_adam_like(opt):
-            raise TypeError(f"preconditioned=True needs torch.optim.Adam/AdamW, got {type(opt).__name__}")
+    def _wants_preconditioned(self, opt: Any, net: torch.nn.Module) -> bool:
+        if self.preconditioned == "auto":  # a fully-sharded model: P is read shard by shard for Adam/AdamW only
+            return has_diagonal_preconditioner(opt) and (is_adam_like(opt) or not _is_sharded(net))
+        if self.preconditioned and not has_diagonal_preconditioner(opt):
+            require_diagonal_preconditioner(opt, "preconditioned=True")  # names it and what to use instead
         return bool(self.preconditioned)
+
+    def _stability_note(self, opt: Any, row: dict, problems: list[str]) -> str | None:
+        """Why a stability column of this row is empty (None when threshold and edge_ratio are there)."""
+        if row["threshold"] is not None and row["edge_ratio"] is not None:
+            return None
+        try:
+            note = stability_note(opt) if row["threshold"] is None else None
+            if row["threshold"] is None and note is None:
+                stability_threshold(opt)  # raises what is wrong (lr = 0, beta1 = 1, dampening = 1, ...)
+        except (TypeError, ValueError) as exc:
+            note = f"no stability threshold: {str(exc).splitlines()[0]}"
+        if note is None and row["preconditioned_sharpness"] is None and has_diagonal_preconditioner(opt):
+            why = "preconditioned=False" if self.preconditioned is False else \
+                "λ(P⁻¹H) of a fully-sharded (FSDP2) model is implemented for Adam/AdamW only"
+            note = (f"edge_ratio needs λ(P⁻¹H) for {type(opt).__name__} (its threshold is one for P⁻¹H, not H), "
+                    f"and {why}")
+        if note is None and problems:
+            note = "the measurement did not complete; see error"
+        return note
 
     def _emit(self, row: dict) -> None:
         self.last = row
@@ -760,5 +945,76 @@ class SharpnessTracker:
             except Exception as exc:  # noqa: BLE001
                 if self.on_error == "raise":
                     raise
-                warnings.warn(f"curvature: tracker sink {sink!r} failed ({type(exc).__name__}: {exc}); "
-                              "training continues", TrackingWarning, stacklevel=4)
+                self._warn_failure("sink", row.get("step"), f"sink {sink!r}: {type(exc).__name__}: {exc}")
+
+    # -- argument checks and the order of calls ----------------------------------------------------------
+    def _check_call(self, model: Any, optimizer: Any, batch: Any, step: Any, call: str = _STEP_CALL) -> int | None:
+        """The arguments of :meth:`step` / :meth:`measure` in the expected forms (each mistake named), and the
+        step label as an int."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{call}: model got {describe(model)}; expected the torch.nn.Module being trained")
+        if optimizer is not None and not hasattr(unwrap_optimizer(optimizer), "param_groups"):
+            check_not_a_batch_half(optimizer, "optimizer", call)
+            raise TypeError(f"{call}: optimizer got {describe(optimizer)}; expected the torch.optim.Optimizer "
+                            "that trains the model (or None)")
+        check_not_a_batch_half(step, "step", call)
+        if batch is not None and self.batch_transform is None:
+            check_batch_argument(batch, "batch", call)
+        if step is None:
+            return None
+        try:
+            if isinstance(step, bool):
+                raise TypeError
+            if isinstance(step, float) and step.is_integer():
+                return int(step)
+            return operator.index(step)  # int, numpy integers, 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"{call}: step got {describe(step)}; expected the int label of this training step "
+                            "(or None: the tracker counts its own calls)") from None
+
+    def _check_order(self, optimizer: Any, step: int) -> None:
+        """Warn once when :meth:`step` (``when="before_step"``) runs after ``optimizer.step()`` with no
+        ``backward()`` in between. A read-only ``register_step_post_hook`` notes, after each optimizer step, the
+        ``.grad`` tensors of a few parameters (weak references and version counters); a backward replaces or
+        updates them, so finding them untouched here means the optimizer stepped since the last backward."""
+        opt = unwrap_optimizer(optimizer)
+        if opt is None or self._order_warned or not callable(getattr(opt, "register_step_post_hook", None)):
+            return
+        key = id(opt)
+        if key not in self._order_hooks:
+            ref = weakref.ref(self)
+
+            def after_optimizer_step(o: Any, args: Any, kwargs: Any) -> None:
+                tracker = ref()
+                if tracker is not None:
+                    tracker._note_optimizer_step(o, key)
+
+            self._order_hooks[key] = opt.register_step_post_hook(after_optimizer_step)
+            if step == 0 and self._calls == 0 and any(opt.state.get(p) for g in opt.param_groups
+                                                     for p in g["params"]):
+                self._warn_order(opt, "the optimizer already has state at step 0")
+            return
+        seen = self._grads_at_step.get(key)
+        if seen and all(p() is not None and p().grad is not None and p().grad is g() and p().grad._version == v
+                        for p, g, v in seen):
+            self._warn_order(opt, "no backward() ran since the last optimizer.step()")
+
+    def _note_optimizer_step(self, opt: Any, key: int) -> None:
+        seen = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    seen.append((weakref.ref(p), weakref.ref(p.grad), p.grad._version))
+                    if len(seen) == 4:
+                        break
+            if len(seen) == 4:
+                break
+        self._grads_at_step[key] = seen
+
+    def _warn_order(self, opt: Any, why: str) -> None:
+        self._order_warned = True
+        warnings.warn(
+            f"curvature: tracker.step was called after optimizer.step() ({why}): its rows describe the parameters "
+            "after the update, not the ones the update starts from. Fix: call tracker.step(model, optimizer, "
+            "(x, y), step=i) after loss.backward() and before optimizer.step(); or, to measure after the update "
+            "on purpose, build the tracker with when='after_step'", TrackingWarning, stacklevel=4)

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from benchmarks import models as M  # noqa: E402
-from benchmarks import peers as P  # noqa: E402
+from curvature import peers as P  # noqa: E402
 from benchmarks._timing import markdown_table, pin_threads, time_fn  # noqa: E402
 
 
@@ -147,3 +147,12 @@ def test_cli_bench(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| lanczos |" in out and "scipy eigsh" in out and "reference" in out
     assert main(["bench", "--model", "tinybench_mod:model", "--data", "tinybench_mod:data", "--eig-tol", "inf"]) == 2
+
+
+def test_critical_benchmark_quick(tmp_path):
+    from benchmarks import critical
+    out, fig = tmp_path / "critical.md", tmp_path / "critical.png"
+    assert critical.main(["--quick", "--mlp-steps", "4", "--gpt-steps", "4", "--out", str(out),
+                          "--figure", str(fig)]) == 0
+    text = out.read_text()
+    assert "λ_c·η/2" in text and "forwards model warm" in text and fig.exists()

@@ -338,3 +338,32 @@ def test_folder_of_subfolders_suggests_recursive(tmp_path):
     with pytest.raises(CheckpointError, match=r"sub-folders \(run1\): pass --recursive"):
         find_checkpoints(tmp_path)
     assert len(find_checkpoints(tmp_path, recursive=True)) == 1
+
+
+def test_a_folder_named_like_a_checkpoint_gets_an_error_row(tmp_path):
+    """#26.2: a directory ``x.pt`` in the folder is a row with a clear error, not silently skipped (every
+    checkpoint-looking entry gets exactly one row); the real checkpoint beside it is analysed."""
+    d = tmp_path / "run"
+    d.mkdir()
+    torch.save(trained(1, lr=0.1)[0].state_dict(), d / "step_1.pt")
+    (d / "step_2.pt").mkdir()
+    (d / "step_2.pt" / "data.pkl").write_bytes(b"not a checkpoint")
+    assert [p.name for p in find_checkpoints(d)] == ["step_1.pt", "step_2.pt"]
+    rows = analyze(d)
+    assert [os.path.basename(r["file"]) for r in rows] == ["step_1.pt", "step_2.pt"]
+    assert rows[0]["error"] is None and rows[0]["sharpness"] > 0
+    assert rows[1]["step"] == 2 and rows[1]["sharpness"] is None
+    assert "is a directory, not a checkpoint file" in rows[1]["error"], rows[1]["error"]
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        load_checkpoint(d / "step_2.pt")
+
+
+def test_bad_solver_options_refused_before_any_checkpoint_is_read(tmp_path):
+    """#26.5: max_iters=0 (or tol=-1) is one ValueError up front, not an error row per checkpoint."""
+    torch.save(trained(1, lr=0.1)[0].state_dict(), tmp_path / "step_1.pt")
+    seen = []
+    with pytest.raises(ValueError, match="max_iters must be an integer >= 1, got 0"):
+        analyze(tmp_path, max_iters=0, callback=seen.append)
+    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+        analyze(tmp_path, tol=-1.0, callback=seen.append)
+    assert seen == []

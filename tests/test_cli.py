@@ -223,6 +223,17 @@ def test_more_bad_inputs_in_process(env, capsys, monkeypatch):
     check(["check-hvp", "--model", "ckfactories:data", "--data", "ckfactories:data"], "expected a torch.nn.Module")
 
 
+def test_max_iters_and_max_batch_size_refused_before_any_checkpoint_is_read(env, capsys, monkeypatch):
+    """#26.5: like ``--tol -1``: one line, exit 2, nothing loaded (before: an error row per checkpoint)."""
+    monkeypatch.syspath_prepend(str(env["root"]))
+    args = ["analyze", str(env["dir"]), "--model", "ckfactories:model", "--data", "ckfactories:data",
+            "--no-progress"]
+    for flag, value in (("--max-iters", "0"), ("--max-iters", "-3"), ("--max-batch-size", "0")):
+        assert main([*args, flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"curvature: error: {flag} must be at least 1, got {value}", err
+
+
 def test_pickled_code_refused_unless_trusted(env):
     root = env["root"]
     marker = root / "code-ran"

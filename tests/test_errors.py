@@ -31,7 +31,7 @@ def test_infinite_gradient_names_the_parameter():
     model = _mlp()
     with torch.no_grad():
         model[2].weight[0, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"(loss is|not finite)"):
+    with pytest.raises(FloatingPointError, match=r"parameter '2\.weight' holds 1 non-finite value"):
         cv.sharpness(model, F.cross_entropy, (X, Y))
 
     def loss_fn(out, y):  # finite loss, infinite gradient in one parameter: d/dx sqrt(x) at 0
@@ -124,3 +124,43 @@ def test_asymmetric_operator_is_detected_by_check_hvp():
     assert not res.passed and res.max_symmetry_error > 0.1
     with pytest.raises(AssertionError, match="FAILED"):
         cv.check_hvp(Net(), lambda out, y: out, (X, Y), raise_on_failure=True)
+
+
+# --- #26.3/4: the last input edges --------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["auto", "finite_difference"])
+def test_inf_parameter_is_refused_even_when_the_loss_stays_finite(method):
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("inf")  # behind tanh: loss and gradient stay finite
+    with pytest.raises(FloatingPointError, match=r"parameter '0\.weight' holds 1 non-finite value\(s\) \(inf/NaN\) of 12"):
+        cv.sharpness(model, F.cross_entropy, (X, Y), method=method)
+
+
+@pytest.mark.parametrize("eigenvalue,what", [(float("nan"), "NaN"), (-0.3, "< 0"), (torch.tensor(-1.0), "< 0")])
+def test_edge_ratio_of_a_nan_or_negative_eigenvalue_is_nan_with_a_warning(eigenvalue, what):
+    import math
+
+    opt = torch.optim.SGD(_mlp().parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=f"eigenvalue is .*{what}.*undefined, returning NaN"):
+        assert math.isnan(cv.edge_ratio(opt, eigenvalue))
+    assert cv.edge_ratio(opt, 0.0) == 0.0 and cv.edge_ratio(opt, 4.0) == pytest.approx(0.2)  # 2/η = 20
+
+
+@pytest.mark.parametrize("method", ["auto", "finite_difference"])
+def test_meta_device_model_or_data_named(method):
+    with torch.device("meta"):
+        meta_model = _mlp()
+    with pytest.raises(ValueError, match=r"parameters/buffers 0\.weight, 0\.bias, 2\.weight, 2\.bias are on the meta"):
+        cv.sharpness(meta_model, F.cross_entropy, (X, Y), method=method)
+    for data in ((X.to("meta"), Y), (X, Y.to("meta")), [(X, Y), ({"input": X.to("meta")}, Y)]):
+        with pytest.raises(ValueError, match=r"data: batch \d holds tensors on the meta device"):
+            cv.sharpness(_mlp(), F.cross_entropy, data, method=method)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("method", ["auto", "finite_difference"])
+def test_cuda_device_without_cuda_named(method):
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available on this machine"):
+        cv.sharpness(_mlp(), F.cross_entropy, (X, Y), method=method, device="cuda")
+    with pytest.raises(ValueError, match=r"device='meta': the meta device holds shapes without values"):
+        cv.HessianOperator(_mlp(), F.cross_entropy, (X, Y), method=method, device="meta")

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvature.checkpoints import CheckpointError, _scan, analyze_checkpoints, load_checkpoint
+from curvature.checkpoints import CheckpointError, analyze_checkpoints, load_checkpoint
+from curvature.checkpoints.analysis import _scan
 from curvature.diagnostics import sharpness
 from curvature.rows import append_rows, read_row_file, read_rows, repair_row_file, write_rows
 from curvature.sinks import CSVSink, JSONLinesSink
@@ -409,6 +410,67 @@ def test_resumed_tracker_appends_to_its_path_sinks(tmp_path, suffix):
     CSVSink(tmp_path / "fresh.csv", append=False)({"step": 1})
     CSVSink(tmp_path / "fresh.csv", append=False)({"step": 2})
     assert [r["step"] for r in read_rows(tmp_path / "fresh.csv")] == [2]
+
+
+TRAINING_LOOP = textwrap.dedent('''
+    import sys
+    import torch, torch.nn.functional as F
+    from torch import nn
+    from curvature import SharpnessTracker
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.float64)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(24, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = SharpnessTracker(F.cross_entropy, every=1, tol=1e-8, sinks=sys.argv[2:], keep_history=False)
+    for step in range(int(sys.argv[1])):  # a deterministic run: a restart from step 0 repeats it exactly
+        tracker.step(model, opt, data, step=step)
+        opt.zero_grad()
+        F.cross_entropy(model(data[0]), data[1]).backward()
+        opt.step()
+    tracker.close()
+''')
+
+
+def test_training_loop_killed_at_random_points_keeps_one_correct_row_per_step(tmp_path, monkeypatch):
+    """#26: kill -9 a training loop whose tracker writes CSV and JSON-lines rows, restart it (the sinks append and
+    skip steps already written): every step has exactly one complete row, equal to an uninterrupted run's.
+    ``FAULTS_TRAINING_KILLS`` kills (1 in CI: each costs an interpreter start)."""
+    import runpy
+
+    n, kills = 30, int(os.environ.get("FAULTS_TRAINING_KILLS", "1"))
+    script = tmp_path / "train.py"
+    script.write_text(TRAINING_LOOP)
+    sinks = [tmp_path / "rows.csv", tmp_path / "rows.jsonl"]
+    cmd = [sys.executable, str(script), str(n), *map(str, sinks)]
+    rng = random.Random(1)
+    landed = 0
+    for _ in range(kills):
+        proc = subprocess.Popen(cmd, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        size0 = sinks[1].stat().st_size if sinks[1].exists() else 0
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:  # wait until rows are being written
+            if sinks[1].exists() and sinks[1].stat().st_size != size0:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.1))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            landed += 1
+        proc.wait(timeout=60)
+    proc = subprocess.run(cmd, env=env_for(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    reference = tmp_path / "reference.jsonl"
+    monkeypatch.setattr(sys, "argv", [str(script), str(n), str(reference)])
+    runpy.run_path(str(script), run_name="__main__")  # the uninterrupted run, in this process
+    want = {r["step"]: r for r in read_rows(reference)}
+    for path in sinks:
+        assert not read_row_file(path).torn
+        rows = read_rows(path)
+        assert [r["step"] for r in rows] == list(range(n)), f"{path.name}: rows lost, duplicated or out of order"
+        for r in rows:
+            assert r["sharpness"] == pytest.approx(want[r["step"]]["sharpness"], rel=1e-9), (path.name, r["step"])
+    print(f"\ntraining-loop kill -9 test: {landed} of {kills} kills landed while it wrote rows")
 
 
 def test_path_sink_refuses_a_foreign_file(tmp_path):

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from conftest import DT, ZOO, assert_same_state, dense_reference, dropout_mlp, rel_err, snapshot, transformer
-from curvature.finite_difference import compare_hvp_routes, finite_difference_step
+from curvature.diagnostics import compare_hvp_routes
+from curvature.finite_difference import finite_difference_step
 from curvature.operators import HessianOperator
 from curvature.solvers import lanczos
 

@@ -121,6 +121,9 @@ CALLS = {  # LOBPCG where the block paths (batched double backward, vmap over jv
         m, F.cross_entropy, [(x[:12], y[:12]), (x[12:], y[12:])], k=3, tol=1e-3, max_iters=4),
     "preconditioned": lambda m, o, x, y: cv.preconditioned_sharpness(m, F.cross_entropy, (x, y), o, k=2, tol=1e-3,
                                                                       max_iters=6),
+    # the tracker in a training loop: λ(H) and λ(P⁻¹H) (Adam), warm-start state, a row (#26: its figures)
+    "tracker_step": lambda m, o, x, y: cv.SharpnessTracker(F.cross_entropy, every=1, k=1, tol=1e-3, max_iters=4,
+                                                           keep_history=False).step(m, o, (x, y), step=0),
 }
 
 

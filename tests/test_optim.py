@@ -131,10 +131,12 @@ def test_edge_ratio_and_is_adam_like():
 
 
 def test_threshold_errors():
-    with pytest.raises(TypeError, match=r"supports torch\.optim\.SGD .*torch\.optim\.Adam, torch\.optim\.AdamW; "
-                                        r"got RMSprop"):
-        stability_threshold(_opt(torch.optim.RMSprop))
-    with pytest.raises(TypeError, match=r"got str"):
+    # #21: RMSprop has a threshold now (2/η on λ(P⁻¹H)); Adagrad has none: None, and edge_ratio says why
+    assert stability_threshold(_opt(torch.optim.RMSprop, 0.1)) == pytest.approx(20.0)
+    assert stability_threshold(_opt(torch.optim.Adagrad, 0.1)) is None
+    with pytest.raises(ValueError, match=r"needs a stability threshold: no stability threshold derived for Adagrad"):
+        edge_ratio(_opt(torch.optim.Adagrad, 0.1), 1.0)
+    with pytest.raises(TypeError, match=r"takes a torch\.optim\.Optimizer .*got str"):
         stability_threshold("adam")
     sgd = _opt(torch.optim.SGD, 0.1)
     sgd.param_groups[0]["lr"] = 0.0

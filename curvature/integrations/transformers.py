@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("curvature.integrations.transformers needs transformers (and accelerate for the Trainer): "
                       "pip install 'torch-curvature[transformers]'") from exc
 
-from ..tracking import SCALAR_KEYS, SharpnessTracker
+from ..tracking import SCALAR_KEYS, SharpnessTracker, TrackingSetupError, TrackingWarning
 
 __all__ = ["SharpnessCallback", "probe_batch_from_dataloader", "check_hook_support"]
 
@@ -161,6 +161,9 @@ class SharpnessCallback(TrainerCallback, ExportableState):
         trainer: the Trainer to log through (default: found at ``on_train_begin``; or call :meth:`attach`).
         prefix: prefix of the logged names.
         log_to_trainer: send each row's numbers through ``trainer.log`` (the ``report_to`` integrations).
+        max_grad_norm: the clipping applied to the probe gradient that Adam's lookahead P (the step about to be
+            taken) is built from: ``"trainer"`` (default) = ``TrainingArguments.max_grad_norm`` (1.0 by default;
+            0/None: none), as the Trainer clips the gradient its optimizer sees; a number; ``None``: unclipped.
         **tracker_kwargs: :class:`~curvature.tracking.SharpnessTracker` options (``k``, ``tol``, ``when``,
             ``sinks``, ``on_error``, ``dtype``, ...).
     """
@@ -181,14 +184,18 @@ class SharpnessCallback(TrainerCallback, ExportableState):
 
     def __init__(self, loss_fn: Callable | None = None, every: int = 50, probe_batch: Any = None, *,
                  probe_size: int | None = None, trainer: Any = None, prefix: str = "curvature/",
-                 log_to_trainer: bool = True, _curvature_instance: str | None = None,
-                 **tracker_kwargs: Any) -> None:
+                 log_to_trainer: bool = True, max_grad_norm: float | str | None = "trainer",
+                 _curvature_instance: str | None = None, **tracker_kwargs: Any) -> None:
         if _curvature_instance is not None:  # HF's rebuild of this very instance (see __new__): keep it as it is
             return
         if probe_batch is None:
             probe_batch = tracker_kwargs.pop("probe", None)
         if loss_fn is not None and "batch_transform" not in tracker_kwargs:
             tracker_kwargs["batch_transform"] = _split_labels
+        if not (max_grad_norm == "trainer" or max_grad_norm is None or isinstance(max_grad_norm, (int, float))):
+            raise ValueError(f"max_grad_norm must be 'trainer' (TrainingArguments.max_grad_norm), a number or None "
+                             f"(unclipped), got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
         self.tracker = SharpnessTracker(loss_fn, every=every, **tracker_kwargs)
         check_hook_support(TrainerCallback, self.tracker.when)
         self.probe_batch = probe_batch
@@ -198,6 +205,7 @@ class SharpnessCallback(TrainerCallback, ExportableState):
         self.log_to_trainer = log_to_trainer
         self._last_step: int | None = None
         self._pre_hook_steps = 0
+        self._probe_warned = False
         self._output_dir: str | None = None
         self._global_step = 0
         self._curvature_saved: dict | None = None  # set by HF's restore (see state()), applied at on_train_begin
@@ -264,6 +272,9 @@ class SharpnessCallback(TrainerCallback, ExportableState):
     # -- events ---------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._output_dir = getattr(args, "output_dir", None)
+        # Adam's lookahead P comes from the gradient the optimizer will see: the Trainer clips it at max_grad_norm
+        clip = getattr(args, "max_grad_norm", None) if self.max_grad_norm == "trainer" else self.max_grad_norm
+        self.tracker.max_grad_norm = float(clip) if clip is not None and clip > 0 else None
         if self.log_to_trainer and self.trainer is None:
             self.trainer = _find_trainer(self)
             if self.trainer is None:
@@ -305,13 +316,18 @@ class SharpnessCallback(TrainerCallback, ExportableState):
         try:
             if self.probe_batch is None:
                 self.probe_batch = probe_batch_from_dataloader(kwargs.get("train_dataloader"), self.probe_size)
-        except Exception as exc:  # noqa: BLE001 - never stop training for a missing probe (unless asked)
-            if self.tracker.on_error == "raise":
-                raise
-            import warnings
+        except Exception as exc:  # noqa: BLE001 - a set-up error: raise at once (the failure policy), or warn once
+            if self.tracker.on_error == "raise" or self.tracker.setup_errors == "raise":
+                raise TrackingSetupError(f"curvature SharpnessCallback: no probe batch ({exc}); every row would be "
+                                         "empty: pass probe_batch= (a dict batch as the model takes it, with its "
+                                         "labels), or SharpnessCallback(..., setup_errors='warn') to train without "
+                                         "rows") from exc
+            if not self._probe_warned:
+                import warnings
 
-            from ..tracking import TrackingWarning
-            warnings.warn(f"curvature: no probe batch for the sharpness callback ({exc}); skipping", TrackingWarning)
+                warnings.warn(f"curvature: no probe batch for the sharpness callback ({exc}); no rows will be "
+                              "measured", TrackingWarning)
+                self._probe_warned = True
             return
         row = self.tracker.measure(model, optimizer, self.probe_batch, step)
         if self.log_to_trainer:

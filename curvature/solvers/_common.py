@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .._validate import check_tol
-from ..operators import LinearOperator, MatrixOperator
+from ..linear_operator import LinearOperator, MatrixOperator
 
 __all__ = ["as_operator", "CountedApply", "random_block", "svqb", "svqb_gram", "orthonormalize", "make_generator", "project_out", "relative_residuals",
            "residual_floor", "check_k", "dot", "column_norms", "vector_norm", "RandomStarts", "check_tol",

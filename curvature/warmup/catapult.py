@@ -37,7 +37,7 @@ from torch import nn
 
 from .._exact import unwrap_model
 from ..data import own_loss_batch, resolve_loss_fn
-from ..distributed import all_reduce_sum, collective_device, resolve_process_group
+from ..distributed import collective_device, resolve_process_group, sum_or_fail
 from ..hvp import as_batches, call_model
 from .param_groups import group_lr, set_group_lr
 from .schedules import CatapultWarmup
@@ -129,14 +129,19 @@ class _ModelState:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def global_mean(value: float, weight: float, group: Any) -> float:
+def global_mean(value: float | Callable[[], float], weight: float, group: Any) -> float:
     """``Σ_r w_r·v_r / Σ_r w_r`` over the ranks of ``group`` (float64, one all-reduce); ``value`` for ``None``.
-    A non-finite value on any rank makes the result non-finite on every rank, so all ranks decide alike."""
+    A non-finite value on any rank makes the result non-finite on every rank, so all ranks decide alike.
+    ``value`` may be a callable computing it: a rank where it raises (or is interrupted: Ctrl-C, ``sys.exit``)
+    makes every rank raise together (:func:`~curvature.distributed.sum_or_fail`) instead of the others waiting."""
     if group is None:
-        return float(value)
-    t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64,
-                     device=collective_device(group))
-    all_reduce_sum(t, group)
+        return float(value() if callable(value) else value)
+    device = collective_device(group)
+
+    def local() -> torch.Tensor:
+        v = float(value() if callable(value) else value)
+        return torch.tensor([v * float(weight), float(weight)], dtype=torch.float64, device=device)
+    t = sum_or_fail(local, (2,), torch.float64, device, group, "in a loss evaluation")
     return float(t[0] / t[1]) if float(t[1]) > 0 else math.nan
 
 
@@ -288,49 +293,60 @@ def find_critical_lr(
 
     try:
         # θ_0: loss and gradient (the only backward pass). autograd.grad leaves .grad untouched.
-        with torch.enable_grad():
-            loss0_t = _scalar(loss_fn(call_model(model_net, inputs), targets))
+        def at_theta0() -> tuple[float, list[torch.Tensor | None]]:
+            with torch.enable_grad():
+                loss_t = _scalar(loss_fn(call_model(model_net, inputs), targets))
+            if not loss_t.requires_grad:  # the same on every rank (same model)
+                raise ValueError("the loss does not depend on any trainable parameter")
+            gs = torch.autograd.grad(loss_t, params, allow_unused=True)
+            return float(loss_t.detach()), [None if g is None else g.detach() for g in gs]
+
         forward_passes += 1
-        loss0 = global_mean(float(loss0_t.detach()), n_local, group)
+        if group is None:
+            loss0, grads0 = at_theta0()
+        else:  # global loss and gradient Σ_r n_r (L_r, g_r) / N: one fail-together all-reduce (unused params: 0)
+            used: list[bool] = []
+
+            def flat() -> torch.Tensor:
+                loss, gs = at_theta0()
+                used[:] = [g is not None for g in gs]
+                return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(torch.float64) * n_local
+                                  for p, g in zip(params, gs)] +
+                                 [torch.tensor([n_local, n_local * loss], dtype=torch.float64, device=params[0].device)])
+            size = sum(p.numel() for p in params) + 2
+            device = collective_device(group, params[0].device if params[0].device.type != "cpu" else None)
+            summed = sum_or_fail(flat, (size,), torch.float64, device, group, "at θ_0 of the critical-lr search")
+            total, offset, grads0 = summed[-2], 0, []
+            loss0 = float(summed[-1] / total)
+            for p, u in zip(params, used):
+                part = (summed[offset:offset + p.numel()] / total).reshape(p.shape).to(p.device, p.dtype)
+                grads0.append(part if u else None)  # a parameter the loss does not use stays unused
+                offset += p.numel()
         if not math.isfinite(loss0):
             raise ValueError(f"the loss at θ_0 is not finite ({loss0}); cannot search for a catapult")
-        if not loss0_t.requires_grad:  # the same on every rank (same model)
-            raise ValueError("the loss does not depend on any trainable parameter")
-        grads0 = torch.autograd.grad(loss0_t, params, allow_unused=True)
-        grads0 = [None if g is None else g.detach() for g in grads0]
-        del loss0_t
-        if group is not None:  # global gradient Σ_r n_r g_r / N: one flat all-reduce (unused params: zero)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).to(torch.float64) * n_local
-                              for p, g in zip(params, grads0)] +
-                             [torch.tensor([n_local], dtype=torch.float64, device=params[0].device)])
-            flat = flat.to(collective_device(group, flat.device if flat.device.type != "cpu" else None))
-            all_reduce_sum(flat, group)
-            total, offset, reduced = flat[-1], 0, []
-            for p, g in zip(params, grads0):
-                part = (flat[offset:offset + p.numel()] / total).reshape(p.shape).to(p.device, p.dtype)
-                reduced.append(None if g is None else part)  # a parameter the loss does not use stays unused
-                offset += p.numel()
-            grads0 = reduced
         state.restore_values()  # e.g. BatchNorm running stats updated by the forward pass
         threshold = loss0 + delta * abs(loss0)
 
         def trial(lr: float) -> float:
             nonlocal forward_passes
-            if optimizer is not None:
-                opt = _copy_optimizer(optimizer)
-                for g, r in zip(opt.param_groups, ratios):
-                    set_group_lr(g, lr * r)
-            else:
-                opt = optimizer_factory(params, lr)  # type: ignore[misc]
-            for p, g in zip(params, grads0):
-                p.grad = None if g is None else g.clone()
-            for p in frozen:  # a stale .grad on a frozen parameter must not move it
-                p.grad = None
-            opt.step()
-            rng.restore()  # same dropout masks as at θ_0
-            with torch.no_grad():
-                loss1 = float(_scalar(loss_fn(call_model(model_net, inputs), targets)))
-            loss1 = global_mean(loss1 if math.isfinite(loss1) else math.inf, n_local, group)
+
+            def loss_after_step() -> float:  # this rank's part; a failure or interrupt here fails every rank
+                if optimizer is not None:
+                    opt = _copy_optimizer(optimizer)
+                    for g, r in zip(opt.param_groups, ratios):
+                        set_group_lr(g, lr * r)
+                else:
+                    opt = optimizer_factory(params, lr)  # type: ignore[misc]
+                for p, g in zip(params, grads0):
+                    p.grad = None if g is None else g.clone()
+                for p in frozen:  # a stale .grad on a frozen parameter must not move it
+                    p.grad = None
+                opt.step()
+                rng.restore()  # same dropout masks as at θ_0
+                with torch.no_grad():
+                    value = float(_scalar(loss_fn(call_model(model_net, inputs), targets)))
+                return value if math.isfinite(value) else math.inf
+            loss1 = global_mean(loss_after_step, n_local, group)
             forward_passes += 1
             state.restore()
             rng.restore()

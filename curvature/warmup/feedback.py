@@ -46,7 +46,7 @@ guarantee). Every decision is appended to :attr:`~CurvatureAwareWarmup.history` 
 ``lr_prev``, ``loss``, ``sharpness`` (λ, ``None`` when not measured), ``ratio`` (``η_prev·λ/c``),
 ``predicted_ratio`` (``η·λ̂/c``), ``action`` ∈ {grow, hold, backoff, done}, ``reason``, ``num_hvps`` ...) and sent to
 the tracker's sinks (CSV, JSON lines, TensorBoard, callables): one row per decision, with the measurement's
-columns (:data:`~curvature.tracking.ROW_KEYS`) plus the decision's.
+columns (:data:`~curvature.rows.ROW_KEYS`) plus the decision's.
 
 Frameworks: :func:`lightning_callback` (a Lightning ``Callback``) and :func:`hf_callback` (a Hugging Face
 ``TrainerCallback``, measuring on a fixed ``probe`` batch); both import their framework only when called.
@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..optim import stability_threshold, unwrap_optimizer
+from ..optim import stability_note, stability_threshold, unwrap_optimizer
 from .param_groups import group_lr, set_group_lr
 
 __all__ = ["CurvatureAwareWarmup", "ACTIONS", "lightning_callback", "hf_callback"]
@@ -80,7 +80,8 @@ def _value(loss: Any) -> float | None:
 
 
 def threshold_numerator(optimizer: Any) -> float:
-    """``c = η·stability_threshold(optimizer)``: 2 (SGD), ``(2+2μ)/(1−d)`` (momentum), ``(2+2β₁)/(1−β₁)`` (Adam).
+    """``c = η·stability_threshold(optimizer)``: 2 (SGD, RMSprop), ``(2+2μ)/(1−d)`` (momentum), ``(2+2β₁)/(1−β₁)``
+    (Adam, Adamax, NAdam, RAdam); a ``TypeError`` saying why for optimizers without a threshold (Adagrad, ...).
 
     Independent of η; read with the first group's lr set to 1 for a moment (and restored)."""
     opt = unwrap_optimizer(optimizer)
@@ -88,9 +89,12 @@ def threshold_numerator(optimizer: Any) -> float:
     old = group_lr(group)
     set_group_lr(group, 1.0)
     try:
-        return float(stability_threshold(opt))
+        threshold = stability_threshold(opt)
     finally:
         set_group_lr(group, old)
+    if threshold is None:  # Adagrad, Adafactor, Adadelta, Muon: nothing to steer the lr against
+        raise TypeError(f"a curvature-aware warm-up needs a stability threshold: {stability_note(opt)}")
+    return float(threshold)
 
 
 class CurvatureAwareWarmup:

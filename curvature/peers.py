@@ -1,4 +1,5 @@
-"""Adapters for the peer libraries, so they run side by side with ``curvature`` on the same model and data.
+"""Adapters for the peer libraries, so they run side by side with ``curvature`` on the same model and data
+(``curvature bench``, :func:`curvature.benchmark_solvers`, the scripts in the repository's ``benchmarks/``).
 
 Peers (each optional; a missing one raises :class:`PeerUnavailable`, which the scripts turn into "skipped"):
 
@@ -39,9 +40,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .models import trainable_params
 
-__all__ = ["PEERS", "PeerUnavailable", "PeerResult", "available", "peer_version", "hvp_fn", "matmat_fn",
+__all__ = ["PEERS", "PeerUnavailable", "PeerResult", "available", "distribution", "peer_version", "hvp_fn", "matmat_fn",
            "top_eigenvalue", "reference_hvp_fn", "math_sdpa", "split_like", "flatten"]
 
 PEERS = ("pyhessian", "hessian_eigenthings", "curvlinops")
@@ -70,7 +70,9 @@ def _import(peer: str):
     try:
         return __import__(_MODULES[peer])
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken dependency chain
-        raise PeerUnavailable(f"{peer} not importable ({type(e).__name__}: {e})") from e
+        raise PeerUnavailable(f"{peer} is not installed or does not import ({type(e).__name__}: {e}). Install it "
+                              f"without its dependencies, so torch is not replaced: pip install --no-deps "
+                              f"{_DISTS[peer]} (see benchmarks/README.md for its light dependencies)") from e
 
 
 def available(peer: str) -> bool:
@@ -79,6 +81,11 @@ def available(peer: str) -> bool:
         return True
     except PeerUnavailable:
         return False
+
+
+def distribution(peer: str) -> str:
+    """The package-index name of ``peer`` (what ``pip install --no-deps`` takes)."""
+    return _DISTS[peer]
 
 
 def peer_version(peer: str) -> str | None:
@@ -90,6 +97,11 @@ def peer_version(peer: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def trainable_params(model: nn.Module) -> list[torch.nn.Parameter]:
+    """Trainable parameters in ``model.named_parameters()`` order (tied parameters once): our flat order."""
+    return [p for _, p in model.named_parameters() if p.requires_grad]
+
+
 def split_like(v: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     out, off = [], 0
     for p in params:
@@ -284,7 +296,7 @@ def _curvlinops_hvp(model, loss_fn, batch):
     return lambda V: (op @ V).detach()  # V may be (n,) or (n, k): a vmap over columns
 
 
-def _curvlinops_top(model, loss_fn, batch, tol, max_iters, seed, k: int = 1):
+def curvlinops_top(model, loss_fn, batch, tol, max_iters, seed, k: int = 1):
     import numpy as np
     from scipy.sparse.linalg import eigsh
     dev = _device(model)
@@ -340,7 +352,7 @@ def top_eigenvalue(peer: str, model: nn.Module, loss_fn, batch, tol: float = 1e-
     (``max_iter`` default 100). ``curvlinops``: scipy ``eigsh(which="LA")`` (ARPACK Lanczos).
     """
     _import(peer)
-    fn = {"pyhessian": _pyhessian_top, "hessian_eigenthings": _eigenthings_top, "curvlinops": _curvlinops_top}[peer]
+    fn = {"pyhessian": _pyhessian_top, "hessian_eigenthings": _eigenthings_top, "curvlinops": curvlinops_top}[peer]
     return fn(model, loss_fn, batch, tol, max_iters, seed)
 
 
