@@ -266,14 +266,17 @@ class SharpnessTracker:
         batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
         hvp_route: how the solves apply the Hessian. ``"exact"``: double backward through a cached first-order
             graph (1.6–2.6 training steps per HVP on CPU). ``"one_sided"``: Hv ≈ (∇L(θ+εv) − ∇L(θ))/ε, one
-            gradient per HVP (≈ 1.1 training steps), ∇L(θ) computed once per row under the row's frozen RNG (so
+            gradient per HVP (1.5 training steps on the digits MLP, engine bookkeeping included; an exact HVP 2),
+            ∇L(θ) computed once per row under the row's frozen RNG (so
             dropout masks match), ε = u^{1/2}·max(1, ‖θ‖/√n); two more gradients on the converged Ritz vector give
             the central Rayleigh quotient (the reported value) and the route's own error, folded into
             ``error_bound`` (:mod:`curvature.route_check`); a row whose bound exceeds ``eig_tol`` is solved again
             with exact HVPs. ``"auto"`` (default): one-sided when eligible (``eig_tol`` given, float32/float64,
-            no autocast, no route/distributed operator option, not the training-graph entry) and when the first
-            row's check against one exact HVP on its Ritz vector shows the route's error below ``eig_tol/4``;
-            exact otherwise (``row["hvp_route_note"]`` says why). ``row["hvp_route"]`` is the route used.
+            no autocast, no route/distributed operator option, not distributed, not the training-graph entry)
+            and when the first row's check against an exact HVP on its Ritz vector shows the route's error below
+            ``eig_tol/4`` and its timing shows a row costs less that way; exact otherwise
+            (``row["hvp_route_note"]`` says why). ``row["hvp_route"]`` is the route used. With ``k > 1`` only the
+            top value is the central one; ``eigenvalues[1:]`` are one-sided Ritz values (bias ~1e-4).
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
         critical_every: also measure the critical sharpness λ_c = 2/η_c of the step about to be taken
