@@ -106,6 +106,12 @@ VARIANTS = {
     "new (defaults)": ({}, False),
     "new, training graph": ({}, True),
 }
+#: Issue #22: today's tracker (exact HVPs) against the new default (``hvp_route="auto"``: one-sided gradient
+#: differences with a central check when the first row shows they meet eig_tol), on the same runs.
+ROUTE_VARIANTS = {
+    "exact HVPs (hvp_route='exact')": (dict(hvp_route="exact"), False),
+    "new default (hvp_route='auto')": ({}, False),
+}
 
 
 def _mse_onehot(out, y):
@@ -130,6 +136,20 @@ def trajectories(quick: bool, gpt_steps: int = 200, mlp_steps: int = 300) -> dic
         w = gpt(size, attn="sdpa_math")
         return w.model, w.loss_fn, w.batch
 
+    def make_gelu():  # the hidden every=100 check's kind: GELU MLP on digits, full-batch GD at lr = 3/λ₀, float32
+        torch.manual_seed(0)
+        from .models import digits
+        X, y = digits(512, seed=0, dtype=torch.float32)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                  torch.nn.GELU(), torch.nn.Linear(128, 10))
+        return net, _mse_onehot, (X, y)
+
+    from curvature import sharpness
+    gnet, _, gb = make_gelu()
+    lam0 = sharpness(gnet, _mse_onehot, gb, solver="lanczos", tol=1e-8, dtype=torch.float64).eigenvalue
+    out[f"GELU MLP on digits, full-batch GD at lr = 3/λ₀ = {3 / lam0:.3g} (MSE)"] = (
+        make_gelu, lambda ps, lr=3 / lam0: torch.optim.SGD(ps, lr=lr), [gb] * steps)
+
     _, _, gbatch = make_gpt()
     out["GPT (tied embeddings, math attention), Adam lr 1e-3, mini-batches"] = (
         make_gpt, lambda ps: torch.optim.Adam(ps, lr=1e-3),
@@ -144,21 +164,27 @@ def _run(make, make_opt, batches, tracker_kw: dict | None, every: int, graph: bo
     tracker = None if tracker_kw is None else SharpnessTracker(loss_fn, every=every, **tracker_kw)
     refs = []
     spent_on_refs = 0.0
+    step_times = []
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches):
+        ts = time.perf_counter()
         opt.zero_grad()
         measure = tracker is not None and tracker.should_measure(i)
         loss_fn(model(x), y).backward(create_graph=graph and measure)
+        step_times.append(time.perf_counter() - ts)
         if tracker is not None:
             tracker.step(model, opt, (x, y), step=i)
+        ts = time.perf_counter()
         if reference and measure:
             tr = time.perf_counter()
             refs.append(_reference(model, loss_fn, (x, y), opt, tracker_kw or {}))
             spent_on_refs += time.perf_counter() - tr
         opt.step()
+        step_times[-1] += time.perf_counter() - ts
         if graph and measure:
             for p in model.parameters():
                 p.grad = None  # frees the create_graph graph
+    _run.step_times = step_times  # per-step seconds of the training itself (tracker calls left out)
     return time.perf_counter() - t0 - spent_on_refs, (tracker.history if tracker is not None else []), refs
 
 
@@ -177,21 +203,29 @@ def _reference(model, loss_fn, batch, opt, tracker_kw: dict) -> dict:
     return ref
 
 
-def compare_rows(name: str, make, make_opt, batches, repeat: int, everies: Sequence[int] = (100, 10)
-                 ) -> tuple[list[dict], list[dict]]:
+def compare_rows(name: str, make, make_opt, batches, repeat: int, everies: Sequence[int] = (100, 10),
+                 variants: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Overhead (interleaved, medians), HVPs per tracked step and error vs a tight solve, per variant and every;
     and the cost of one row in training steps, (t_tracked − t_plain) / rows / (t_plain / steps)."""
     summary, errors = [], []
+    variants = VARIANTS if variants is None else variants
     for every in everies:
         times: dict[str, list[float]] = {"no tracker": []}
+        row_seconds: dict[str, list[float]] = {}
+        step_seconds: list[float] = []
         for _ in range(repeat):
             times["no tracker"].append(_run(make, make_opt, batches, None, every, False)[0])
-            for label, (kw, graph) in VARIANTS.items():
-                times.setdefault(label, []).append(_run(make, make_opt, batches, kw, every, graph)[0])
+            step_seconds += _run.step_times
+            for label, (kw, graph) in variants.items():
+                t, trows, _ = _run(make, make_opt, batches, kw, every, graph)
+                times.setdefault(label, []).append(t)
+                step_seconds += _run.step_times
+                row_seconds.setdefault(label, []).extend(r["seconds"] for r in trows[1:])  # warm rows
+        step_s = statistics.median(step_seconds)
         base = statistics.median(times["no tracker"])
-        for label, (kw, graph) in VARIANTS.items():
+        for label, (kw, graph) in variants.items():
             _, rows, refs = _run(make, make_opt, batches, kw, every, graph, reference=True)
-            errs, perrs = [], []
+            errs, perrs, under = [], [], 0
             for row, ref in zip(rows, refs):
                 if row.get("sharpness") is None:
                     continue
@@ -199,24 +233,40 @@ def compare_rows(name: str, make, make_opt, batches, repeat: int, everies: Seque
                 if "preconditioned_sharpness" in ref and row.get("preconditioned_sharpness") is not None:
                     perrs.append(abs(row["preconditioned_sharpness"] - ref["preconditioned_sharpness"])
                                  / abs(ref["preconditioned_sharpness"]))
+                for key, err in (("error_bound", errs[-1]),
+                                 ("preconditioned_error_bound", perrs[-1] if perrs and len(perrs) == len(errs) else None)):
+                    if err is not None and row.get(key) is not None and row[key] < err:
+                        under += 1
                 errors.append({"trajectory": name, "every": every, "tracker": label, "step": row["step"],
                                "λ(H)": fmt_num(row["sharpness"], 5), "ref λ(H)": fmt_num(ref["sharpness"], 5),
                                "err λ(H)": f"{errs[-1]:.1e}",
                                "err λ(P⁻¹H)": f"{perrs[-1]:.1e}" if perrs and len(perrs) == len(errs) else "—",
-                               "HVPs": row["num_hvps"], "bound": _fmt_bound(row.get("error_bound"))})
+                               "HVPs": row["num_hvps"], "gradients": row.get("num_gradients"),
+                               "route": row.get("hvp_route"), "bound": _fmt_bound(row.get("error_bound")),
+                               "bound P⁻¹H": _fmt_bound(row.get("preconditioned_error_bound"))})
             med = statistics.median(times[label])
             hv = [r["num_hvps"] for r in rows]
+            gr = [r.get("num_gradients") or 0 for r in rows]
             summary.append({
                 "trajectory": name, "every": every, "tracker": label, "rows": len(rows),
                 "HVPs/row (median)": fmt_num(statistics.median(hv) if hv else float("nan")),
                 "HVPs/row warm (median)": fmt_num(statistics.median(hv[1:]) if len(hv) > 1 else float("nan")),
                 "max err λ(H)": f"{max(errs):.1e}" if errs else "—",
                 "max err λ(P⁻¹H)": f"{max(perrs):.1e}" if perrs else "—",
+                "gradients/row (median)": fmt_num(statistics.median(gr) if gr else float("nan")),
+                "rows with bound < error": under,
                 "errors": "; ".join(sorted({str(r['error']) for r in rows if r.get('error')})) or "none",
                 "time (median)": fmt_s(med), "plain run": fmt_s(base),
                 "row cost (training steps)": fmt_num((med - base) / max(len(rows), 1) / (base / len(batches)), 3),
-                "overhead": f"{(med - base) / base * 100:+.1f} %"})
+                "overhead": f"{(med - base) / base * 100:+.1f} %",
+                "warm row / step (medians)": fmt_num(_ratio(row_seconds.get(label), step_s), 3),
+                "→ overhead at this every": f"{_ratio(row_seconds.get(label), step_s) / every * 100:.1f} %"})
     return summary, errors
+
+
+def _ratio(row_seconds: list[float] | None, step_s: float) -> float:
+    """Median warm-row seconds over the median training-step seconds of the same runs (robust to load drift)."""
+    return statistics.median(row_seconds) / step_s if row_seconds else float("nan")
 
 
 def _emit(text: str, out: str | None) -> int:
@@ -237,7 +287,8 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=None, help="interleaved timed rounds (default 3; quick 1)")
-    ap.add_argument("--only", nargs="+", default=None, choices=["mlp", "gpt"])
+    ap.add_argument("--only", nargs="+", default=None, choices=["mlp", "gpt", "gelu"])
+    ap.add_argument("--routes", action="store_true", help="compare exact HVPs with the new default route (#22)")
     ap.add_argument("--gpt-steps", type=int, default=200, help="training steps of the GPT trajectory")
     ap.add_argument("--mlp-steps", type=int, default=300, help="training steps of the MLP trajectory")
     ap.add_argument("--every", type=int, nargs="+", default=[100, 10], help="tracker intervals to compare")
@@ -250,9 +301,11 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         summary, errors = [], []
         for name, (make, make_opt, batches) in trajectories(args.quick, args.gpt_steps, args.mlp_steps).items():
-            if args.only and not any(k in name.lower() for k in args.only):
+            key = "gelu" if "GELU" in name else "gpt" if "GPT" in name else "mlp"
+            if args.only and key not in args.only:
                 continue
-            s, e = compare_rows(name, make, make_opt, batches, repeat, args.every)
+            s, e = compare_rows(name, make, make_opt, batches, repeat, args.every,
+                                ROUTE_VARIANTS if args.routes else None)
             summary += s
             errors += e
             print(markdown_table(s), flush=True)

@@ -64,11 +64,14 @@ from .data import Batch, as_batches, model_output_loss, resolve_loss_fn
 from ._validate import check_device
 from .hvp import check_parameters, select_parameters
 
-__all__ = ["FiniteDifferenceEngine", "finite_difference_step"]
+__all__ = ["FiniteDifferenceEngine", "finite_difference_step", "ONE_SIDED_STEP_CONSTANT"]
 
 GRADIENT_MODES = ("auto", "autograd", "backward")
 # c in h = c·u^{1/3}·max(1, ‖θ‖/√n): calibrated on the benchmark models for λ_max (see the module docstring).
 STEP_CONSTANT = 0.25
+# c in h = c·u^{1/2}·max(1, ‖θ‖/√n) for the one-sided difference (order=1): calibrated on the benchmark models
+# (GELU/tanh MLPs on digits, the GPT; float32) for the Rayleigh quotient along the top eigenvector.
+ONE_SIDED_STEP_CONSTANT = 1.0
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -88,10 +91,13 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 def finite_difference_step(theta_rms: float, dtype: torch.dtype, order: int = 2) -> float:
     """The step length h (along a unit direction): c·u^{1/3}·max(1, ‖θ‖/√n) for central differences
     (``order=2``), c·u^{1/5}·max(1, ‖θ‖/√n) for the Richardson variant (``order=4``); ``theta_rms`` = ‖θ‖/√n,
-    c = :data:`STEP_CONSTANT`.
+    c = :data:`STEP_CONSTANT`; c₁·u^{1/2}·max(1, ‖θ‖/√n) for the one-sided difference (``order=1``: truncation
+    c₁h against rounding c₂u/h), c₁ = :data:`ONE_SIDED_STEP_CONSTANT`.
     See the module docstring for the derivation."""
-    if order not in (2, 4):
-        raise ValueError(f"order must be 2 (central differences) or 4 (Richardson), got {order!r}")
+    if order not in (1, 2, 4):
+        raise ValueError(f"order must be 1 (one-sided), 2 (central differences) or 4 (Richardson), got {order!r}")
+    if order == 1:
+        return ONE_SIDED_STEP_CONSTANT * unit_roundoff(dtype) ** 0.5 * max(1.0, float(theta_rms))
     power = 1.0 / 3.0 if order == 2 else 1.0 / 5.0
     return STEP_CONSTANT * unit_roundoff(dtype) ** power * max(1.0, float(theta_rms))
 
@@ -113,7 +119,11 @@ class FiniteDifferenceEngine:
     picks it for ``method="finite_difference"``.
 
     Args (beyond HVPEngine's):
-        order: 2 (central differences, 2 gradients per HVP) or 4 (Richardson, 4 gradients per HVP).
+        order: 2 (central differences, 2 gradients per HVP), 4 (Richardson, 4 gradients per HVP) or 1 (one-sided,
+            (G(θ + εv) − G(θ))/ε with G(θ) computed once at construction: **one gradient per HVP**, error O(h)
+            instead of O(h²); :meth:`one_sided_side` flips it to (G(θ) − G(θ − εv))/ε, and the two together are
+            the central difference: the tracker's check of this route's own error, see
+            :mod:`curvature.tracking`).
         epsilon: the step length h along the unit direction (default :func:`finite_difference_step`).
         gradient: ``"auto"``, ``"autograd"`` or ``"backward"`` (see the module docstring).
         sum_over_shards: for sharded parameters, a function summing a float64 tensor over the ranks that hold
@@ -135,8 +145,9 @@ class FiniteDifferenceEngine:
                  sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  gradient_world: int | None = None, weight_fn: Callable[[Any], Any] | None = None,
                  inputs_as: str = "kwargs", **_ignored: Any) -> None:
-        if order not in (2, 4):
-            raise ValueError(f"fd_order must be 2 (central differences) or 4 (Richardson), got {order!r}")
+        if order not in (1, 2, 4):
+            raise ValueError(f"fd_order must be 1 (one-sided), 2 (central differences) or 4 (Richardson), "
+                             f"got {order!r}")
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
         if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
@@ -215,6 +226,9 @@ class FiniteDifferenceEngine:
                 raise FloatingPointError(f"the gradient is not finite (NaN/inf) in parameter '{name}'")
         self.loss_sum = loss_sum
         self.grad_sum = [g.to(self.dtype) for g in grad_sum]
+        self._grad0 = grad_sum  # G(θ) in the accumulation dtype: the base of every one-sided difference
+        self._side = 1.0  # +1: (G(θ+εv) − G(θ))/ε; −1: (G(θ) − G(θ−εv))/ε (order=1 only)
+        self.gradients = 1  # gradient passes over the data so far (G(θ) at construction)
 
     # -- one pass over the data at θ + step --------------------------------------------------------------
     @contextmanager
@@ -311,13 +325,21 @@ class FiniteDifferenceEngine:
         """≈ Σ_b n_b ∇²L_b(θ) V for V given per parameter as ``(k, *shape)`` tensors; same layout out."""
         k = tangents[0].shape[0]
         out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
-        sq = torch.stack([sum(t[c].double().pow(2).sum() for t in tangents) for c in range(k)]).reshape(k)
+        # squared column norms in float64 without float64 copies of the tangents (one reduction per tensor)
+        sq = sum(torch.linalg.vector_norm(t.reshape(k, -1), dim=1, dtype=torch.float64) ** 2 for t in tangents)
         norms = self._sum(sq.to(self.device)).sqrt().tolist()
         for c in range(k):
             if norms[c] == 0.0:
                 continue
             v = [t[c] for t in tangents]
             eps = self.epsilon / norms[c]
+            if self.order == 1:
+                _, g = self._gradient_sum(v, self._side * eps)
+                self.gradients += 1
+                d = [(a - b) / (self._side * eps) for a, b in zip(g, self._grad0)]
+                for j, x in enumerate(d):
+                    out[j][c] = x.to(self.dtype)
+                continue
             d = self._central(v, eps)
             if self.order == 4:
                 d_half = self._central(v, eps / 2)
@@ -329,7 +351,23 @@ class FiniteDifferenceEngine:
     def _central(self, v: Sequence[torch.Tensor], eps: float) -> list[torch.Tensor]:
         _, g_plus = self._gradient_sum(v, eps)
         _, g_minus = self._gradient_sum(v, -eps)
+        self.gradients += 2
         return [(a - b) / (2 * eps) for a, b in zip(g_plus, g_minus)]
+
+    @contextmanager
+    def one_sided_side(self, side: int) -> Iterator[None]:
+        """Within: the one-sided difference steps forward (``side=1``, the default) or backward (``side=-1``,
+        (G(θ) − G(θ − εv))/ε). The mean of the two is the central difference; half their difference, ≈ (ε/2)·
+        ∇³L[v, v, ·], is the one-sided route's own error on v. ``order=1`` only."""
+        if self.order != 1:
+            raise ValueError(f"one_sided_side() needs the one-sided engine (order=1), this one has order={self.order}")
+        if side not in (1, -1):
+            raise ValueError(f"side must be 1 or -1, got {side!r}")
+        old, self._side = self._side, float(side)
+        try:
+            yield
+        finally:
+            self._side = old
 
     def loss_and_grad_sum(self, primals: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
         """Σ_b n_b L_b and Σ_b n_b ∇L_b at another point θ' (the model's parameters are put back after)."""

@@ -73,6 +73,9 @@ ROW_KEYS: tuple[str, ...] = (
     "source",                     # "operator" (a fresh first-order graph) or "training_graph" (the step's own)
     "error_kind",                 # None, or why the row is empty / inexact: curvature.usage.FAILURE_KINDS
     "stability_note",             # why threshold / edge_ratio / preconditioned_sharpness is empty (None: all there)
+    "hvp_route",                  # "one_sided" (one gradient per HVP, central check on the Ritz vector) or "exact"
+    "num_gradients",              # first-order gradient passes of the row (one-sided route: G(θ), 1/HVP, 2/check)
+    "hvp_route_note",             # why the route is exact where one-sided was eligible (None otherwise)
 ) + SIGNAL_KEYS + CRITICAL_KEYS   # per-step signals (signals=True), critical sharpness (critical_every=N)
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.
@@ -83,13 +86,13 @@ SCALAR_KEYS = ("sharpness", "preconditioned_sharpness", "threshold", "edge_ratio
 #: Columns holding lists of floats (JSON text in CSV).
 LIST_KEYS = ("eigenvalues", "preconditioned_eigenvalues")
 #: Integer columns.
-INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "critical_forward_passes",
+INT_KEYS = ("step", "num_hvps", "preconditioned_num_hvps", "signals_num_hvps", "critical_forward_passes", "num_gradients",
             "optimizer_index", "file_size")
 #: Boolean columns.
 BOOL_KEYS = ("converged", "warm_start", "lookahead")
 #: Text columns (never parsed as numbers).
 STR_KEYS = ("optimizer", "when", "error", "error_kind", "file", "preconditioner", "file_id", "options", "run", "solver",
-            "source", "stability_note")
+            "source", "stability_note", "hvp_route", "hvp_route_note")
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
               "-infinity": -math.inf}

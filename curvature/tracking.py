@@ -79,6 +79,7 @@ from .distributed import RemoteRankError
 from .hvp import select_parameters
 from .solvers import combined_start
 from .operators import HessianOperator
+from .route_check import check_one_sided, rayleigh_quotient
 from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
                     lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
                     unwrap_optimizer)
@@ -169,6 +170,25 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+#: ``hvp_route`` values of the tracker (see :class:`SharpnessTracker`).
+HVP_ROUTES = ("auto", "exact", "one_sided")
+#: The one-sided route's solves stop at this fraction of ``eig_tol``: the bound after the central check adds the
+#: route's own error (the one-sided error on the Ritz vector enlarges the residual, the bias term adds ~2e-4 on the
+#: benchmark MLP), and the whole must still meet ``eig_tol``.
+ONE_SIDED_SOLVE_FRACTION = 0.5
+#: Operator options that choose a route or a setup the one-sided route does not take over.
+_EXACT_ONLY_OPTIONS = ("method", "fd_order", "fd_epsilon", "autocast", "distributed", "process_group")
+
+
+def _gradient_passes(op: Any) -> int:
+    """First-order gradient passes an operator spent: the one-sided engine counts them (G(θ), one per HVP, two
+    per check); an exact engine made one (its cached first-order graph); the training graph none."""
+    engine = getattr(op, "engine", None)
+    if engine is None:
+        return 0
+    return int(getattr(engine, "gradients", 1))
+
+
 def _bound(res: Any) -> float | None:
     """The solver's bound on the relative eigenvalue error, when it gives one."""
     b = res.info.get("error_bound")
@@ -244,6 +264,19 @@ class SharpnessTracker:
             :class:`TrackingSetupError` (see the module docs); ``"warn"``: warn once with the same text and go on.
         retry_cold: when a warm-started solve does not converge, retry once from a random start.
         batch_transform: optional ``fn(batch) -> (inputs, targets)`` applied to the batch (or probe) first.
+        hvp_route: how the solves apply the Hessian. ``"exact"``: double backward through a cached first-order
+            graph (1.6–2.6 training steps per HVP on CPU). ``"one_sided"``: Hv ≈ (∇L(θ+εv) − ∇L(θ))/ε, one
+            gradient per HVP (1.5 training steps on the digits MLP, engine bookkeeping included; an exact HVP 2),
+            ∇L(θ) computed once per row under the row's frozen RNG (so
+            dropout masks match), ε = u^{1/2}·max(1, ‖θ‖/√n); two more gradients on the converged Ritz vector give
+            the central Rayleigh quotient (the reported value) and the route's own error, folded into
+            ``error_bound`` (:mod:`curvature.route_check`); a row whose bound exceeds ``eig_tol`` is solved again
+            with exact HVPs. ``"auto"`` (default): one-sided when eligible (``eig_tol`` given, float32/float64,
+            no autocast, no route/distributed operator option, not distributed, not the training-graph entry)
+            and when the first row's check against an exact HVP on its Ritz vector shows the route's error below
+            ``eig_tol/4`` and its timing shows a row costs less that way; exact otherwise
+            (``row["hvp_route_note"]`` says why). ``row["hvp_route"]`` is the route used. With ``k > 1`` only the
+            top value is the central one; ``eigenvalues[1:]`` are one-sided Ritz values (bias ~1e-4).
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
         critical_every: also measure the critical sharpness λ_c = 2/η_c of the step about to be taken
@@ -267,7 +300,7 @@ class SharpnessTracker:
                  signals: bool = False, retry_cold: bool = True,
                  batch_transform: Callable[[Any], Any] | None = None, keep_history: bool = True,
                  solver_seed: int = 0, critical_every: int | None = None, critical_rtol: float = 1 / 16,
-                 **operator_options: Any) -> None:
+                 hvp_route: str = "auto", **operator_options: Any) -> None:
         self.critical_every = None if critical_every is None else _positive_int(critical_every, "critical_every")
         if every is None and self.critical_every is None:
             raise ValueError("every=None measures nothing: give every=N (λ_max rows) and/or critical_every=N")
@@ -324,6 +357,14 @@ class SharpnessTracker:
         self.batch_transform = batch_transform
         self.keep_history = bool(keep_history)
         self.solver_seed = check_seed(solver_seed, "solver_seed")
+        if hvp_route not in HVP_ROUTES:
+            raise ValueError(f"hvp_route must be one of {HVP_ROUTES} ('auto': one-sided differences when a first-row "
+                             f"check against an exact HVP shows they meet eig_tol), got {hvp_route!r}")
+        self.hvp_route = hvp_route
+        self._route: str | None = None  # the route decided on the first row ("auto")
+        self._route_note: str | None = None
+        self._route_scale = 1.0  # multiplies the one-sided bias in the route's error bound (first-row check)
+        self._per_hvp_seconds = 0.0  # of the last λ(H) solve
         self.operator_options = dict(operator_options)
         self.sinks: list[Callable[[dict], Any]] = [make_sink(s) for s in sinks]
         self.history: list[dict] = []
@@ -513,8 +554,12 @@ class SharpnessTracker:
         return X.detach().clone()
 
     def _solve(self, op: Any, X: torch.Tensor | None, hint: torch.Tensor | None = None) -> tuple[Any, int, bool]:
+        # a one-sided solve stops at a fraction of eig_tol: the central check adds the route's error to its bound
+        one_sided = getattr(getattr(op, "inner", op), "method", None) == "finite_difference"
+        eig_tol = self.eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and self.eig_tol is not None else self.eig_tol
+
         def run(X0: torch.Tensor | None) -> Any:
-            return solve(op, self.k, self.solver, self.tol, self.max_iters, X0, True, self.solver_seed, self.eig_tol)
+            return solve(op, self.k, self.solver, self.tol, self.max_iters, X0, True, self.solver_seed, eig_tol)
 
         res, hvps, started = warm_started_solve(run, self._start(op, X, hint), retry_cold=self.retry_cold)
         return res, hvps, started and X is not None and self.warm_start  # warm: from the previous vectors
@@ -527,13 +572,122 @@ class SharpnessTracker:
         named = select_parameters(net, self.operator_options.get("params"))
         return bool(named) and all(p.grad is not None and p.grad.requires_grad for _, p in named)
 
-    def _operator(self, net: torch.nn.Module, data: Any, loss: torch.Tensor | None) -> Any:
+    def _operator(self, net: torch.nn.Module, data: Any, loss: torch.Tensor | None, route: str = "exact") -> Any:
         """The Hessian operator of this measurement: on the training step's graph (``loss`` given, or the
-        first-order graph the loop left in ``.grad``) or a new one."""
+        first-order graph the loop left in ``.grad``) or a new one (``route="one_sided"``: one-sided gradient
+        differences, :class:`~curvature.finite_difference.FiniteDifferenceEngine` with ``order=1``)."""
         if loss is not None or self._graph_in_grads(net):
             return GraphHessianOperator(select_parameters(net, self.operator_options.get("params")), loss)
         op_kw, rest = split_operator_options(dict(self.operator_options))
+        if route == "one_sided":
+            op_kw.update(method="finite_difference", fd_order=1)
         return HessianOperator(net, self.loss_fn, data, rest.get("params"), **op_kw)
+
+    def _route_for(self, net: torch.nn.Module, loss: torch.Tensor | None) -> tuple[str, str | None]:
+        """The HVP route of this row and, when one-sided differences were eligible in principle but are not used,
+        why (see ``hvp_route``)."""
+        if self.hvp_route == "exact":
+            return "exact", None
+        if loss is not None or self._graph_in_grads(net):
+            return "exact", "the training step's own graph (exact HVPs, no extra gradient)"
+        asked = sorted(set(self.operator_options) & set(_EXACT_ONLY_OPTIONS))
+        if asked:
+            return "exact", f"operator option(s) {asked} given: the one-sided route is not used with them"
+        if self.eig_tol is None or self.tol is not None:
+            return "exact", "a residual tol= was asked: one-sided differences cannot meet it (their error is O(√u))"
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return "exact", "a distributed run: the one-sided route's check is not yet collective (exact HVPs)"
+        first = next(iter(net.parameters()), torch.empty(0))
+        dtype, device = first.dtype, first.device
+        if self.operator_options.get("dtype") not in (None, dtype) or self.operator_options.get("device") not in (
+                None, device, str(device)):
+            return "exact", ("dtype=/device= other than the parameters': the one-sided route would need a copy of "
+                             "the model")
+        if torch.finfo(dtype).bits < 32:
+            return "exact", f"{dtype} parameters: gradient differences are unreliable at this precision"
+        with contextlib.suppress(TypeError, AttributeError, RuntimeError):
+            if torch.is_autocast_enabled(device.type):
+                return "exact", "autocast is active: gradient differences carry its low-precision rounding"
+        if self.hvp_route == "one_sided":
+            return "one_sided", None
+        if self._route == "exact":
+            return "exact", self._route_note
+        return "one_sided", None
+
+    def _h_row(self, H: Any, X: torch.Tensor | None, row: dict) -> Any:
+        """Solve for λ(H) from ``X`` (or the gradient), write the row's λ(H) fields, keep the Ritz vectors."""
+        ts = time.perf_counter()
+        res, hvps, warm = self._solve(H, X, getattr(H, "gradient", None))
+        self._per_hvp_seconds = (time.perf_counter() - ts) / max(hvps, 1)  # solver bookkeeping included
+        row["num_hvps"] += hvps
+        values = [float(v) for v in res.eigenvalues]
+        row.update(sharpness=values[0], eigenvalues=values,
+                   loss=None if row["source"] == "training_graph" and math.isnan(H.loss) else float(H.loss),
+                   residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged),
+                   error_bound=_bound(res))
+        if not _finite(values):
+            self._X_h = None
+            raise FloatingPointError(f"non-finite eigenvalues {values}")
+        self._X_h = self._keep(res)
+        return res
+
+    def _p_row(self, P_op: Any, X: torch.Tensor | None, row: dict) -> Any:
+        """Solve for λ(P⁻¹H) from ``X`` (or P^{-1/2}g), write the row's pre-conditioned fields, keep the vectors."""
+        pres, phvps, _ = self._solve(P_op, X, P_op.whitened_gradient)
+        row["num_hvps"] += phvps
+        row["preconditioned_num_hvps"] = (row["preconditioned_num_hvps"] or 0) + phvps
+        pvalues = [float(v) for v in pres.eigenvalues]
+        row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
+                   preconditioned_residual=float(pres.residuals.max()), preconditioned_error_bound=_bound(pres))
+        if not _finite(pvalues):
+            self._X_p = None
+            raise FloatingPointError(f"non-finite pre-conditioned eigenvalues {pvalues}")
+        self._X_p = self._keep(pres)
+        return pres
+
+    def _first_row_check(self, exact_H: Any, res: Any, row: dict, bias: float, t_grad: float = 0.0,
+                         t_build: float = 0.0) -> tuple[bool, str | None]:
+        """``hvp_route="auto"``'s measurement on its first one-sided row: one exact HVP on the Ritz vector. The
+        one-sided route is kept when the central Rayleigh quotient it reports is within ``eig_tol/4`` of the exact
+        one **and** a row costs less on it (timed here: a gradient ``t_grad`` against an exact HVP and the
+        first-order graph ``t_build``; a one-sided row is G(θ) + its HVPs + 2 check gradients, an exact row the
+        graph + about one HVP fewer, since the one-sided solve stops at ``eig_tol/2``); the bias term of later
+        bounds is scaled so that it covers twice the error measured here."""
+        t_hvp = math.inf
+        for _ in range(2):  # twice, the faster counts (one timing on a shared machine is noisy)
+            th = time.perf_counter()
+            exact = rayleigh_quotient(exact_H, res.eigenvectors[:, 0])
+            t_hvp = min(t_hvp, time.perf_counter() - th)
+        row["num_hvps"] += 2
+        n = max(int(row["num_hvps"]) - 2, 1)
+        one_sided_cost, exact_cost = (n + 3) * t_grad, t_build + max(n - 1, 1) * t_hvp
+        if t_grad > 0 and t_hvp > 0 and one_sided_cost > exact_cost:
+            return False, (f"exact HVPs are cheaper on this model (measured on the first row: a gradient "
+                           f"{t_grad * 1e3:.3g} ms, an exact HVP {t_hvp * 1e3:.3g} ms, the graph {t_build * 1e3:.3g} ms:"
+                           f" a row ≈ {one_sided_cost * 1e3:.3g} vs {exact_cost * 1e3:.3g} ms): exact HVPs from now on")
+        err = abs(row["sharpness"] - exact) / max(abs(exact), torch.finfo(torch.float64).tiny)
+        if not err <= self.eig_tol / 4:
+            return False, (f"one-sided gradient differences are {err:.1e} off an exact HVP on the first row's Ritz "
+                           f"vector (more than eig_tol/4 = {self.eig_tol / 4:.1e}; non-smooth activations such as "
+                           "ReLU kinks, or rounding): exact HVPs from now on")
+        self._route_scale = max(1.0, 2.0 * err / bias) if bias > 0 else (1.0 if err == 0 else math.inf)
+        if math.isinf(self._route_scale):
+            return False, "the one-sided route's error estimate is 0 but the exact check is not: exact HVPs"
+        row["error_bound"] += (self._route_scale - 1.0) * bias
+        return row["error_bound"] <= self.eig_tol, None
+
+    def _one_sided_value(self, op: Any, H: Any, res: Any, row: dict, key: str) -> tuple[bool, float]:
+        """Central check of the one-sided solve ``res`` on ``op`` (H or P⁻¹H over H's engine): writes the central
+        Rayleigh quotient, residual and bound into ``row`` (``key``: ``""`` or ``"preconditioned_"``); returns
+        whether the bound meets ``eig_tol`` and the (scaled) one-sided bias term of the bound."""
+        chk = check_one_sided(op, H.engine, res.eigenvectors[:, 0], res.info.get("ritz_gap"), self._route_scale)
+        values = list(row[f"{key}eigenvalues"])
+        values[0] = chk.value
+        name = "sharpness" if not key else "preconditioned_sharpness"
+        row.update({name: chk.value, f"{key}eigenvalues": values, f"{key}residual": chk.residual,
+                    f"{key}error_bound": chk.error_bound})
+        return chk.error_bound <= self.eig_tol, chk.route_error
 
     def _measure(self, model: torch.nn.Module, optimizer: Any, batch: Any, step: int,
                  loss: torch.Tensor | None = None) -> dict:
@@ -550,6 +704,7 @@ class SharpnessTracker:
             if signature != self._signature_seen:
                 self.reset()
                 self._signature_seen = signature
+                self._route, self._route_note, self._route_scale = None, None, 1.0  # another model: decide again
             if opt is not None:
                 row["lr"] = float(opt.param_groups[0]["lr"])
                 with contextlib.suppress(TypeError, ValueError):
@@ -557,19 +712,35 @@ class SharpnessTracker:
             device = next(iter(net.parameters()), torch.empty(0)).device
             with frozen_rng(device), torch.enable_grad():
                 data = self._data(batch) if loss is None or batch is not None else None
-                H = self._operator(net, data, loss)
+                route, note = self._route_for(net, loss)
+                H = self._operator(net, data, loss, route)
+                engines = [H]
                 row["source"] = getattr(H, "method", None) == "training_graph" and "training_graph" or "operator"
-                res, hvps, warm = self._solve(H, self._X_h, getattr(H, "gradient", None))
-                row["num_hvps"] += hvps
-                values = [float(v) for v in res.eigenvalues]
-                row.update(sharpness=values[0], eigenvalues=values,
-                           loss=None if row["source"] == "training_graph" and math.isnan(H.loss) else float(H.loss),
-                           residual=float(res.residuals.max()), warm_start=warm, converged=bool(res.converged),
-                           error_bound=_bound(res))
-                if not _finite(values):
-                    self._X_h = None
-                    raise FloatingPointError(f"non-finite eigenvalues {values}")
-                self._X_h = self._keep(res)
+                res = self._h_row(H, self._X_h, row)
+                exact_H = None
+                if route == "one_sided":
+                    tc = time.perf_counter()
+                    chk_ok, bias = self._one_sided_value(H, H, res, row, "")
+                    t_grad = min((time.perf_counter() - tc) / 2, self._per_hvp_seconds)  # the check: 2 gradients
+                    if chk_ok and self.hvp_route == "auto" and self._route is None:
+                        tb = time.perf_counter()
+                        exact_H = self._operator(net, data, None, "exact")
+                        t_build = time.perf_counter() - tb
+                        engines.append(exact_H)
+                        chk_ok, note = self._first_row_check(exact_H, res, row, bias, t_grad, t_build)
+                    elif not chk_ok:
+                        note = (f"the one-sided route's error bound {row['error_bound']:.1e} is above eig_tol "
+                                f"{self.eig_tol:g}: this row solved again with exact HVPs")
+                    if not chk_ok:  # exact HVPs, warm-started from the one-sided Ritz vectors
+                        route = "exact"
+                        if self.hvp_route == "auto" and self._route is None:
+                            self._route, self._route_note = "exact", note
+                        H = exact_H if exact_H is not None else self._operator(net, data, None, "exact")
+                        engines.append(H)
+                        res = self._h_row(H, self._keep(res), row)
+                    elif self.hvp_route == "auto" and self._route is None:
+                        self._route = "one_sided"
+                row.update(hvp_route=route, hvp_route_note=note)
                 if not res.converged:
                     problems.append(f"λ_max(H) did not converge ({_missed(res, self.tol, self.eig_tol)})")
 
@@ -579,27 +750,35 @@ class SharpnessTracker:
                     lookahead = self.lookahead if self.lookahead != "auto" else lookahead_required(opt)
                     row["lookahead"] = bool(lookahead)
                     row["preconditioner"] = "next_step" if lookahead else "last_step"
+
+                    def preconditioned(inner: Any) -> Any:
+                        return PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
+                                                             inner=inner, max_grad_norm=self.max_grad_norm)
                     if self.share_graph:
-                        P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=H, max_grad_norm=self.max_grad_norm)
+                        P_op = preconditioned(H)
                     else:
-                        P_op = PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
-                                                             inner=self._operator(net, data, loss),
-                                                             max_grad_norm=self.max_grad_norm)
-                    pres, phvps, _ = self._solve(P_op, self._X_p, P_op.whitened_gradient)
-                    row["num_hvps"] += phvps
-                    row["preconditioned_num_hvps"] = phvps
-                    pvalues = [float(v) for v in pres.eigenvalues]
-                    row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
-                               preconditioned_residual=float(pres.residuals.max()),
-                               preconditioned_error_bound=_bound(pres))
+                        inner = self._operator(net, data, loss, route)
+                        engines.append(inner)
+                        P_op = preconditioned(inner)
+                    pres = self._p_row(P_op, self._X_p, row)
+                    if route == "one_sided":
+                        ok, _ = self._one_sided_value(P_op, P_op.inner, pres, row, "preconditioned_")
+                        if not ok:
+                            row["hvp_route_note"] = (f"the one-sided route's error bound on λ(P⁻¹H) "
+                                                     f"{row['preconditioned_error_bound']:.1e} is above eig_tol "
+                                                     f"{self.eig_tol:g}: λ(P⁻¹H) solved again with exact HVPs")
+                            row["hvp_route"] = "one_sided (H), exact (P⁻¹H)"
+                            exact_H = exact_H if exact_H is not None else self._operator(net, data, None, "exact")
+                            engines.append(exact_H)
+                            P_op = preconditioned(exact_H)
+                            pres = self._p_row(P_op, self._keep(pres), row)
                     row["converged"] = row["converged"] and bool(pres.converged)
-                    if not _finite(pvalues):
-                        self._X_p = None
-                        raise FloatingPointError(f"non-finite pre-conditioned eigenvalues {pvalues}")
-                    self._X_p = self._keep(pres)
                     if not pres.converged:
                         problems.append(f"λ_max(P⁻¹H) did not converge ({_missed(pres, self.tol, self.eig_tol)})")
+                if route == "one_sided":
+                    row["converged"] = row["converged"] and row["error_bound"] <= self.eig_tol and (
+                        row["preconditioned_error_bound"] is None or row["preconditioned_error_bound"] <= self.eig_tol)
+                row["num_gradients"] = sum(_gradient_passes(e) for e in {id(e): e for e in engines}.values())
                 if self.signals:
                     row.update(self._signals(net, opt, H, P_op, data))
                     row["num_hvps"] += row["signals_num_hvps"] or 0

@@ -14,10 +14,11 @@ Each accepts a :class:`~curvature.operators.LinearOperator` or a square tensor a
 reported as ``info["error_bound"]``). Inner products and random start blocks go through the operator's optional
 hooks ``op.dot(X, Y)`` and ``op.random_block(k, seed, dtype)`` (sharded operators).
 """
-from ._common import combined_start
+from ._common import MIN_RELATIVE_GAP, combined_start, eigenvalue_error_bound
 from .lanczos import lanczos, lanczos_tridiagonal
 from .lobpcg import lobpcg
 from .power import power_iteration
 from .result import EigenResult
 
-__all__ = ["lobpcg", "lanczos", "power_iteration", "lanczos_tridiagonal", "EigenResult", "combined_start"]
+__all__ = ["lobpcg", "lanczos", "power_iteration", "lanczos_tridiagonal", "EigenResult", "combined_start",
+           "eigenvalue_error_bound", "MIN_RELATIVE_GAP"]

@@ -1,0 +1,220 @@
+"""The one-gradient HVP route (issue #22): one-sided gradient differences, their own error estimate, and the tracker's
+route choice. References: dense float64 Hessians from central differences of first-order gradients (conftest)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import dense_hessian_fd, mlp_mse, rel_err, snapshot
+from curvature import SharpnessTracker
+from curvature.operators import HessianOperator
+from curvature.optim import PreconditionedHessianOperator
+from curvature.route_check import check_one_sided
+from curvature.solvers import lanczos
+
+
+def _gelu_problem(seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 4)).to(dtype)
+    X = torch.randn(48, 6, dtype=dtype)
+    y = torch.randint(0, 4, (48,))
+    return model, F.cross_entropy, (X, y)
+
+
+def _dense_top(model, loss_fn, data) -> float:
+    m64 = _copy64(model)
+    X, y = data
+    H = dense_hessian_fd(m64, loss_fn, (X.double(), y))
+    return float(torch.linalg.eigvalsh(0.5 * (H + H.T))[-1])
+
+
+def _copy64(model):
+    import copy
+    return copy.deepcopy(model).double()
+
+
+def test_one_sided_engine_against_dense_reference():
+    """(G(θ+εv) − G(θ))/ε: one gradient per HVP, O(h) off Hv; forward and backward averaged: the central one."""
+    model, loss_fn, data = mlp_mse()  # float64
+    H = dense_hessian_fd(model, loss_fn, data)
+    op = HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=1)
+    v = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fwd = op.matmat(v)
+    assert op.engine.gradients == 1 + 3  # G(θ) once, then one gradient per HVP
+    with op.engine.one_sided_side(-1):
+        bwd = op.matmat(v)
+    for j in range(3):
+        exact = H @ v[:, j]
+        assert rel_err(fwd[:, j], exact) < 1e-6
+        assert rel_err(0.5 * (fwd[:, j] + bwd[:, j]), exact) < 1e-7  # central: O(h²), rounding-limited here
+    with pytest.raises(ValueError, match="order=1"):
+        with HessianOperator(model, loss_fn, data, method="finite_difference").engine.one_sided_side(-1):
+            pass
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_central_check_bound_covers_the_true_error_float32(seed):
+    """float32 model: Lanczos on the one-sided operator, then the central check on its Ritz vector. The reported
+    λ_c is within its bound of the dense float64 λ_max, and the bound meets eig_tol."""
+    model, loss_fn, data = _gelu_problem(seed)
+    op = HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=1)
+    res = lanczos(op, 1, eig_tol=5e-4, v0=op.gradient)
+    chk = check_one_sided(op, op.engine, res.eigenvectors[:, 0], res.info["ritz_gap"])
+    lam = _dense_top(model, loss_fn, data)
+    err = abs(chk.value - lam) / lam
+    print(f"\nseed {seed}: error {err:.1e}, bound {chk.error_bound:.1e}, one-sided bias {chk.route_error:.1e}")
+    assert err <= chk.error_bound <= 1e-3
+    assert chk.route_error > 0 and chk.gradients == 2
+
+
+def _train(model, loss_fn, data, opt, steps, tracker=None):
+    X, y = data
+    for i in range(steps):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        if tracker is not None:
+            tracker.step(model, opt, data, step=i)
+        opt.step()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_tracker_rows_on_the_one_sided_route_within_their_bound(opt_name):
+    """The one-sided route on a smooth float32 model: every row's λ(H) (and λ(P⁻¹H) with Adam) is within its error_bound of the dense float64 reference, and the
+    bound meets eig_tol; gradients counted: G(θ), one per one-sided HVP, two per check."""
+    model, loss_fn, data = _gelu_problem(3)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.5) if opt_name == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-2))
+    tracker = SharpnessTracker(loss_fn, every=3, hvp_route="one_sided")
+    checked = []
+
+    def hook_step(i):
+        row = tracker.step(model, opt, data, step=i)
+        if row is None:
+            return
+        assert row["error"] is None and row["hvp_route"] == "one_sided", row
+        lam = _dense_top(model, loss_fn, data)
+        assert abs(row["sharpness"] - lam) / lam <= row["error_bound"] <= 1e-3
+        checks = 2 if opt_name == "sgd" else 4
+        assert row["num_gradients"] == 1 + row["num_hvps"] + checks
+        if opt_name == "adam":
+            m64 = _copy64(model)
+            X, y = data
+            H = dense_hessian_fd(m64, loss_fn, (X.double(), y))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                P = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=True,
+                                                  method="finite_difference").preconditioner.double()
+            s = P.rsqrt()
+            lam_p = float(torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1])
+            err_p = abs(row["preconditioned_sharpness"] - lam_p) / lam_p
+            assert err_p <= row["preconditioned_error_bound"] <= 1e-3
+        checked.append(i)
+
+    X, y = data
+    for i in range(7):
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        hook_step(i)
+        opt.step()
+    assert checked == [0, 3, 6]
+
+
+def test_one_sided_route_never_changes_training_with_dropout():
+    """The one-sided route under dropout: G(θ) and every G(θ + εv) are taken under the row's frozen seed (the same
+    masks), and the run is bit-identical to one without the tracker (parameters, optimizer state, RNG)."""
+    def run(with_tracker):
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3)).train()
+        X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        tracker = SharpnessTracker(F.cross_entropy, every=2, hvp_route="one_sided") if with_tracker else None
+        torch.manual_seed(11)
+        _train(model, F.cross_entropy, (X, y), opt, 5, tracker)
+        return model, opt, torch.get_rng_state(), tracker
+
+    m1, o1, rng1, tr = run(True)
+    m0, o0, rng0, _ = run(False)
+    assert [r["hvp_route"] for r in tr.history] == ["one_sided"] * 3
+    assert all(r["error"] is None for r in tr.history)
+    assert torch.equal(rng0, rng1)
+    for (n, a), (_, b) in zip(m0.state_dict().items(), m1.state_dict().items()):
+        assert torch.equal(a, b), n
+    for key, st in o0.state_dict()["state"].items():
+        for name, val in st.items():
+            assert torch.equal(torch.as_tensor(val), torch.as_tensor(o1.state_dict()["state"][key][name]))
+
+
+def test_one_sided_measure_leaves_state_untouched():
+    model, loss_fn, data = _gelu_problem(4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, loss_fn, data, opt, 2)
+    loss_fn(model(data[0]), data[1]).backward()
+    before = snapshot(model, opt)
+    row = SharpnessTracker(loss_fn, every=1, hvp_route="one_sided").step(model, opt, data, step=0)
+    assert row["hvp_route"] == "one_sided"
+    after = snapshot(model, opt)
+    for key in ("params", "grads", "buffers"):
+        for n in before[key]:
+            assert torch.equal(before[key][n], after[key][n]), (key, n)
+    assert torch.equal(before["rng"], after["rng"])
+
+
+class _Kink(nn.Module):
+    """L = Σ a_i relu(θ_i)² + ½ Σ b_i θ_i² at θ = 0: autograd's Hessian is diag(b) (relu'(0) = 0), while a one-sided
+    difference along a direction with positive entries sees the other side of the kink (+2a_i)."""
+
+    def __init__(self, n: int = 6):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(n))
+        self.a = torch.linspace(1.0, 2.0, n)
+        self.b = torch.linspace(0.5, 1.0, n)
+
+    def forward(self, x):
+        return (self.a * F.relu(self.theta) ** 2).sum() + 0.5 * (self.b * self.theta ** 2).sum() + 0 * x.sum()
+
+
+def test_kink_falls_back_to_exact_hvps_and_says_so():
+    model = _Kink()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (torch.zeros(2, 1), torch.zeros(2))
+    tracker = SharpnessTracker(lambda out, t: out, every=1)
+    row = tracker.step(model, opt, batch, step=0)
+    assert row["hvp_route"] == "exact" and row["hvp_route_note"]
+    assert row["error"] is None and row["sharpness"] == pytest.approx(1.0, rel=1e-3)
+    assert row["error_bound"] <= 1e-3
+
+
+def test_low_precision_and_residual_tol_use_exact_hvps():
+    model, loss_fn, data = _gelu_problem(6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    row = SharpnessTracker(loss_fn, every=1, tol=1e-6).step(model, opt, data, step=0)
+    assert row["hvp_route"] == "exact" and "tol" in row["hvp_route_note"]
+    bf = _gelu_problem(6, dtype=torch.bfloat16)
+    with warnings.catch_warnings():  # bf16 rounding may keep the exact solve from eig_tol: not the point here
+        warnings.simplefilter("ignore")
+        row = SharpnessTracker(bf[1], every=1).step(bf[0], torch.optim.SGD(bf[0].parameters(), lr=0.1), bf[2],
+                                                    step=0)
+    assert row["hvp_route"] == "exact" and "bfloat16" in row["hvp_route_note"]
+    row = SharpnessTracker(loss_fn, every=1, hvp_route="exact").step(model, opt, data, step=0)
+    assert row["hvp_route"] == "exact" and row["hvp_route_note"] is None
+    with pytest.raises(ValueError, match="hvp_route"):
+        SharpnessTracker(loss_fn, hvp_route="fast")
+
+
+def test_auto_route_decides_on_the_first_row_and_keeps_it():
+    """hvp_route="auto": the first row checks the one-sided value against two exact HVPs on its Ritz vector and
+    times both routes; the route (and, when exact, the reason) holds for the later rows; every row within 1e-3."""
+    model, loss_fn, data = _gelu_problem(7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = SharpnessTracker(loss_fn, every=2)
+    _train(model, loss_fn, data, opt, 5, tracker)
+    routes = {r["hvp_route"] for r in tracker.history}
+    assert len(routes) == 1 and routes <= {"one_sided", "exact"}
+    first = tracker.history[0]
+    assert first["error"] is None and first["error_bound"] <= 1e-3
+    if routes == {"exact"}:
+        assert "cheaper" in first["hvp_route_note"] or "off an exact HVP" in first["hvp_route_note"]
