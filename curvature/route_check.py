@@ -4,15 +4,15 @@ A solve on the one-sided operator D₊v = (G(θ + εv) − G(θ))/ε (``FiniteDi
 per HVP) converges to a Ritz pair (θ, x) of D₊, whose eigenvalue is biased by (ε/2)·∇³L[x, x, x] (O(h)). Two more
 gradients on x give the backward difference D₋x = (G(θ) − G(θ − εx))/ε, and
 
-    λ_c = xᵀ(D₊x + D₋x)/2          the central-difference Rayleigh quotient of x: O(h²) off xᵀHx,
+    λ_ctr = xᵀ(D₊x + D₋x)/2        the central-difference Rayleigh quotient of x: O(h²) off xᵀHx,
     e = ‖D₊x − D₋x‖/2 ≈ ‖D₊x − Hx‖  the one-sided route's own error on x (its first-order term),
-    b = |xᵀD₊x − xᵀD₋x|/2           the one-sided eigenvalue bias on x, which bounds λ_c's own error with room
+    b = |xᵀD₊x − xᵀD₋x|/2           the one-sided eigenvalue bias on x, which bounds λ_ctr's own error with room
                                     (measured: central error 0.1–0.6 × b on the GELU MLP, float32; ``scale``
                                     multiplies it when a first-row exact check measured more).
 
-The reported value is λ_c, and its relative error bound is
+The reported value is λ_ctr, and its relative error bound is
 
-    ‖r‖²/(gap·|λ_c|) + scale·b/|λ_c|,     ‖r‖ = ‖(D₊x + D₋x)/2 − λ_c x‖ + e,
+    ‖r‖²/(gap·|λ_ctr|) + scale·b/|λ_ctr|,     ‖r‖ = ‖(D₊x + D₋x)/2 − λ_ctr x‖ + e,
 
 the Kato–Temple bound of :func:`~curvature.solvers._common.eigenvalue_error_bound` (same gap estimate and 1 % cap
 as the solver's stop) with the residual the *exact* Hessian would leave (≤ the central residual plus the route's
@@ -34,13 +34,13 @@ __all__ = ["OneSidedCheck", "check_one_sided", "rayleigh_quotient"]
 
 @dataclass
 class OneSidedCheck:
-    """What :func:`check_one_sided` measured on the top Ritz vector (relative quantities divide by |λ_c|)."""
+    """What :func:`check_one_sided` measured on the top Ritz vector (relative quantities divide by |λ_ctr|)."""
 
-    value: float            # λ_c, the central-difference Rayleigh quotient
+    value: float            # λ_ctr, the central-difference Rayleigh quotient
     one_sided_value: float  # xᵀD₊x
-    residual: float         # ‖r‖/|λ_c| with the route's error added (see the module docstring)
-    route_error: float      # b/|λ_c|, the one-sided bias on x (times ``scale``)
-    error_bound: float      # the bound on |λ_c − λ|/|λ|
+    residual: float         # ‖r‖/|λ_ctr| with the route's error added (see the module docstring)
+    route_error: float      # b/|λ_ctr|, the one-sided bias on x (times ``scale``)
+    error_bound: float      # the bound on |λ_ctr − λ|/|λ|
     gradients: int          # gradient passes spent (2)
 
 
