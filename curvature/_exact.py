@@ -678,6 +678,18 @@ def _tensors_in(x: Any) -> Iterator[torch.Tensor]:
             yield from _tensors_in(v)
 
 
+def _graph_nodes(roots: Sequence[Any], seen: set[int]) -> Iterator[Any]:
+    """Every autograd node reachable from ``roots`` that is not in ``seen`` (ids), once each; adds them to it."""
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(n for n, _ in node.next_functions)
+
+
 def _modules_applying(model: nn.Module, classes: Sequence[type], rerun: Callable[[], Any],
                       guard: StateGuard) -> dict[type, str]:
     """The innermost module whose forward applies each custom ``autograd.Function`` class of ``classes`` (one
@@ -687,16 +699,10 @@ def _modules_applying(model: nn.Module, classes: Sequence[type], rerun: Callable
     found: dict[type, str] = {}
 
     def walk(name: str, output: Any) -> None:
-        stack = [t.grad_fn for t in _tensors_in(output)]
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
+        for node in _graph_nodes([t.grad_fn for t in _tensors_in(output)], seen):
             cls = getattr(node, "_forward_cls", None)
             if cls in classes and cls not in found:
                 found[cls] = name
-            stack.extend(n for n, _ in node.next_functions)
 
     for name, module in model.named_modules():
         guard.push(module.register_forward_hook(lambda m, a, o, n=name: walk(n, o)).remove)
@@ -715,21 +721,14 @@ def check_twice_differentiable(loss: torch.Tensor, model: nn.Module | None = Non
     ``create_graph=True`` such a backward records nothing, so second derivatives through it would silently come out
     as zero. The error names the Function and, with ``model`` and ``rerun`` (one forward pass building a graph),
     the module that applies it. One walk over the graph's nodes, one backward call per custom Function class."""
-    seen: set[int] = set()
     verdict: dict[type, str | None] = {}
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in _graph_nodes([loss.grad_fn], set()):
         cls = getattr(node, "_forward_cls", None)
         if cls is not None and cls not in verdict:
             verdict[cls] = ("is marked @once_differentiable" if _is_once_differentiable(cls) else
                             None if _backward_records_graph(node) else
                             "has a backward that autograd cannot differentiate (its gradients carry no graph: computed "
                             "under torch.no_grad(), detached, or in NumPy)")
-        stack.extend(next_node for next_node, _ in node.next_functions)
     offenders = {cls: why for cls, why in verdict.items() if why is not None}
     if not offenders:
         return
