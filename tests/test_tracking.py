@@ -733,3 +733,38 @@ def test_training_graph_row_before_adams_first_step_has_a_float64_lookahead():
     ref = preconditioned_sharpness(model, F.cross_entropy, (x, y), opt, tol=1e-10, dtype=torch.float64)
     assert row["error"] is None and row["source"] == "training_graph"
     assert abs(row["preconditioned_sharpness"] - ref.eigenvalue) / ref.eigenvalue <= 1e-5
+
+
+class _Diagonal(torch.nn.Module):
+    """L(θ) = ½ Σ d_i θ_i² with d the batch's target: the Hessian is diag(d), whatever θ."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.ones(n, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.theta.expand(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "power_iteration", "lobpcg"])
+def test_a_warm_start_blind_to_the_new_top_eigenvector_still_finds_it(solver):
+    """The top eigenvector moves where the previous row's vectors have no component (eigenvectors rotate at the
+    edge of stability): a start made of those vectors alone spans an invariant subspace of diag(d) here, so the
+    solve converges — residual 0, bound 0 — to the wrong eigenvalue. A silent wrong number (2.6 % low at step 330
+    of the GELU trajectory in benchmarks/results/tracker-routes-cpu-2026-12-07.md). The warm start carries a
+    seeded random component, so every direction is in the Krylov space."""
+    n = 40
+    model = _Diagonal(n)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = lambda out, d: 0.5 * (d * out ** 2).sum(dim=1).mean()  # noqa: E731
+    d0 = torch.zeros(1, n, dtype=torch.float64)
+    d0[0, :2] = torch.tensor([1.0, 0.5])           # row 0: the gradient d∘θ spans e_0, e_1: Ritz vectors e_0, e_1
+    d1 = torch.full((1, n), 0.1, dtype=torch.float64)
+    d1[0, :2] = torch.tensor([1.0, 0.5])
+    d1[0, 25] = 3.0                                # row 1: the new top is e_25, orthogonal to both
+    tracker = SharpnessTracker(loss_fn, every=1, solver=solver, hvp_route="exact", eig_tol=1e-6)
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    first = tracker.step(model, opt, (x, d0), step=0)
+    assert first["sharpness"] == pytest.approx(1.0, rel=1e-6)
+    second = tracker.step(model, opt, (x, d1), step=1)
+    assert second["warm_start"] and second["sharpness"] == pytest.approx(3.0, rel=1e-6), second

@@ -6,7 +6,8 @@
 * :func:`lobpcg` — block LOBPCG with soft locking (a block method: repeated eigenvalues).
 * :func:`power_iteration` — power iteration with deflation (largest *magnitude*).
 * :func:`lanczos_tridiagonal` — the raw Lanczos tridiagonalisation (used by spectral-density code).
-* :func:`combined_start` — one start vector from several hints (previous Ritz vectors, a gradient).
+* :func:`combined_start` — one start vector from several hints (previous Ritz vectors, a gradient);
+  :class:`RandomStarts` — seeded random start blocks (through a sharded operator's hook).
 
 Each accepts a :class:`~curvature.operators.LinearOperator` or a square tensor and returns an
 :class:`EigenResult`. Stopping: ``tol`` bounds the relative residual ‖Av − λv‖/|λ| (default 1e-4);
@@ -14,11 +15,11 @@ Each accepts a :class:`~curvature.operators.LinearOperator` or a square tensor a
 reported as ``info["error_bound"]``). Inner products and random start blocks go through the operator's optional
 hooks ``op.dot(X, Y)`` and ``op.random_block(k, seed, dtype)`` (sharded operators).
 """
-from ._common import MIN_RELATIVE_GAP, combined_start, eigenvalue_error_bound
+from ._common import MIN_RELATIVE_GAP, RandomStarts, combined_start, eigenvalue_error_bound
 from .lanczos import lanczos, lanczos_tridiagonal
 from .lobpcg import lobpcg
 from .power import power_iteration
 from .result import EigenResult
 
 __all__ = ["lobpcg", "lanczos", "power_iteration", "lanczos_tridiagonal", "EigenResult", "combined_start",
-           "eigenvalue_error_bound", "MIN_RELATIVE_GAP"]
+           "eigenvalue_error_bound", "MIN_RELATIVE_GAP", "RandomStarts"]
