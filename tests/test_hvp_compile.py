@@ -61,3 +61,17 @@ def test_default_route_equals_raw_kept_graph_autograd_bitwise():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast switched off for the HVP, and back on after
         assert torch.equal(op.matvec(v), expected)
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_tracker_rows_carry_the_compile_time():
+    from curvature import SharpnessTracker
+    model, loss_fn, data = mlp_mse()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rows = {}
+    for compile_ in (False, True):
+        tracker = SharpnessTracker(loss_fn, every=1, tol=1e-8, compile=compile_)
+        rows[compile_] = tracker.step(model, opt, data, step=0)
+    assert rows[False]["compile_seconds"] is None and rows[False]["hvp_route"] == "exact"
+    assert rows[True]["compile_seconds"] is not None and rows[True]["compile_seconds"] >= 0
+    assert rows[True]["hvp_route"] == "exact" and "compile" in rows[True]["hvp_route_note"]
+    assert rows[True]["sharpness"] == pytest.approx(rows[False]["sharpness"], rel=1e-9)
