@@ -649,16 +649,19 @@ def warn_if_sum_reduced(loss_of: Callable[[Batch], torch.Tensor], batch: Batch) 
     return factor
 
 
-def warn_if_low_precision_loss(loss: torch.Tensor, dtype: torch.dtype) -> None:
+def warn_if_low_precision_loss(loss: torch.Tensor, dtype: torch.dtype) -> bool:
     """Warn when the loss tensor is computed in a lower precision than the operator's dtype (Hugging Face's
-    causal-LM loss casts logits to float32 with ``logits.float()``): λ is then only as accurate as that."""
-    if loss.dtype.is_floating_point and dtype.is_floating_point \
-            and torch.finfo(loss.dtype).eps > torch.finfo(dtype).eps:
+    causal-LM loss casts logits to float32 with ``logits.float()``): λ is then only as accurate as that.
+    Returns whether it warned."""
+    low = loss.dtype.is_floating_point and dtype.is_floating_point \
+        and torch.finfo(loss.dtype).eps > torch.finfo(dtype).eps
+    if low:
         warnings.warn(f"the loss is computed in {loss.dtype}, below the operator's {dtype}: curvature is only "
                       f"{loss.dtype}-accurate (Hugging Face causal-LM losses cast logits with .float()). For a "
                       f"{dtype} reference compute the loss on the logits yourself, e.g. loss_fn=lambda out, y: "
                       "F.cross_entropy(out.logits[..., :-1, :].flatten(0, 1).double(), y[..., 1:].flatten())",
                       CurvatureWarning, stacklevel=4)
+    return low
 
 
 def warn_if_low_precision_modules(islands: Mapping[str, str], dtype: torch.dtype, model: nn.Module) -> None:

@@ -330,8 +330,9 @@ class HVPEngine:
         """Once per engine: warn on a loss computed below the operator's precision, and on a loss that scales
         with the batch size (measured on a few samples, for callables whose reduction is not known)."""
         self.loss_dtype = loss.dtype
-        warn_if_low_precision_loss(loss, self.dtype)
-        warn_if_low_precision_modules(self.low_precision_modules, self.dtype, self.model)
+        low_loss = warn_if_low_precision_loss(loss, self.dtype)
+        if not (low_loss and set(self.low_precision_modules) <= {""}):  # the model's own loss cast: warned once above
+            warn_if_low_precision_modules(self.low_precision_modules, self.dtype, self.model)
         # the model's own loss (loss_fn=None) is the model's property: remembered per model
         owner = self.model if self.loss_fn is model_output_loss else self.loss_fn
         if not is_known_mean_loss(self.loss_fn, self.model) and not _seen_mean_reduced(owner):

@@ -67,7 +67,6 @@ import math
 import operator
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -88,7 +87,8 @@ from .operators import GraphHessianOperator
 from .rows import ROW_KEYS, SCALAR_KEYS  # the row schema (re-exported)
 from .signals import loss_at, step_signals
 from ._validate import check_optional_positive_int, check_positive_float, check_seed, check_tol
-from .usage import (check_batch_argument, check_not_a_batch_half, describe, explain_setup_failure, failure_kind)
+from .usage import (StepOrderWatch, check_batch_argument, check_not_a_batch_half, describe, explain_setup_failure,
+                    failure_kind)
 
 __all__ = ["SharpnessTracker", "ROW_KEYS", "SCALAR_KEYS", "TrackingError", "TrackingSetupError", "TrackingWarning",
            "CSVSink",
@@ -376,9 +376,7 @@ class SharpnessTracker:
         #: failed measurements so far, by kind (:data:`curvature.usage.FAILURE_KINDS`)
         self.failures: dict[str, int] = {}
         self._succeeded = False  # a measurement has given a value: later failures are not set-up errors
-        self._order_hooks: dict[int, Any] = {}
-        self._grads_at_step: dict[int, list[tuple[Any, Any, int]]] = {}
-        self._order_warned = False
+        self._order_watch = StepOrderWatch()
 
     # -- public ---------------------------------------------------------------------------------------
     def should_measure(self, step: int) -> bool:
@@ -486,11 +484,7 @@ class SharpnessTracker:
     def close(self) -> None:
         """Close file and TensorBoard sinks (rows are already flushed; this releases the handles) and remove the
         read-only optimizer step hooks."""
-        for handle in self._order_hooks.values():
-            with contextlib.suppress(Exception):
-                handle.remove()
-        self._order_hooks.clear()
-        self._grads_at_step.clear()
+        self._order_watch.close()
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if callable(close):
@@ -980,45 +974,16 @@ class SharpnessTracker:
 
     def _check_order(self, optimizer: Any, step: int) -> None:
         """Warn once when :meth:`step` (``when="before_step"``) runs after ``optimizer.step()`` with no
-        ``backward()`` in between. A read-only ``register_step_post_hook`` notes, after each optimizer step, the
-        ``.grad`` tensors of a few parameters (weak references and version counters); a backward replaces or
-        updates them, so finding them untouched here means the optimizer stepped since the last backward."""
+        ``backward()`` in between (:class:`~curvature.usage.StepOrderWatch`: read-only, never changes training)."""
         opt = unwrap_optimizer(optimizer)
-        if opt is None or self._order_warned or not callable(getattr(opt, "register_step_post_hook", None)):
+        if opt is None or self._order_watch.warned:
             return
-        key = id(opt)
-        if key not in self._order_hooks:
-            ref = weakref.ref(self)
-
-            def after_optimizer_step(o: Any, args: Any, kwargs: Any) -> None:
-                tracker = ref()
-                if tracker is not None:
-                    tracker._note_optimizer_step(o, key)
-
-            self._order_hooks[key] = opt.register_step_post_hook(after_optimizer_step)
-            if step == 0 and self._calls == 0 and any(opt.state.get(p) for g in opt.param_groups
-                                                     for p in g["params"]):
-                self._warn_order(opt, "the optimizer already has state at step 0")
-            return
-        seen = self._grads_at_step.get(key)
-        if seen and all(p() is not None and p().grad is not None and p().grad is g() and p().grad._version == v
-                        for p, g, v in seen):
-            self._warn_order(opt, "no backward() ran since the last optimizer.step()")
-
-    def _note_optimizer_step(self, opt: Any, key: int) -> None:
-        seen = []
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    seen.append((weakref.ref(p), weakref.ref(p.grad), p.grad._version))
-                    if len(seen) == 4:
-                        break
-            if len(seen) == 4:
-                break
-        self._grads_at_step[key] = seen
+        why = self._order_watch.check(opt, first_call=step == 0 and self._calls == 0)
+        if why is not None:
+            self._warn_order(opt, why)
 
     def _warn_order(self, opt: Any, why: str) -> None:
-        self._order_warned = True
+        self._order_watch.warned = True
         warnings.warn(
             f"curvature: tracker.step was called after optimizer.step() ({why}): its rows describe the parameters "
             "after the update, not the ones the update starts from. Fix: call tracker.step(model, optimizer, "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 from .data import is_single_batch
 
 __all__ = ["FAILURE_KINDS", "BATCH_FORM", "describe", "check_batch_argument", "check_not_a_batch_half",
-           "failure_kind", "explain_setup_failure"]
+           "failure_kind", "explain_setup_failure", "StepOrderWatch"]
 
 #: The values of a row's ``error_kind`` (``None`` when the row has no error).
 FAILURE_KINDS = ("setup", "out_of_memory", "non_finite", "remote_rank", "not_converged", "sink", "error")
@@ -192,3 +193,62 @@ def explain_setup_failure(exc: BaseException, loss_fn: Any, data: Any, *, who: s
              f"expected {_LOSS_FORM}; given {given} and {data_name} = {describe(data)}"]
     lines += [f"likely: {h}" for h in hints]
     return "\n".join(lines)
+
+
+class StepOrderWatch:
+    """Whether ``optimizer.step()`` ran since the last ``backward()``, seen read-only: a ``register_step_post_hook``
+    notes, after each optimizer step, the ``.grad`` tensors of a few parameters (weak references and version
+    counters); a backward replaces or updates them, so finding them untouched means the optimizer stepped since
+    the last backward (a measurement meant for the step about to be taken would describe the wrong parameters).
+    Gradient accumulation and ``zero_grad(set_to_none=False)`` change the version counters, so they never look
+    like it. Never changes training; :meth:`close` removes the hooks."""
+
+    #: how many ``.grad`` tensors are noted per optimizer step
+    PROBES = 4
+
+    def __init__(self) -> None:
+        self._hooks: dict[int, Any] = {}
+        self._grads_at_step: dict[int, list[tuple[Any, Any, int]]] = {}
+        self.warned = False
+
+    def check(self, opt: Any, *, first_call: bool) -> str | None:
+        """Why the optimizer has stepped since the last backward (``None`` if it has not, or it cannot tell):
+        the first call on ``opt`` installs the hook (and, when ``first_call``, reports an optimizer that already
+        has state at step 0)."""
+        if not callable(getattr(opt, "register_step_post_hook", None)):
+            return None
+        key = id(opt)
+        if key not in self._hooks:
+            ref = weakref.ref(self)
+
+            def after_optimizer_step(o: Any, args: Any, kwargs: Any) -> None:
+                watch = ref()
+                if watch is not None:
+                    watch._note(o, key)
+
+            self._hooks[key] = opt.register_step_post_hook(after_optimizer_step)
+            if first_call and any(opt.state.get(p) for g in opt.param_groups for p in g["params"]):
+                return "the optimizer already has state at step 0"
+            return None
+        seen = self._grads_at_step.get(key)
+        if seen and all(p() is not None and p().grad is not None and p().grad is g() and p().grad._version == v
+                        for p, g, v in seen):
+            return "no backward() ran since the last optimizer.step()"
+        return None
+
+    def _note(self, opt: Any, key: int) -> None:
+        seen: list[tuple[Any, Any, int]] = []
+        grads = (p for group in opt.param_groups for p in group["params"] if p.grad is not None)
+        for p in grads:
+            seen.append((weakref.ref(p), weakref.ref(p.grad), p.grad._version))
+            if len(seen) == self.PROBES:
+                break
+        self._grads_at_step[key] = seen
+
+    def close(self) -> None:
+        """Remove the hooks (the optimizer steps exactly as before)."""
+        for handle in self._hooks.values():
+            with contextlib.suppress(Exception):
+                handle.remove()
+        self._hooks.clear()
+        self._grads_at_step.clear()

@@ -304,3 +304,23 @@ def test_hf_callback_clips_like_the_trainer():
         assert cb.tracker.max_grad_norm == expected
     with pytest.raises(ValueError, match="max_grad_norm"):
         SharpnessCallback(max_grad_norm="clip")
+
+
+def test_a_causal_lm_whose_own_loss_casts_to_float32_warns_once():
+    """The head's logits.float() is both a low-precision loss and a float32 island at the root module: one cause,
+    one warning (the loss's, which says what to do), the island still listed in info."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from curvature import sharpness
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)).double()
+    ids = torch.randint(0, 50, (2, 8))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = sharpness(model, None, {"input_ids": ids, "labels": ids}, tol=1e-3)
+    below = [str(w.message) for w in seen if "below the operator" in str(w.message)]
+    assert len(below) == 1 and below[0].startswith("the loss is computed in torch.float32"), below
+    assert res.info["low_precision_modules"] == {"": "float32"}
