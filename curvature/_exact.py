@@ -255,9 +255,12 @@ def autocast_state() -> dict[str, tuple[bool, torch.dtype]]:
 def _set_autocast(guard: StateGuard, state: Mapping[str, tuple[bool, torch.dtype]] | None) -> None:
     """Autocast off on every device type, or set to ``state`` (captured by :func:`autocast_state`)."""
     for dev in _AUTOCAST_DEVICES:
-        guard.push(functools.partial(torch.set_autocast_dtype, dev, torch.get_autocast_dtype(dev)))
-        guard.push(functools.partial(torch.set_autocast_enabled, dev, torch.is_autocast_enabled(dev)))
         enabled, dtype = state[dev] if state is not None else (False, None)
+        now_enabled, now_dtype = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+        if now_enabled == enabled and dtype in (None, now_dtype):
+            continue  # already as wanted (the common case: autocast off): nothing to switch, nothing to undo
+        guard.push(functools.partial(torch.set_autocast_dtype, dev, now_dtype))
+        guard.push(functools.partial(torch.set_autocast_enabled, dev, now_enabled))
         if dtype is not None:
             torch.set_autocast_dtype(dev, dtype)
         torch.set_autocast_enabled(dev, enabled)

@@ -26,7 +26,8 @@ SOLVERS = {"lobpcg": lobpcg, "lanczos": lanczos, "power_iteration": power_iterat
 
 # Options of HessianOperator that sharpness() and friends pass through.
 OPERATOR_OPTIONS = ("method", "dtype", "device", "seed", "max_batch_size", "chunk_size", "cache_graph",
-                    "distributed", "process_group", "weight_fn", "inputs_as", "fd_order", "fd_epsilon", "autocast")
+                    "distributed", "process_group", "weight_fn", "inputs_as", "fd_order", "fd_epsilon", "autocast",
+                    "compile")
 
 
 def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float | None = None,

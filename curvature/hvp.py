@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compiled import compiled_hvp
 from ._exact import (SecondOrderError, StateGuard, autocast_state, backward_context, call_with_state,
                      check_twice_differentiable, explain_missing_derivative, frozen_rng, has_train_mode_batchnorm,
                      low_precision_islands, peek_seed, reseed, second_order_context, unwrap_model)
@@ -163,9 +165,16 @@ class HVPEngine:
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
                  autocast: bool = False, cache_graph: bool = True, allow_empty: bool = False,
-                 weight_fn: Callable[[Any], Any] | None = None, inputs_as: str = "kwargs") -> None:
+                 weight_fn: Callable[[Any], Any] | None = None, inputs_as: str = "kwargs",
+                 compile: bool = False) -> None:  # noqa: A002 - the option's public name
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        if compile and method == "reverse_over_reverse":
+            raise ValueError("compile=True compiles forward-over-reverse (jvp of grad); it cannot apply to "
+                             "method='reverse_over_reverse' (a kept autograd graph). Use method='auto' or "
+                             "'forward_over_reverse' with compile=True, or compile=False")
         self.model = unwrap_model(model)
         self.loss_fn = resolve_loss_fn(loss_fn)  # None: the model's own loss; sum-reduced loss modules refused
         seed = None if seed is None else check_seed(seed)
@@ -195,16 +204,38 @@ class HVPEngine:
         self.num_samples = self.batches.total_weight  # Σ_b w_b (samples, or what weight_fn / labels say)
         self.seed = peek_seed(self.device) if seed is None else int(seed)
         self.chunk_size = chunk_size
-        self.method = self._route(method)
+        self.method = "forward_over_reverse" if compile else self._route(method)
         self._autocast = autocast_state() if autocast else None
         self._vmap_ok = True
         self._batched_grad_ok = True
         self._first_pass(cache_graph)
+        #: whether HVPs run through ``torch.compile`` (``compile=True``), and the seconds the first compiled HVP took
+        #: at construction (compilation included, when there was any to do; None without compile)
+        self.compiled = compile
+        self.compile_seconds: float | None = None
+        self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        if compile:
+            self._compile()
 
     @staticmethod
     def _route(method: str) -> str:
         """The one place that turns the requested method into the route this engine runs."""
         return "reverse_over_reverse" if method == "auto" else method
+
+    def _compile(self) -> None:
+        """Compile the HVP (:mod:`curvature._compiled`) and run it once on a zero direction, timed: a model or
+        platform that ``torch.compile`` cannot handle fails here, at construction, with the reason."""
+        self._compiled = compiled_hvp(self.model, self.loss_fn)
+        zero = [torch.zeros((1, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
+        start = time.perf_counter()
+        try:
+            self.hvp_sum(zero)
+        except Exception as exc:
+            self._compiled = None
+            raise RuntimeError(f"compile=True: torch.compile could not compile this model's Hessian-vector product "
+                               f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                               "); use compile=False (the default, same numbers)") from exc
+        self.compile_seconds = time.perf_counter() - start
 
     @_guarded
     def _first_pass(self, guard: StateGuard, cache_graph: bool) -> None:
@@ -331,7 +362,9 @@ class HVPEngine:
             # the second-order context).
             leaves, grads = self._graph
             with backward_context(guard, autocast=self._autocast):
-                return [h.mul_(self.batches[0].weight) for h in self._double_backward(leaves, grads, tangents)]
+                out = self._double_backward(leaves, grads, tangents)
+                torch._foreach_mul_(out, self.batches[0].weight)  # one call; the same products as h.mul_(w) each
+                return out
         out: list[torch.Tensor] | None = None
         with frozen_rng(self.device, guard), second_order_context(self.model, guard, autocast=self._autocast):
             for i, batch in enumerate(self.batches):
@@ -348,6 +381,8 @@ class HVPEngine:
 
     def _hvp_batch(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch, guard: StateGuard
                    ) -> Sequence[torch.Tensor]:
+        if self._compiled is not None:
+            return self._compiled_batch(tangents, index, batch)
         if self.method == "forward_over_reverse":
             try:
                 return self._forward_over_reverse(tangents, index, batch, guard)
@@ -360,6 +395,22 @@ class HVPEngine:
         loss = self._loss(leaves, index, batch, guard)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         return self._double_backward(leaves, grads, tangents)
+
+    def _compiled_batch(self, tangents: Sequence[torch.Tensor], index: int, batch: Batch) -> list[torch.Tensor]:
+        """H_b V by the compiled jvp(grad(L_b)), one direction per call (the RNG reseeded per call, as in
+        :meth:`_loss`, so every call of batch b draws the same dropout masks; compiled code draws other masks
+        than eager code, so a dropout model's operator is another fixed operator than the uncompiled one's)."""
+        assert self._compiled is not None
+        others = dict(self._constants)
+        others.update({n: b.clone() for n, b in self._buffers.items()})
+        args, kwargs, targets = self._move(batch.args), self._move(batch.kwargs), self._move(batch.targets)
+        names = tuple(self.names)
+        cols = []
+        for c in range(tangents[0].shape[0]):
+            reseed(self.seed + index, self.device)
+            cols.append(self._compiled(names, self._primals, tuple(t[c] for t in tangents), others, args,
+                                       kwargs, targets))
+        return [torch.stack([col[j] for col in cols]).detach() for j in range(len(self.shapes))]
 
     def _raise_unless_forward_ad_failed(self, exc: BaseException, index: int, batch: Batch,
                                         guard: StateGuard) -> None:

@@ -38,6 +38,9 @@ def make_engine(model: torch.nn.Module, loss_fn: Any, data: Any, params: Any = N
     if method not in ENGINE_METHODS:
         raise ValueError(f"method must be one of {ENGINE_METHODS}, got {method!r}")
     if method == "finite_difference":
+        if options.pop("compile", False):
+            raise ValueError("compile=True applies to the exact routes (method='auto' or 'forward_over_reverse'), "
+                             "not to method='finite_difference'")
         options.pop("chunk_size", None)
         options.pop("cache_graph", None)
         return FiniteDifferenceEngine(model, loss_fn, data, params, order=fd_order, epsilon=fd_epsilon, **options)
@@ -81,6 +84,9 @@ class HessianOperator(ParameterOperator):
             argument, for ``forward(self, batch)``).
         autocast: exact routes compute with autocast off (also inside a ``torch.autocast`` region); ``True``
             keeps the autocast state active at construction for every pass (reduced precision, asked for).
+        compile: ``True`` runs each HVP as a ``torch.compile``-d ``jvp(grad(L))`` (forward-over-reverse; exact,
+            equal to the uncompiled route up to rounding); compiled once, at construction, and timed
+            (``compile_seconds``). Off by default. Not with ``method="reverse_over_reverse"``.
 
     Nothing about the model changes: parameters, buffers, ``.grad``, ``model.training`` and the RNG state
     are the same after every call.
@@ -100,7 +106,8 @@ class HessianOperator(ParameterOperator):
                  seed: int | None = None, max_batch_size: int | None = None, chunk_size: int | None = None,
                  cache_graph: bool = True, fd_order: int = 2, fd_epsilon: float | None = None,
                  distributed: bool | None = None, process_group: Any = None,
-                 weight_fn: Any = None, inputs_as: str = "kwargs", autocast: bool = False) -> None:
+                 weight_fn: Any = None, inputs_as: str = "kwargs", autocast: bool = False,
+                 compile: bool = False) -> None:  # noqa: A002 - the option's public name
         group = resolve_process_group(distributed, process_group)
         error: BaseException | None = None
         try:
@@ -112,7 +119,7 @@ class HessianOperator(ParameterOperator):
                                       seed=seed, max_batch_size=max_batch_size, chunk_size=chunk_size,
                                       cache_graph=cache_graph, fd_order=fd_order, fd_epsilon=fd_epsilon,
                                       allow_empty=group is not None, weight_fn=weight_fn, inputs_as=inputs_as,
-                                      autocast=autocast)
+                                      autocast=autocast, compile=compile)
         except BaseException as exc:  # a Ctrl-C too: raising alone would leave the others waiting in the all-reduce
             if group is None:
                 raise
@@ -148,6 +155,8 @@ class HessianOperator(ParameterOperator):
         self.loss: float = float(loss.item()) / self.num_samples
         grad = self.flatten([g.clone() for g in e.grad_sum])
         self.gradient: torch.Tensor = all_reduce_sum(grad, group) / self.num_samples
+        #: seconds the HVP's ``torch.compile`` took at construction (``compile=True``), else None
+        self.compile_seconds: float | None = getattr(e, "compile_seconds", None)
 
     @property
     def method(self) -> str:
@@ -159,7 +168,7 @@ class HessianOperator(ParameterOperator):
         # memory) sends a failure flag in the same all-reduce, and every rank raises at once.
         HV = sum_or_fail(lambda: self._local_hvp_sum(V), (self.shape[0], V.shape[1]), self.dtype, self.device,
                          self.process_group, "in a Hessian-vector product")
-        return HV / self.num_samples
+        return HV.div_(self.num_samples)  # HV is a fresh tensor (a cat, or the all-reduce buffer): divide in place
 
     def loss_and_gradient_at(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         """Mean loss and its gradient at another flat point θ' (same data, same frozen randomness)."""

@@ -76,6 +76,7 @@ ROW_KEYS: tuple[str, ...] = (
     "hvp_route",                  # "one_sided" (one gradient per HVP, central check on the Ritz vector) or "exact"
     "num_gradients",              # first-order gradient passes of the row (one-sided route: G(θ), 1/HVP, 2/check)
     "hvp_route_note",             # why the route is exact where one-sided was eligible (None otherwise)
+    "compile_seconds",            # compile=True: seconds the operators' first (compiling) HVP took (None otherwise)
 ) + SIGNAL_KEYS + CRITICAL_KEYS   # per-step signals (signals=True), critical sharpness (critical_every=N)
 
 #: Numeric keys a scalar logger (TensorBoard, Lightning, HF) gets.

@@ -119,12 +119,15 @@ class ShardedHessianOperator(ParameterOperator):
                               chunk_size: int | None = None, cache_graph: bool = True, fd_order: int = 2,
                               fd_epsilon: float | None = None, distributed: bool | None = None,
                               process_group: Any = None, weight_fn: Any = None, inputs_as: str = "kwargs",
-                              autocast: bool = False) -> "ShardedHessianOperator":
+                              autocast: bool = False, compile: bool = False) -> "ShardedHessianOperator":  # noqa: A002
         """Build from :class:`~curvature.operators.HessianOperator`'s options (what ``HessianOperator(model,
         ...)`` does for a sharded model); options that cannot apply to sharded parameters are refused."""
         if method not in ("auto", "finite_difference"):
             raise ValueError(f"method={method!r} cannot run on a fully-sharded (FSDP) model: double backward does "
                              "not go through FSDP's collectives. Use method='finite_difference' (the default here)")
+        if compile:
+            raise ValueError("compile=True cannot apply to a fully-sharded (FSDP) model: it compiles an exact HVP "
+                             "(jvp of grad), which does not go through FSDP's collectives. Leave compile=False")
         if distributed is False:
             raise ValueError("distributed=False cannot apply to a fully-sharded model: its parameters live on all ranks")
         first = next(model.parameters())

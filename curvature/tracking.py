@@ -182,7 +182,7 @@ HVP_ROUTES = ("auto", "exact", "one_sided")
 #: benchmark MLP), and the whole must still meet ``eig_tol``.
 ONE_SIDED_SOLVE_FRACTION = 0.5
 #: Operator options that choose a route or a setup the one-sided route does not take over.
-_EXACT_ONLY_OPTIONS = ("method", "fd_order", "fd_epsilon", "autocast", "distributed", "process_group")
+_EXACT_ONLY_OPTIONS = ("method", "fd_order", "fd_epsilon", "autocast", "distributed", "process_group", "compile")
 
 
 def _gradient_passes(op: Any) -> int:
@@ -293,7 +293,7 @@ class SharpnessTracker:
             ``every=None`` with ``critical_every``: critical-sharpness rows only.
         critical_rtol: its bracket tolerance (default 1/16).
         **operator_options: passed to the operator (``method``, ``dtype``, ``device``, ``max_batch_size``,
-            ``params``, ``distributed``, ...).
+            ``params``, ``distributed``, ``compile``, ...).
     """
 
     def __init__(self, loss_fn: Callable | None, every: int = 50, k: int = 1, solver: str = "lanczos",
@@ -786,6 +786,9 @@ class SharpnessTracker:
                     row["converged"] = row["converged"] and row["error_bound"] <= self.eig_tol and (
                         row["preconditioned_error_bound"] is None or row["preconditioned_error_bound"] <= self.eig_tol)
                 row["num_gradients"] = sum(_gradient_passes(e) for e in {id(e): e for e in engines}.values())
+                compiled = [s for s in (getattr(e, "compile_seconds", None) for e in {id(e): e for e in engines}.values())
+                            if s is not None]
+                row["compile_seconds"] = sum(compiled) if compiled else None  # compile=True: in `seconds` too
                 if self.signals:
                     row.update(self._signals(net, opt, H, P_op, data))
                     row["num_hvps"] += row["signals_num_hvps"] or 0

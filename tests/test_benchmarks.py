@@ -87,6 +87,14 @@ def test_hvp_script_quick(tmp_path):
     assert "### gpt" in report and "### mlp" in report
 
 
+def test_hvp_compile_script_quick(tmp_path):
+    from benchmarks import hvp_compile
+    out = tmp_path / "hvp_compile.md"
+    report = hvp_compile.main(["--quick", "--models", "mlp", "--rounds", "3", "--out", str(out)])
+    assert out.exists() and "raw kept graph" in report and "ours auto" in report
+    assert "compile=True" not in report.split("### mlp")[1]  # --quick leaves the compile row out
+
+
 def test_eigensolvers_script_quick(tmp_path):
     from benchmarks import eigensolvers
     out = tmp_path / "eig.md"
