@@ -272,3 +272,12 @@ def import_curvature():
         return cv
     except Exception:  # noqa: BLE001
         return None
+
+
+def write_report(text: str, out: str | None, *, echo: bool = True) -> None:
+    """Print a benchmark's markdown report (unless ``echo=False``) and write it to ``out`` when given."""
+    if echo:
+        print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)

@@ -34,7 +34,7 @@ from curvature.operators import HessianOperator
 from curvature.optim import stability_threshold
 from curvature.signals import next_update
 
-from ._timing import environment, fmt_num, header_markdown, markdown_table, pin_threads
+from ._timing import environment, fmt_num, header_markdown, markdown_table, pin_threads, write_report
 from .models import byte_batch, gpt, mlp
 
 
@@ -234,10 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.figure:
         figure(results, args.figure)
         text += f"\n![λ_c, λ_max, λ(P⁻¹H) and the thresholds]({os.path.basename(args.figure)})\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
     return 0
 
 

@@ -29,7 +29,7 @@ import torch
 from . import models as M
 from curvature import peers as P
 from ._timing import (environment, fmt_s, header_markdown, import_curvature, markdown_table, pin_threads,
-                      touch_memory)
+                      touch_memory, write_report)
 
 COLUMNS = ["solver", "tol", "λ_max", "rel.err vs ref", "true residual", "HVPs", "seconds", "converged", "note"]
 
@@ -280,9 +280,7 @@ def main(argv=None) -> str:
             parts.append(md)
     cmd = "python -m benchmarks.eigensolvers " + " ".join(sys.argv[1:] if argv is None else argv)
     report = header_markdown(env, "Eigensolvers: cost of λ_max, side by side", cmd) + "\n" + "\n".join(parts)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(report)
+    write_report(report, a.out, echo=False)
     return report
 
 

@@ -32,7 +32,7 @@ import torch
 
 from . import models as M
 from curvature import peers as P
-from ._timing import environment, fmt_s, header_markdown, markdown_table, pin_threads
+from ._timing import environment, fmt_s, header_markdown, markdown_table, pin_threads, write_report
 
 COLUMNS = ["method", "time / HVP", "× raw", "× PyHessian", "HVP / grad", "rel.err vs raw", "setup", "note"]
 
@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> str:
     cmd = "python -m benchmarks.hvp_compile " + " ".join(sys.argv[1:] if argv is None else argv)
     report = header_markdown(env, "Per-HVP time: our exact route vs raw autograd and PyHessian; compile=True", cmd)
     report += "\n" + "\n".join(parts)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(report)
+    write_report(report, a.out, echo=False)
     return report
 
 

@@ -25,7 +25,7 @@ import torch
 from curvature import lanczos
 from curvature.operators import LinearOperator
 
-from ._timing import environment, fmt_num, header_markdown, markdown_table, pin_threads
+from ._timing import environment, fmt_num, header_markdown, markdown_table, pin_threads, write_report
 
 #: the solver module; its basis allocator is swapped for the old layout while a "before" run is timed
 _lanczos_mod = importlib.import_module("curvature.solvers.lanczos")
@@ -94,10 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text += (f"\n1-min load average at the start: {load:.1f} (2 shared cores). Medians of {args.repeat} "
              "interleaved repeats.\n\n")
     text += markdown_table(rows)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
     return 0
 
 

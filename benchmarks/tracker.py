@@ -22,7 +22,8 @@ import torch
 
 from curvature import SharpnessTracker
 
-from ._timing import environment, fmt_num, fmt_s, header_markdown, markdown_table, pin_threads, touch_memory
+from ._timing import (environment, fmt_num, fmt_s, header_markdown, markdown_table, pin_threads, touch_memory,
+                      write_report)
 from .models import gpt, mlp
 
 WORKLOADS = {"mlp": mlp, "gpt": gpt}
@@ -271,10 +272,7 @@ def _ratio(row_seconds: list[float] | None, step_s: float) -> float:
 
 def _emit(text: str, out: str | None) -> int:
     """Print the report and write it to ``out`` (when given); exit status 0."""
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
+    write_report(text, out)
     return 0
 
 
