@@ -164,3 +164,11 @@ def test_critical_benchmark_quick(tmp_path):
                           "--figure", str(fig)]) == 0
     text = out.read_text()
     assert "λ_c·η/2" in text and "forwards model warm" in text and fig.exists()
+
+
+def test_warm_start_benchmark_quick(tmp_path):
+    from benchmarks import warm_start
+    out = tmp_path / "warm.md"
+    assert warm_start.main(["--quick", "--only", "mlp", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Warm starts with and without a random direction" in text and "bound below the error" in text
