@@ -57,7 +57,7 @@ from torch import nn
 from ._exact import StateGuard, autocast_state, call_with_state, frozen_rng, peek_seed, reseed, unwrap_model
 from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import collective_device, resolve_process_group, sum_or_fail
-from .finite_difference import is_dtensor
+from .finite_difference import is_dtensor, local_tensor
 from .optim import unwrap_optimizer
 from .rows import CRITICAL_KEYS  # the columns CriticalSharpness.row() fills (the row schema)
 from .signals import parameter_update
@@ -159,11 +159,6 @@ def _scalar(x: Any) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-def _local(t: Any) -> Any:
-    """The tensor this rank stores (a DTensor's local shard, same storage), else ``t``."""
-    return t.to_local() if isinstance(t, torch.Tensor) and is_dtensor(t) else t
-
-
 def _fsdp_modules(net: nn.Module) -> list[Any]:
     """The FSDP2 (``fully_shard``) modules of ``net`` whose parameters are sharded now."""
     if not any(is_dtensor(p) for p in net.parameters()):
@@ -220,8 +215,8 @@ class _ClosedForm(_Direction):
             if p.grad is None:
                 yield None
                 continue
-            state = {k: _local(v) for k, v in self.opt.state.get(p, {}).items()}
-            yield parameter_update(self.opt, {**group, "lr": lr}, state, _local(p.detach()), _local(p.grad))
+            state = {k: local_tensor(v) for k, v in self.opt.state.get(p, {}).items()}
+            yield parameter_update(self.opt, {**group, "lr": lr}, state, local_tensor(p.detach()), local_tensor(p.grad))
 
 
 class _VirtualStep(_Direction):
@@ -486,7 +481,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
             run_seed = peek_seed(device) if seed is None else int(seed)
             sharded = _fsdp_modules(net)
             guard.push(functools.partial(_reshard, sharded))
-            locals_ = [_local(p.detach()) for p in params]
+            locals_ = [local_tensor(p.detach()) for p in params]
             saved = [t.clone() for t in locals_]  # the one copy of the parameters
             # undone newest first: the parameters come back, then autocast's cache (of trial casts) is dropped
             guard.push(torch.clear_autocast_cache)
@@ -501,7 +496,7 @@ def critical_sharpness(model: nn.Module, loss_fn: Callable | None, data: Any, op
             for p, d in zip(params, direction.parts()):
                 if d is None or p.grad is None:
                     continue
-                v = float(torch.sum(_local(p.grad).double() * d))
+                v = float(torch.sum(local_tensor(p.grad).double() * d))
                 if is_dtensor(p):
                     dot_sharded += v
                 else:

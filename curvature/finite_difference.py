@@ -64,7 +64,7 @@ from .data import Batch, as_batches, model_output_loss, resolve_loss_fn
 from ._validate import check_device
 from .hvp import check_parameters, select_parameters
 
-__all__ = ["FiniteDifferenceEngine", "finite_difference_step", "ONE_SIDED_STEP_CONSTANT"]
+__all__ = ["FiniteDifferenceEngine", "finite_difference_step", "ONE_SIDED_STEP_CONSTANT", "is_dtensor", "local_tensor"]
 
 GRADIENT_MODES = ("auto", "autograd", "backward")
 # c in h = c·u^{1/3}·max(1, ‖θ‖/√n): calibrated on the benchmark models for λ_max (see the module docstring).
@@ -78,8 +78,9 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank stores: a DTensor's local shard (same storage), else the tensor itself."""
+def local_tensor(t: Any) -> Any:
+    """What this rank stores: a DTensor's local shard (same storage), else ``t`` itself (any other tensor, a number,
+    ``None``)."""
     return t.to_local() if is_dtensor(t) else t
 
 
@@ -179,14 +180,14 @@ class FiniteDifferenceEngine:
         check_parameters(model, selected)
         self.names = [n for n, _ in selected]
         self.params = [p for _, p in selected]
-        self.shapes = [_local(p).shape for p in self.params]  # local shapes (the shard) for DTensors
+        self.shapes = [local_tensor(p).shape for p in self.params]  # local shapes (the shard) for DTensors
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) > 1:
             raise TypeError(f"the selected parameters have mixed dtypes {sorted(map(str, dtypes))}; pass dtype=")
         self.dtype = self.params[0].dtype
         if not self.dtype.is_floating_point:
             raise TypeError(f"curvature needs floating-point parameters, got {self.dtype}")
-        self.device = _local(self.params[0]).device
+        self.device = local_tensor(self.params[0]).device
         self.acc_dtype = self.dtype if torch.finfo(self.dtype).bits >= 32 else torch.float32
         self.gradient_mode = ("backward" if sharded else "autograd") if gradient == "auto" else gradient
         self.order = order
@@ -208,7 +209,7 @@ class FiniteDifferenceEngine:
         # valid. Sharded (DTensor) parameters must be written in place, in the shard storage FSDP all-gathers
         # from; a copy of the shard is kept and written back.
         self._inplace = [is_dtensor(p) for p in self.params]
-        self._theta0 = [_local(p).detach().clone() if ip else p.data for p, ip in zip(self.params, self._inplace)]
+        self._theta0 = [local_tensor(p).detach().clone() if ip else p.data for p, ip in zip(self.params, self._inplace)]
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         sq = torch.zeros(2, dtype=torch.float64, device=self.device)
         for t in self._theta0:
@@ -242,7 +243,7 @@ class FiniteDifferenceEngine:
             with torch.no_grad():
                 for p, t0, ip in zip(self.params, self._theta0, self._inplace):
                     if ip:
-                        _local(p).copy_(t0)
+                        local_tensor(p).copy_(t0)
                     else:
                         p.data = t0
                 for b, b0 in self._buffers:
@@ -262,7 +263,7 @@ class FiniteDifferenceEngine:
                     for p, t0, d, ip in zip(self.params, self._theta0, step, self._inplace):
                         moved = t0.add(d.to(t0.dtype), alpha=alpha)
                         if ip:
-                            _local(p).copy_(moved)
+                            local_tensor(p).copy_(moved)
                         else:
                             p.data = moved
                     # autocast caches its low-precision copies of the weights per tensor: drop them, or the
@@ -315,7 +316,7 @@ class FiniteDifferenceEngine:
         for p in self.model.parameters():
             p.grad = None
         (loss if self.gradient_world is None else loss * batch.weight).backward()
-        grads = [None if p.grad is None else _local(p.grad).detach() for p in self.params]
+        grads = [None if p.grad is None else local_tensor(p.grad).detach() for p in self.params]
         for p in self.model.parameters():
             p.grad = None
         return loss.detach(), grads

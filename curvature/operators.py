@@ -19,7 +19,7 @@ from .distributed import (all_reduce_sum, assert_ranks_agree, collective_device,
 from .finite_difference import FiniteDifferenceEngine
 from .hvp import HVPEngine
 from .linear_operator import LinearOperator, MatrixOperator, ParameterOperator, ShiftedOperator
-from .sharded import ShardedHessianOperator
+from .sharded import ShardedHessianOperator, is_sharded_model
 from .usage import check_batch_argument, check_not_a_batch_half
 
 # LinearOperator, MatrixOperator, ShiftedOperator, ParameterOperator (the protocol) and assert_ranks_agree are
@@ -97,7 +97,7 @@ class HessianOperator(ParameterOperator):
         :class:`~curvature.sharded.ShardedHessianOperator` (finite differences, sharded vectors): double
         backward cannot go through FSDP. Every entry point built on this class (``sharpness``, the tracker,
         the callbacks) then works on sharded models, with solvers that use the ``dot``/``random_block`` hooks."""
-        if cls is HessianOperator and model is not None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        if cls is HessianOperator and model is not None and is_sharded_model(model):
             return ShardedHessianOperator.from_operator_options(model, *args, **kwargs)
         return super().__new__(cls)
 

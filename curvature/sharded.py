@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .data import as_batches, model_output_loss, resolve_loss_fn
 from .distributed import all_reduce_sum, disagreeing, ranks_disagree, sum_or_fail
-from .finite_difference import FiniteDifferenceEngine, is_dtensor
+from .finite_difference import FiniteDifferenceEngine, is_dtensor, local_tensor
 from .hvp import check_parameters, select_parameters
 from .linear_operator import LinearOperator, ParameterOperator
 
@@ -282,7 +282,7 @@ class ShardedPreconditionedOperator(LinearOperator):
             state = opt.state.get(p, {})
             def local(key: str) -> torch.Tensor | None:
                 t = state.get(key)
-                return None if t is None else (t.to_local() if is_dtensor(t) else t).detach().to(self.dtype).reshape(g.shape)
+                return None if t is None else local_tensor(t).detach().to(self.dtype).reshape(g.shape)
             has = "exp_avg_sq" in state and "step" in state
             t = float(state["step"]) if has else 0.0
             v = local("max_exp_avg_sq") if group.get("amsgrad") and has else (local("exp_avg_sq") if has else None)

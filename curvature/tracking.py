@@ -78,6 +78,7 @@ from .distributed import RemoteRankError
 from .hvp import select_parameters
 from .solvers import RandomStarts, combined_start
 from .operators import HessianOperator
+from .sharded import is_sharded_model
 from .route_check import check_one_sided, rayleigh_quotient
 from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
                     lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
@@ -153,12 +154,6 @@ def warm_started_solve(fn: Callable[..., Any], X0: torch.Tensor | None, *, retry
 # ---------------------------------------------------------------------------------------------------
 def _finite(values: Sequence[float]) -> bool:
     return all(isinstance(v, float) and math.isfinite(v) for v in values)
-
-
-def _is_sharded(net: torch.nn.Module) -> bool:
-    from .sharded import is_sharded_model  # lazily: torch.distributed's FSDP pieces only when needed
-
-    return is_sharded_model(net)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -924,7 +919,7 @@ class SharpnessTracker:
 
     def _wants_preconditioned(self, opt: Any, net: torch.nn.Module) -> bool:
         if self.preconditioned == "auto":  # a fully-sharded model: P is read shard by shard for Adam/AdamW only
-            return has_diagonal_preconditioner(opt) and (is_adam_like(opt) or not _is_sharded(net))
+            return has_diagonal_preconditioner(opt) and (is_adam_like(opt) or not is_sharded_model(net))
         if self.preconditioned and not has_diagonal_preconditioner(opt):
             require_diagonal_preconditioner(opt, "preconditioned=True")  # names it and what to use instead
         return bool(self.preconditioned)

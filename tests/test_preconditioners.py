@@ -340,9 +340,9 @@ def test_tracker_row_with_muon_says_why():
 def test_tracker_on_a_sharded_model_with_rmsprop_says_why(monkeypatch):
     """λ(P⁻¹H) of a fully-sharded model is read shard by shard for Adam/AdamW only: with another optimizer the
     tracker measures λ(H), keeps the threshold and says why edge_ratio is empty (instead of an error row)."""
-    import curvature.sharded
+    import curvature.tracking
 
-    monkeypatch.setattr(curvature.sharded, "is_sharded_model", lambda model: True)  # the operator itself is dense
+    monkeypatch.setattr(curvature.tracking, "is_sharded_model", lambda model: True)  # the operator itself is dense
     rows, *_ = _tracked(lambda ps: torch.optim.RMSprop(ps, lr=1e-2), steps=1)
     r = rows[0]
     assert r["error"] is None and r["sharpness"] > 0 and r["threshold"] == pytest.approx(200.0)
