@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._exact import holding_rng
 from ._validate import check_optional_positive_int, check_positive_float, check_positive_int, check_seed, check_tol
 from .operators import HessianOperator, LinearOperator, ShiftedOperator
 from .data import CurvatureWarning
@@ -50,6 +51,12 @@ def solve(op: LinearOperator, k: int = 1, solver: str = "lobpcg", tol: float | N
     seed = check_seed(seed, "solver_seed")
     if k > op.shape[0]:
         raise ValueError(f"k={k} eigenpairs asked of an operator of size {op.shape[0]}")
+    with holding_rng(op.device):  # the RNG states saved once for the solve, not around every HVP
+        return _solve(op, k, solver, tol, max_iters, X0, largest, seed, eig_tol)
+
+
+def _solve(op: LinearOperator, k: int, solver: str, tol: float | None, max_iters: int | None,
+           X0: torch.Tensor | None, largest: bool, seed: int, eig_tol: float | None) -> EigenResult:
     if solver == "lobpcg":
         return lobpcg(op, k, largest=largest, tol=tol, max_iters=max_iters, X0=X0, seed=seed, eig_tol=eig_tol)
     v0 = None if X0 is None else (X0 if X0.ndim == 1 else X0[:, 0])

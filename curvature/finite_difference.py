@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._exact import frozen_rng, peek_seed, reseed
+from ._exact import frozen_rng, holding_rng, peek_seed, reseed
 from .data import Batch, as_batches, model_output_loss, resolve_loss_fn
 from ._validate import check_device
 from .hvp import check_parameters, select_parameters
@@ -256,12 +256,13 @@ class FiniteDifferenceEngine:
                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(Σ_b n_b L_b, Σ_b n_b ∇L_b) at θ + alpha·step (``step=None``: at θ), then θ restored."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad_sum = [torch.zeros(s, dtype=self.acc_dtype, device=self.device) for s in self.shapes]
+        acc: list[torch.Tensor | None] = [None] * len(self.shapes)
         with self._restoring():
             if step is not None:
                 with torch.no_grad():
-                    for p, t0, d, ip in zip(self.params, self._theta0, step, self._inplace):
-                        moved = t0.add(d.to(t0.dtype), alpha=alpha)
+                    step = [d if d.dtype == t0.dtype else d.to(t0.dtype) for d, t0 in zip(step, self._theta0)]
+                    for p, moved, ip in zip(self.params, torch._foreach_add(self._theta0, step, alpha=alpha),
+                                            self._inplace):
                         if ip:
                             local_tensor(p).copy_(moved)
                         else:
@@ -277,13 +278,21 @@ class FiniteDifferenceEngine:
                                                 "direction") + ": curvature is undefined there")
                 loss_sum += loss_b.double() * batch.weight
                 weight = batch.weight if self.gradient_world is None else self.gradient_world
-                for acc, g in zip(grad_sum, grads):
-                    if g is not None:
-                        acc.add_(g.to(self.acc_dtype), alpha=weight)
+                for j, g in enumerate(grads):
+                    if g is None:
+                        continue
+                    # a fresh tensor (autograd's, or the detached .grad just dropped): accumulated into in place
+                    g = g if g.dtype == self.acc_dtype else g.to(self.acc_dtype)
+                    if acc[j] is None:
+                        acc[j] = g if weight == 1 else g.mul_(weight)
+                    else:
+                        acc[j].add_(g, alpha=weight)
                 # the next batch's forward must see the same buffers as this one (train-mode BatchNorm)
                 with torch.no_grad():
                     for b, b0 in self._buffers:
                         b.copy_(b0)
+        grad_sum = [torch.zeros(s, dtype=self.acc_dtype, device=self.device) if a is None else a
+                    for a, s in zip(acc, self.shapes)]
         return loss_sum, grad_sum
 
     def _one_gradient(self, index: int, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -325,28 +334,39 @@ class FiniteDifferenceEngine:
     def hvp_sum(self, tangents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """≈ Σ_b n_b ∇²L_b(θ) V for V given per parameter as ``(k, *shape)`` tensors; same layout out."""
         k = tangents[0].shape[0]
-        out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
-        # squared column norms in float64 without float64 copies of the tangents (one reduction per tensor)
-        sq = sum(torch.linalg.vector_norm(t.reshape(k, -1), dim=1, dtype=torch.float64) ** 2 for t in tangents)
+        # squared column norms in float64 without float64 copies of the tangents
+        if k == 1:
+            sq = torch.stack(torch._foreach_norm([t.reshape(-1) for t in tangents], 2, dtype=torch.float64))
+            sq = (sq * sq).sum().reshape(1)
+        else:
+            sq = sum(torch.linalg.vector_norm(t.reshape(k, -1), dim=1, dtype=torch.float64) ** 2 for t in tangents)
         norms = self._sum(sq.to(self.device)).sqrt().tolist()
-        for c in range(k):
-            if norms[c] == 0.0:
-                continue
-            v = [t[c] for t in tangents]
-            eps = self.epsilon / norms[c]
-            if self.order == 1:
-                _, g = self._gradient_sum(v, self._side * eps)
-                self.gradients += 1
-                d = [(a - b) / (self._side * eps) for a, b in zip(g, self._grad0)]
+        columns: list[list[torch.Tensor] | None] = []
+        with holding_rng(self.device):  # the RNG states saved once for the k gradients
+            for c in range(k):
+                if norms[c] == 0.0:
+                    columns.append(None)
+                    continue
+                v = [t[c] for t in tangents]
+                eps = self.epsilon / norms[c]
+                if self.order == 1:
+                    _, g = self._gradient_sum(v, self._side * eps)
+                    self.gradients += 1
+                    d = torch._foreach_sub(g, self._grad0)
+                    torch._foreach_div_(d, self._side * eps)
+                else:
+                    d = self._central(v, eps)
+                    if self.order == 4:
+                        d_half = self._central(v, eps / 2)
+                        d = [(4 * a - b) / 3 for a, b in zip(d_half, d)]
+                columns.append(d)
+        if k == 1 and columns[0] is not None:
+            return [(x if x.dtype == self.dtype else x.to(self.dtype)).unsqueeze(0) for x in columns[0]]
+        out = [torch.zeros((k, *s), dtype=self.dtype, device=self.device) for s in self.shapes]
+        for c, d in enumerate(columns):
+            if d is not None:
                 for j, x in enumerate(d):
                     out[j][c] = x.to(self.dtype)
-                continue
-            d = self._central(v, eps)
-            if self.order == 4:
-                d_half = self._central(v, eps / 2)
-                d = [(4 * a - b) / 3 for a, b in zip(d_half, d)]
-            for j, x in enumerate(d):
-                out[j][c] = x.to(self.dtype)
         return out
 
     def _central(self, v: Sequence[torch.Tensor], eps: float) -> list[torch.Tensor]:

@@ -202,3 +202,61 @@ def test_compiled_model_runs_its_compiled_forward():
     assert rel_err(got, HessianOperator(model, loss_fn, data).matmat(V)) < 1e-7
     assert_same_state(before, model)
     torch._dynamo.reset()
+
+
+def test_a_solve_holds_the_rng_once_and_restores_it_also_when_interrupted():
+    """diagnostics.solve saves the RNG states once (holding_rng) instead of around every gradient: the HVPs of a
+    dropout model are the same inside the hold, the states are the caller's afterwards, also after an error."""
+    import random
+
+    import numpy as np
+
+    from curvature._exact import frozen_rng, holding_rng
+    from curvature.diagnostics import solve
+
+    model, loss_fn, data = dropout_mlp()
+    fd = HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=1, seed=3)
+    V = _directions(fd.shape[0], 2)
+    outside = fd.matmat(V)
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    with holding_rng(fd.device):
+        inside = fd.matmat(V)
+        torch.rand(3)  # the hold restores on exit what anything inside drew
+    assert torch.equal(inside, outside)
+    res = solve(fd, 1, "lanczos", None, 8, None, True, 0, 1e-3)
+    assert math.isfinite(float(res.eigenvalues[0]))
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), holding_rng(fd.device):
+        with frozen_rng(fd.device):  # saves nothing inside the hold: the hold's own restore must cover it
+            torch.rand(5), random.random(), np.random.rand()
+            interrupted(None)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+
+
+def test_the_solvers_finiteness_check_still_catches_nan_and_inf_but_not_large_finite_values():
+    from curvature.solvers._common import CountedApply
+
+    class Fixed:
+        def __init__(self, Y):
+            self.Y = Y
+
+        def matmat(self, V):
+            return self.Y
+
+    V = torch.ones(4, 1, dtype=torch.float64)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        Y = torch.ones(4, 1, dtype=torch.float64)
+        Y[2, 0] = bad
+        with pytest.raises(FloatingPointError, match="NaN/inf"):
+            CountedApply(Fixed(Y))(V, 1)
+    huge = torch.full((4, 1), 1e308, dtype=torch.float64)  # finite entries whose float64 sum overflows
+    assert torch.equal(CountedApply(Fixed(huge))(V, 1), huge)
+    inf_pair = torch.tensor([[float("inf")], [-float("inf")], [1.0], [1.0]], dtype=torch.float64)  # sum: NaN
+    with pytest.raises(FloatingPointError):
+        CountedApply(Fixed(inf_pair))(V, 1)
