@@ -17,6 +17,7 @@ import torch
 from ._exact import holding_rng
 from ._validate import check_optional_positive_int, check_positive_float, check_positive_int, check_seed, check_tol
 from .operators import HessianOperator, LinearOperator, ShiftedOperator
+from .route_check import ONE_SIDED_SOLVE_FRACTION, check_ritz_pairs, is_one_sided
 from .data import CurvatureWarning
 from .usage import check_batch_argument, check_not_a_batch_half
 from .solvers import EigenResult, lanczos, lobpcg, power_iteration
@@ -148,9 +149,16 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     check_batch_argument(data, "data", "sharpness(model, loss_fn, data, k)")
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = HessianOperator(model, loss_fn, data, params, **op_kw)
-    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
+    one_sided = is_one_sided(op)
+    solve_tol = eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and eig_tol is not None else eig_tol
+    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, solve_tol)
+    if one_sided:  # the one-sided Ritz values are O(ε) off: report the central check's values and bound
+        res = check_ritz_pairs(op, res, eig_tol)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0],
                     low_precision_modules=dict(getattr(op, "low_precision_modules", {})))
+    if op.method == "finite_difference":
+        res.info.update(hvp_route="one_sided" if one_sided else f"finite_difference (order {op.engine.order})",
+                        num_gradients=int(op.engine.gradients))
     return res
 
 

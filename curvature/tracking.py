@@ -79,7 +79,7 @@ from .hvp import select_parameters
 from .solvers import RandomStarts, combined_start
 from .operators import HessianOperator
 from .sharded import is_sharded_model
-from .route_check import check_one_sided, rayleigh_quotient
+from .route_check import ONE_SIDED_SOLVE_FRACTION, check_one_sided, is_one_sided, rayleigh_quotient
 from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
                     lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
                     unwrap_optimizer)
@@ -172,10 +172,6 @@ def _positive_int(value: Any, name: str) -> int:
 WARM_RANDOM_WEIGHT = 0.3
 
 HVP_ROUTES = ("auto", "exact", "one_sided")
-#: The one-sided route's solves stop at this fraction of ``eig_tol``: the bound after the central check adds the
-#: route's own error (the one-sided error on the Ritz vector enlarges the residual, the bias term adds ~2e-4 on the
-#: benchmark MLP), and the whole must still meet ``eig_tol``.
-ONE_SIDED_SOLVE_FRACTION = 0.5
 #: Operator options that choose a route or a setup the one-sided route does not take over.
 _EXACT_ONLY_OPTIONS = ("method", "fd_order", "fd_epsilon", "autocast", "distributed", "process_group", "compile")
 
@@ -557,7 +553,7 @@ class SharpnessTracker:
 
     def _solve(self, op: Any, X: torch.Tensor | None, hint: torch.Tensor | None = None) -> tuple[Any, int, bool]:
         # a one-sided solve stops at a fraction of eig_tol: the central check adds the route's error to its bound
-        one_sided = getattr(getattr(op, "inner", op), "method", None) == "finite_difference"
+        one_sided = is_one_sided(op)
         eig_tol = self.eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and self.eig_tol is not None else self.eig_tol
 
         def run(X0: torch.Tensor | None) -> Any:
