@@ -149,16 +149,28 @@ def sharpness(model: torch.nn.Module, loss_fn: Any, data: Any, k: int = 1, solve
     check_batch_argument(data, "data", "sharpness(model, loss_fn, data, k)")
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = HessianOperator(model, loss_fn, data, params, **op_kw)
-    one_sided = is_one_sided(op)
-    solve_tol = eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and eig_tol is not None else eig_tol
-    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, solve_tol)
-    if one_sided:  # the one-sided Ritz values are O(ε) off: report the central check's values and bound
-        res = check_ritz_pairs(op, res, eig_tol)
+    res = solve_checked(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0],
                     low_precision_modules=dict(getattr(op, "low_precision_modules", {})))
-    if op.method == "finite_difference":
-        res.info.update(hvp_route="one_sided" if one_sided else f"finite_difference (order {op.engine.order})",
-                        num_gradients=int(op.engine.gradients))
+    return res
+
+
+def solve_checked(op: LinearOperator, k: int = 1, solver: str = "lanczos", tol: float | None = None,
+                  max_iters: int | None = None, X0: torch.Tensor | None = None, largest: bool = True, seed: int = 0,
+                  eig_tol: float | None = None) -> EigenResult:
+    """:func:`solve`, and on the one-sided route (``fd_order=1``, also under a pre-conditioner) the central check of
+    every Ritz pair (:func:`~curvature.route_check.check_ritz_pairs`): its Ritz values are O(ε) off, so the solve
+    stops at ``ONE_SIDED_SOLVE_FRACTION · eig_tol`` and the result reports the central values with a bound that
+    includes the route's error. Finite-difference results carry ``info["hvp_route"]`` and ``info["num_gradients"]``."""
+    one_sided = is_one_sided(op)
+    solve_tol = eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and eig_tol is not None else eig_tol
+    res = solve(op, k, solver, tol, max_iters, X0, largest, seed, solve_tol)
+    if one_sided:
+        res = check_ritz_pairs(op, res, eig_tol)
+    engine = getattr(getattr(op, "inner", op), "engine", None)
+    if getattr(engine, "method", None) == "finite_difference":
+        res.info.update(hvp_route="one_sided" if one_sided else f"finite_difference (order {engine.order})",
+                        num_gradients=int(engine.gradients))
     return res
 
 

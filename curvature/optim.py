@@ -90,7 +90,7 @@ import torch
 from torch import nn
 
 from .data import CurvatureWarning, as_batches, resolve_loss_fn
-from .diagnostics import check_solver_options, solve, split_operator_options
+from .diagnostics import check_solver_options, solve_checked, split_operator_options
 from ._exact import StateGuard, call_with_state, frozen_rng, unwrap_model
 from .distributed import assert_ranks_agree, collective_device, resolve_process_group, sum_or_fail
 from .operators import HessianOperator, LinearOperator
@@ -722,7 +722,7 @@ def preconditioned_sharpness(model: nn.Module, loss_fn: Any, data: Any, optimize
     check_solver_options(k, solver, tol, max_iters, solver_seed, eig_tol)
     op = PreconditionedHessianOperator(model, loss_fn, data, optimizer, params, lookahead=lookahead,
                                        lookahead_dtype=lookahead_dtype, max_grad_norm=max_grad_norm, **op_kw)
-    res = solve(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
+    res = solve_checked(op, k, solver, tol, max_iters, X0, largest, solver_seed, eig_tol)
     res.info.update(op.info)
     threshold = stability_threshold(optimizer) if op.lr > 0 else None
     res.info.update(loss=op.loss, method=op.method, num_params=op.shape[0], lookahead=op.lookahead,

@@ -253,3 +253,23 @@ def test_sharpness_one_sided_float32_default_step_meets_eig_tol():
     assert res.converged and err <= res.info["error_bound"] <= 1e-3
     exact = sharpness(model, loss_fn, data, eig_tol=1e-3)
     assert "hvp_route" not in exact.info and "one_sided_checks" not in exact.info
+
+
+def test_preconditioned_sharpness_on_the_one_sided_route_is_checked_too():
+    """λ(P⁻¹H) for Adam through one-sided HVPs: the central check runs through the pre-conditioner; the value is
+    within its bound of the exact route's tight float64 solve."""
+    from curvature import preconditioned_sharpness
+
+    model, loss_fn, data = _gelu_problem(2, torch.float64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, loss_fn, data, opt, 3)
+    opt.zero_grad()
+    ref = preconditioned_sharpness(model, loss_fn, data, opt, tol=1e-10).eigenvalue
+    res = preconditioned_sharpness(model, loss_fn, data, opt, method="finite_difference", fd_order=1,
+                                   fd_epsilon=0.02, eig_tol=1e-3)
+    err = abs(res.eigenvalue - ref) / ref
+    print(f"\nλ(P⁻¹H) one-sided: error {err:.1e}, bound {res.info['error_bound']:.1e}")
+    assert res.info["hvp_route"] == "one_sided" and len(res.info["one_sided_checks"]) == 1
+    assert err <= res.info["error_bound"]
+    one_sided_value = res.info["one_sided_checks"][0].one_sided_value
+    assert abs(one_sided_value - ref) / ref > err  # the raw one-sided value is further off than the checked one
