@@ -792,9 +792,11 @@ def frozen_rng(device: torch.device, guard: StateGuard | None = None) -> Iterato
     """Restore the global RNG states (torch CPU and the CUDA device in use, Python's ``random``, NumPy's global
     generator) on exit, whatever happens inside. Inside :func:`holding_rng` for the same device it saves nothing:
     the enclosing hold restores the states on its own exit."""
+    if torch.device(device) in getattr(_held_rng, "devices", ()):
+        yield  # the enclosing hold restores the states
+        return
     with _restoring(guard) as g:
-        if torch.device(device) not in getattr(_held_rng, "devices", ()):
-            _save_rng(g, device)
+        _save_rng(g, device)
         yield
 
 
@@ -806,8 +808,11 @@ def holding_rng(device: torch.device) -> Iterator[None]:
     NumPy's states costs ≈ 0.1 ms, a tenth of a gradient of a small model. Only engine work may run inside: code
     that draws from the global generators in between would see the engines' seeds, not the caller's state."""
     device = torch.device(device)
+    held = getattr(_held_rng, "devices", ())
+    if device in held:
+        yield  # held already (a solve's hold around an engine's own): the outer one restores
+        return
     with frozen_rng(device):
-        held = getattr(_held_rng, "devices", ())
         _held_rng.devices = (*held, device)
         try:
             yield

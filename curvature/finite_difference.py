@@ -272,7 +272,7 @@ class FiniteDifferenceEngine:
                     torch.clear_autocast_cache()
             for i, batch in enumerate(self.batches):
                 loss_b, grads = self._one_gradient(i, batch)
-                if not torch.isfinite(loss_b).item():
+                if not math.isfinite(loss_b.item()):
                     raise FloatingPointError(f"the loss is {loss_b.item()} at batch {i} of {len(self.batches)}"
                                              + ("" if step is None else f" at a step of {alpha:.3g} along the "
                                                 "direction") + ": curvature is undefined there")

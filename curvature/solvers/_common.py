@@ -250,10 +250,11 @@ class StopRule:
         if self.tol is not None:
             ok = bool((rel_residuals <= self.tol).all())
         if self.eig_tol is not None:
-            bound = self.bound(theta, rel_residuals, gaps, floor)
-            self.last_bound = bound
-            ok = (ok and bound <= self.eig_tol and self.last_move <= self.safeguard * self.eig_tol
-                  and self.extrapolated() <= self.eig_tol)
+            # the moves first (Python floats): the bound is computed only once they allow a stop
+            ok = ok and self.last_move <= self.safeguard * self.eig_tol and self.extrapolated() <= self.eig_tol
+            if ok:
+                self.last_bound = self.bound(theta, rel_residuals, gaps, floor)
+                ok = self.last_bound <= self.eig_tol
         return ok
 
     @staticmethod
