@@ -53,29 +53,26 @@ class OneSidedCheck:
     spread: float = 0.0      # e/|λ_ctr| = ‖D₊x − D₋x‖/(2|λ_ctr|), the one-sided error on x (unscaled)
     bias: float = 0.0        # b/|λ_ctr| unscaled
     gap: float = 0.0         # the Ritz gap (absolute) the Kato–Temple term uses, capped at 1 %
-    separation: float = 0.0  # the resolved separation (absolute; 0: none), used where it exceeds the capped gap
     central: torch.Tensor | None = field(default=None, repr=False, compare=False)  # C x (float64), for a calibration
     x: torch.Tensor | None = field(default=None, repr=False, compare=False)        # the unit vector checked
 
-    def rebound(self, scale: float = 1.0, residual_scale: float = 1.0, separated: bool = False
-                ) -> tuple[float, float]:
-        """(residual, bound) with the bias term times ``scale``, the residual's route term times ``residual_scale``
-        and, with ``separated``, the resolved separation in place of the capped gap where larger (see
-        :func:`one_sided_bound`)."""
+    def rebound(self, scale: float = 1.0, residual_scale: float = 1.0) -> tuple[float, float]:
+        """(residual, bound) with the bias term times ``scale`` and the residual's route term times
+        ``residual_scale`` (see :func:`one_sided_bound`)."""
         return one_sided_bound(self.value, self.central_residual, self.spread, self.bias, self.gap, scale,
-                               residual_scale, self.separation if separated else 0.0)
+                               residual_scale)
 
 
 def one_sided_bound(lam: float, central_residual: float, spread: float, bias: float, gap: float,
-                    scale: float = 1.0, residual_scale: float = 1.0, separation: float = 0.0) -> tuple[float, float]:
+                    scale: float = 1.0, residual_scale: float = 1.0) -> tuple[float, float]:
     """The relative (residual, error bound) of λ_ctr from relative pieces: residual = central_residual +
-    residual_scale·spread, bound = Kato–Temple(residual, δ) + scale·bias with δ = max(min(gap, 1 %·|λ|),
-    separation) (absolute). ``residual_scale`` = 1 takes the one-sided error e for the central difference's (safe,
-    and 10–70× too large where measured: the route's error is O(ε), the central one O(ε²)); a first-row calibration
-    against one exact HVP may lower it."""
+    residual_scale·spread, bound = Kato–Temple(residual, min(gap, 1 %·|λ|)) + scale·bias (``gap`` absolute).
+    ``residual_scale`` = 1 takes the one-sided spread e for the central difference's error on x (safe, and 10–70×
+    too large where measured: the route's error is O(ε), the central one O(ε²)); a first-row calibration against
+    one exact HVP may lower it."""
     a = max(abs(lam), torch.finfo(torch.float64).tiny)
     r = central_residual + residual_scale * spread
-    delta = max(min(gap, MIN_RELATIVE_GAP * a), separation)
+    delta = min(gap, MIN_RELATIVE_GAP * a)
     kato = (r * a) ** 2 / (delta * a) if delta > 0 else math.inf
     return r, kato + scale * bias
 
@@ -94,17 +91,11 @@ def rayleigh_product(op: Any, x: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 def check_one_sided(op: Any, engine: Any, x: torch.Tensor, ritz_gap: float | None, scale: float = 1.0,
-                    residual_scale: float = 1.0, separation: float | None = None, separated: bool = False
-                    ) -> OneSidedCheck:
+                    residual_scale: float = 1.0) -> OneSidedCheck:
     """Central Rayleigh quotient and error bound of the Ritz vector ``x`` of a solve on ``op`` (whose HVPs come
     from ``engine``, a one-sided :class:`~curvature.finite_difference.FiniteDifferenceEngine`); ``ritz_gap`` is
     the solver's gap estimate (``info["ritz_gap"]``, capped here at 1 % like the solver's stop); ``scale`` and
-    ``residual_scale`` as in :func:`one_sided_bound`; ``separation`` the solver's resolved separation
-    (``info["ritz_separation"]``: θ₁ − (θ₂ + ‖r₂‖) for the top one), kept less twice the route's error (both Ritz
-    values came from one-sided HVPs), and used in the bound where it exceeds the capped gap only with ``separated``:
-    after convergence, when the neighbours are resolved, the 1 % cap is what binds otherwise (e²/1 % ≈ eig_tol on
-    the GPT, whose gap is 20 %) — but the route's own error estimates must hold for the looser bound to, so only a
-    caller that measured them against an exact HVP (the tracker's first row, λ(H)) asks for it."""
+    ``residual_scale`` as in :func:`one_sided_bound`."""
     x = x.reshape(-1).to(device=op.device, dtype=op.dtype)
     x = x / x.double().norm().to(x.dtype)
     X = x[:, None]
@@ -120,12 +111,10 @@ def check_one_sided(op: Any, engine: Any, x: torch.Tensor, ritz_gap: float | Non
     r_central = float((central - lam * xd).norm()) / a
     bias = abs(lp - lm) / 2 / a
     gap = ritz_gap if ritz_gap is not None and math.isfinite(ritz_gap) else MIN_RELATIVE_GAP * a
-    sep = max(0.0, separation - 2 * spread * a) if separation is not None and math.isfinite(separation) else 0.0
-    residual, bound = one_sided_bound(lam, r_central, spread, bias, gap, scale, residual_scale,
-                                      sep if separated else 0.0)
+    residual, bound = one_sided_bound(lam, r_central, spread, bias, gap, scale, residual_scale)
     return OneSidedCheck(value=lam, one_sided_value=lp, residual=residual, route_error=scale * bias,
                          error_bound=bound, gradients=2, central_residual=r_central, spread=spread, bias=bias,
-                         gap=gap, separation=sep, central=central, x=xd)
+                         gap=gap, central=central, x=xd)
 
 
 def is_one_sided(op: Any) -> bool:
@@ -141,7 +130,7 @@ def check_ritz_pairs(op: Any, res: Any, eig_tol: float | None = None, scale: flo
     holds the checks, and
     ``converged`` also asks that the bound meet ``eig_tol`` (when given)."""
     engine = getattr(op, "inner", op).engine
-    gap = res.info.get("ritz_gap")  # (the capped gap only: no first-row calibration backs a separation here)
+    gap = res.info.get("ritz_gap")
     checks = [dataclasses.replace(check_one_sided(op, engine, res.eigenvectors[:, i], gap, scale), central=None, x=None)
               for i in range(res.eigenvectors.shape[1])]  # (no n-vectors kept in the result's info)
     res.eigenvalues = torch.tensor([c.value for c in checks], dtype=res.eigenvalues.dtype, device=res.eigenvalues.device)

@@ -293,8 +293,8 @@ def _no_timing(monkeypatch):
 def test_auto_route_calibrated_on_the_first_row_keeps_every_bound_above_its_error(monkeypatch, opt_name):
     """hvp_route='auto': the first row measures the route's errors on one exact HVP (λ(H) and λ(P⁻¹H)), scales the
     bound's route terms to twice what it measured (the residual term down from the one-sided spread, which is
-    10–70× the central difference's error) and, for λ(H), uses the solver's resolved separation; every row stays
-    within its bound of the dense float64 reference."""
+    10–70× the central difference's error where measured); every row stays within its bound of the dense float64
+    reference."""
     _no_timing(monkeypatch)
     model, loss_fn, data = _gelu_problem(4)
     opt = (torch.optim.SGD(model.parameters(), lr=0.5) if opt_name == "sgd"

@@ -17,7 +17,6 @@ method) when multiplicities matter.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -152,24 +151,6 @@ def ritz_gaps(theta: torch.Tensor, sel: torch.Tensor) -> torch.Tensor | None:
     up = torch.cat([theta[1:] - theta[:-1], big])      # to the next larger one
     down = torch.cat([big, theta[1:] - theta[:-1]])    # to the next smaller one
     return torch.minimum(up, down)[sel]
-
-
-def ritz_separations(theta: torch.Tensor, sel: torch.Tensor, residual_norms: torch.Tensor) -> torch.Tensor | None:
-    """For the selected Ritz values, their separation from the rest of the spectrum as far as the basis has
-    resolved it: δ_i = min(θ_i − max_{θ_j<θ_i}(θ_j + ‖r_j‖), min_{θ_j>θ_i}(θ_j − ‖r_j‖) − θ_i), with
-    ``residual_norms`` the (absolute) residual norms of all Ritz pairs (``theta`` ascending). An eigenvalue lies
-    within ‖r_j‖ of each θ_j; where the neighbouring Ritz values approximate the neighbouring eigenvalues (not
-    before the basis has found them: early in a solve this over-estimates) δ_i is a lower bound on the true gap.
-    ``None`` with a single Ritz value."""
-    m = theta.shape[0]
-    if m < 2:
-        return None
-    inf = torch.full((1,), math.inf, dtype=torch.float64, device=theta.device)
-    th = theta.to(torch.float64)
-    r = residual_norms.to(torch.float64)
-    below = torch.cat([-inf, torch.cummax(th + r, 0).values[:-1]])  # max over j < i of θ_j + r_j
-    above = torch.cat([torch.flip(torch.cummin(torch.flip(th - r, [0]), 0).values, [0])[1:], inf])  # min_{j>i}
-    return torch.minimum(th - below, above - th)[sel]
 
 
 def _select(theta: torch.Tensor, count: int, which: str) -> torch.Tensor:
@@ -308,13 +289,11 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
     if stopped is None and not converged:
         stopped = "max_iters" if steps >= max_iters else "basis exhausted"
     gaps = ritz_gaps(theta, sel)
-    seps = ritz_separations(theta, sel, (beta * Y[m - 1]).abs())
     info = {"stopped": stopped, "estimated_residuals": history[-1] if history else None, "restarts": restarts,
             "tol": rule.tol, "eig_tol": rule.eig_tol, "history": history, "which": which, "max_basis": cap,
             "residual_floor": floor, "invariant_subspaces": breakdowns, "basis_size": m,
             "error_bound": StopRule.bound(theta[sel], res, gaps, floor) if m >= k else float("inf"),
             "ritz_gap": float(gaps.min()) if gaps is not None else None,
-            "ritz_separation": float(seps.min()) if seps is not None else None,
             "guard_vectors": (V[:, :m] @ Y[:, _select(theta, min(m, k + 1), which)].to(dtype))}
     if vals.shape[0] < k:  # only possible when stopped before k steps (max_iters < k)
         info["note"] = f"stopped after {steps} steps, fewer than k={k} Ritz pairs"
