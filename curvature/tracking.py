@@ -273,12 +273,16 @@ class SharpnessTracker:
             dropout masks match), ε = u^{1/2}·max(1, ‖θ‖/√n); two more gradients on the converged Ritz vector give
             the central Rayleigh quotient (the reported value) and the route's own error, folded into
             ``error_bound`` (:mod:`curvature.route_check`); a row whose bound exceeds ``eig_tol`` is solved again
-            with exact HVPs. ``"auto"`` (default): one-sided when eligible (``eig_tol`` given, float32/float64,
-            no autocast, no route/distributed operator option, not distributed, not the training-graph entry)
-            and when the first row's check against an exact HVP on its Ritz vector shows the route's error below
-            ``eig_tol/4`` and its timing shows a row costs less that way; exact otherwise
-            (``row["hvp_route_note"]`` says why). ``row["hvp_route"]`` is the route used. With ``k > 1`` only the
-            top value is the central one; ``eigenvalues[1:]`` are one-sided Ritz values (bias ~1e-4).
+            with exact HVPs. λ(P⁻¹H)'s first passing check is compared once with an exact HVP (its bias estimate
+            was 27× low on a small Adam problem); where that is further off than the check's bound, λ(P⁻¹H) is
+            solved with exact HVPs from then on. ``"auto"`` (default): one-sided when eligible (``eig_tol`` given,
+            float32/float64, no autocast, no route/distributed operator option, not distributed, not the
+            training-graph entry) and when the first row's check against an exact HVP on its Ritz vector shows the
+            route's error below ``eig_tol/4``, its bound (route terms calibrated on that HVP) meets ``eig_tol`` and
+            its timing shows a row costs less that way; exact otherwise, and after
+            ``ROUTE_MISSES_BEFORE_EXACT`` (2) later rows whose bound missed (``row["hvp_route_note"]`` says why).
+            ``row["hvp_route"]`` is the route used. With ``k > 1`` only the top value is the central one;
+            ``eigenvalues[1:]`` are one-sided Ritz values (bias ~1e-4).
         keep_history: keep rows in :attr:`history` (set ``False`` for very long runs that only use sinks).
         solver_seed: seed of the solver's random start vectors.
         critical_every: also measure the critical sharpness λ_c = 2/η_c of the step about to be taken

@@ -33,6 +33,18 @@ def _dense_top(model, loss_fn, data) -> float:
     return float(torch.linalg.eigvalsh(0.5 * (H + H.T))[-1])
 
 
+def _dense_top_p(model, loss_fn, data, opt) -> float:
+    """λ_max(P^{-1/2} H P^{-1/2}) from the dense float64 H and the P of the step about to be taken."""
+    X, y = data
+    H = dense_hessian_fd(_copy64(model), loss_fn, (X.double(), y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        P = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=True,
+                                          method="finite_difference").preconditioner.double()
+    s = P.rsqrt()
+    return float(torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1])
+
+
 def _copy64(model):
     import copy
     return copy.deepcopy(model).double()
@@ -106,15 +118,7 @@ def test_tracker_rows_on_the_one_sided_route_within_their_bound(opt_name):
         if row["hvp_route"] == "one_sided":
             assert row["num_gradients"] == 1 + row["num_hvps"] + checks
         if opt_name == "adam":
-            m64 = _copy64(model)
-            X, y = data
-            H = dense_hessian_fd(m64, loss_fn, (X.double(), y))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                P = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=True,
-                                                  method="finite_difference").preconditioner.double()
-            s = P.rsqrt()
-            lam_p = float(torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1])
+            lam_p = _dense_top_p(model, loss_fn, data, opt)
             err_p = abs(row["preconditioned_sharpness"] - lam_p) / lam_p
             assert err_p <= row["preconditioned_error_bound"] <= 1e-3
         checked.append(i)
@@ -311,13 +315,7 @@ def test_auto_route_calibrated_on_the_first_row_keeps_every_bound_above_its_erro
             lam = _dense_top(model, loss_fn, data)
             assert abs(row["sharpness"] - lam) / lam <= row["error_bound"] <= 1e-3, row
             if opt_name == "adam" and row["hvp_route"] == "one_sided":
-                H = dense_hessian_fd(_copy64(model), loss_fn, (X.double(), y))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    P = PreconditionedHessianOperator(model, loss_fn, data, opt, lookahead=True,
-                                                      method="finite_difference").preconditioner.double()
-                s = P.rsqrt()
-                lam_p = float(torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1])
+                lam_p = _dense_top_p(model, loss_fn, data, opt)
                 assert abs(row["preconditioned_sharpness"] - lam_p) / lam_p <= row["preconditioned_error_bound"]
             rows.append(row)
         opt.step()
