@@ -136,8 +136,8 @@ def _basis(n: int, m: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
 def _true_residuals(V: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor,
                     floor: float, op: Any = None) -> torch.Tensor:
     """``‖W y − θ V y‖ / max(|θ|, floor)`` per Ritz pair, from the stored ``W = A V`` (no application)."""
-    Yd = Y.to(V.dtype)
-    th = theta.to(V.dtype)
+    Yd = Y.to(device=V.device, dtype=V.dtype)
+    th = theta.to(device=V.device, dtype=V.dtype)
     return column_norms(op, W @ Yd - (V @ Yd) * th[None, :]) / th.abs().clamp_min(floor)
 
 
@@ -229,7 +229,9 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
     # and writing/reading a strided column of an (n, cap) row-major block costs more than the HVP on large n
     V = _basis(n, cap, dtype, device)
     W = _basis(n, cap, dtype, device)  # W = A V (the applications themselves)
-    H = torch.zeros(cap, cap, dtype=torch.float64, device=device)
+    # the small projected matrix and everything computed from it live on the CPU: a 30 × 30 eigh on a GPU costs
+    # more than an HVP of a mid-sized model, and each step reads one number of it (β) back anyway
+    H = torch.zeros(cap, cap, dtype=torch.float64)
     V[:, 0] = v / nrm
     m, steps, restarts, breakdowns = 1, 0, 0, 0
     scale = 0.0
@@ -239,7 +241,7 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
     while True:
         h, w, W[:, m - 1], beta = _expand(apply, V, m, True, 0.0, steps + 1, op)
         steps += 1
-        h64 = h.to(torch.float64)
+        h64 = h.to(device="cpu", dtype=torch.float64)
         H[:m, m - 1] = h64
         H[m - 1, :m] = h64
         theta, Y = torch.linalg.eigh(H[:m, :m])  # symmetric by construction (row and column set alike)
@@ -251,7 +253,7 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
         gaps = ritz_gaps(theta, sel)
         watched = theta[_select(theta, min(k + 1, m), which)] if k > 1 else None
         if rule.check(theta[sel], res, gaps, floor, watched) and m >= k:
-            true_res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor, op)
+            true_res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor, op).cpu()
             converged = rule.satisfied(theta[sel], true_res, gaps, floor)
             if not converged:  # the estimate is below the rounding level of A V: cannot do better
                 stopped = "precision floor"
@@ -272,7 +274,7 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
             w = w / beta
         if m == cap:  # thick restart from the `keep` best Ritz vectors + residual direction
             idx = _select(theta, keep, which)
-            Yk = Y[:, idx].to(dtype)
+            Yk = Y[:, idx].to(device=device, dtype=dtype)
             V[:, :keep] = V[:, :m] @ Yk
             W[:, :keep] = W[:, :m] @ Yk
             H.zero_()
@@ -281,9 +283,9 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
             restarts += 1
         V[:, m] = w
         m += 1
-    Ysel = Y[:, sel].to(dtype)
+    Ysel = Y[:, sel].to(device=device, dtype=dtype)
     vecs = V[:, :m] @ Ysel
-    vals = theta[sel].to(dtype)
+    vals = theta[sel].to(device=device, dtype=dtype)
     # reported residuals are recomputed from the stored applications W = A V: ‖W y − θ V y‖ / |θ|
     res = _true_residuals(V[:, :m], W[:, :m], Y[:, sel], theta[sel], floor, op)
     if stopped is None and not converged:
@@ -292,9 +294,9 @@ def lanczos(op: Any, k: int = 1, *, largest: bool = True, tol: float | None = No
     info = {"stopped": stopped, "estimated_residuals": history[-1] if history else None, "restarts": restarts,
             "tol": rule.tol, "eig_tol": rule.eig_tol, "history": history, "which": which, "max_basis": cap,
             "residual_floor": floor, "invariant_subspaces": breakdowns, "basis_size": m,
-            "error_bound": StopRule.bound(theta[sel], res, gaps, floor) if m >= k else float("inf"),
+            "error_bound": StopRule.bound(theta[sel], res.cpu(), gaps, floor) if m >= k else float("inf"),
             "ritz_gap": float(gaps.min()) if gaps is not None else None,
-            "guard_vectors": (V[:, :m] @ Y[:, _select(theta, min(m, k + 1), which)].to(dtype))}
+            "guard_vectors": (V[:, :m] @ Y[:, _select(theta, min(m, k + 1), which)].to(device=device, dtype=dtype))}
     if vals.shape[0] < k:  # only possible when stopped before k steps (max_iters < k)
         info["note"] = f"stopped after {steps} steps, fewer than k={k} Ritz pairs"
         pad = k - vals.shape[0]
