@@ -367,3 +367,18 @@ def test_bad_solver_options_refused_before_any_checkpoint_is_read(tmp_path):
     with pytest.raises(ValueError, match="tol must be a finite number > 0"):
         analyze(tmp_path, tol=-1.0, callback=seen.append)
     assert seen == []
+
+
+def test_offline_analysis_on_the_one_sided_route_reports_checked_values(tmp_path):
+    """analyze_checkpoints(..., method="finite_difference", fd_order=1): the rows carry the central check's values
+    (within their bound of the exact route's, which is checked against dense references elsewhere), the route and
+    the gradient passes, for λ(H) and Adam's λ(P⁻¹H)."""
+    model, opt = trained(3, torch.optim.Adam, lr=1e-2)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 3}, tmp_path / "step3.pt")
+    exact = analyze(tmp_path / "step3.pt")[0]
+    row = analyze(tmp_path / "step3.pt", tol=None, eig_tol=1e-4, method="finite_difference", fd_order=1,
+                  out=tmp_path / "one_sided.csv")[0]
+    assert row["hvp_route"] == "one_sided" and row["num_gradients"] > row["num_hvps"] / 2
+    assert abs(row["sharpness"] - exact["sharpness"]) / exact["sharpness"] <= row["error_bound"]
+    assert (abs(row["preconditioned_sharpness"] - exact["preconditioned_sharpness"])
+            / exact["preconditioned_sharpness"] <= row["preconditioned_error_bound"])

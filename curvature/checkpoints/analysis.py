@@ -263,6 +263,10 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
     values = [float(v) for v in res.eigenvalues]
     row.update(loss=float(res.info.get("loss", float("nan"))), sharpness=values[0], eigenvalues=values,
                residual=float(res.residuals.max()), num_hvps=hvps, converged=bool(res.converged), warm_start=warm)
+    if "hvp_route" in res.info:  # a finite-difference route: which one, its gradient passes and (one-sided) its bound
+        row.update(hvp_route=res.info["hvp_route"], num_gradients=res.info.get("num_gradients"))
+        if "one_sided_checks" in res.info:
+            row["error_bound"] = res.info["error_bound"]
     problems = [] if res.converged else [f"λ_max(H) did not converge (residual {row['residual']:.2e} > tol {tol:g})"]
 
     if optimizer is not None:
@@ -285,6 +289,9 @@ def _analyze_one(source: Path | Checkpoint, model: nn.Module, data: Any, loss_fn
             row.update(preconditioned_sharpness=pvalues[0], preconditioned_eigenvalues=pvalues,
                        preconditioned_residual=float(pres.residuals.max()), preconditioned_num_hvps=phvps,
                        lookahead=lookahead, preconditioner="next_step")
+            if "one_sided_checks" in pres.info:
+                row["preconditioned_error_bound"] = pres.info["error_bound"]
+                row["num_gradients"] = (row.get("num_gradients") or 0) + int(pres.info.get("num_gradients", 0))
             row["num_hvps"] += phvps
             row["converged"] = row["converged"] and bool(pres.converged)
             if not pres.converged:
