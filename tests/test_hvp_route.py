@@ -132,22 +132,29 @@ def test_tracker_rows_on_the_one_sided_route_within_their_bound(opt_name):
     assert checked == [0, 3, 6]
 
 
-def test_one_sided_route_never_changes_training_with_dropout():
+@pytest.mark.parametrize("route,opt_name", [("one_sided", "sgd"), ("auto", "adam")])
+def test_one_sided_route_never_changes_training_with_dropout(monkeypatch, route, opt_name):
     """The one-sided route under dropout: G(θ) and every G(θ + εv) are taken under the row's frozen seed (the same
-    masks), and the run is bit-identical to one without the tracker (parameters, optimizer state, RNG)."""
+    masks), and the run is bit-identical to one without the tracker (parameters, optimizer state, RNG); with "auto"
+    and Adam also the first row's exact HVPs (λ(H) and λ(P⁻¹H)) and the solve-long RNG hold."""
+    if route == "auto":
+        _no_timing(monkeypatch)
+
     def run(with_tracker):
         torch.manual_seed(5)
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3)).train()
         X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-        tracker = SharpnessTracker(F.cross_entropy, every=2, hvp_route="one_sided") if with_tracker else None
+        opt = (torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9) if opt_name == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=1e-2))
+        tracker = SharpnessTracker(F.cross_entropy, every=2, hvp_route=route) if with_tracker else None
         torch.manual_seed(11)
         _train(model, F.cross_entropy, (X, y), opt, 5, tracker)
         return model, opt, torch.get_rng_state(), tracker
 
     m1, o1, rng1, tr = run(True)
     m0, o0, rng0, _ = run(False)
-    assert [r["hvp_route"] for r in tr.history] == ["one_sided"] * 3
+    assert [r["hvp_route"].split(" ")[0] for r in tr.history] == ["one_sided"] * 3, [r["hvp_route_note"]
+                                                                                     for r in tr.history]
     assert all(r["error"] is None for r in tr.history)
     assert torch.equal(rng0, rng1)
     for (n, a), (_, b) in zip(m0.state_dict().items(), m1.state_dict().items()):
