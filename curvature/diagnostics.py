@@ -163,6 +163,10 @@ def solve_checked(op: LinearOperator, k: int = 1, solver: str = "lanczos", tol: 
     stops at ``ONE_SIDED_SOLVE_FRACTION · eig_tol`` and the result reports the central values with a bound that
     includes the route's error. Finite-difference results carry ``info["hvp_route"]`` and ``info["num_gradients"]``."""
     one_sided = is_one_sided(op)
+    if one_sided and getattr(op, "dot", None) is not None:
+        raise ValueError("fd_order=1 (one-sided differences) on a sharded (FSDP2) model: the route's error check is "
+                         "not collective yet, so its values could not be bounded. Use fd_order=2 (central "
+                         "differences, the sharded default) or fd_order=4")
     solve_tol = eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and eig_tol is not None else eig_tol
     res = solve(op, k, solver, tol, max_iters, X0, largest, seed, solve_tol)
     if one_sided:

@@ -399,3 +399,15 @@ def test_auto_route_goes_exact_after_repeated_misses(monkeypatch):
     assert calls["n"] == 1 + tracking.ROUTE_MISSES_BEFORE_EXACT  # no one-sided solve after the second miss
     assert "missed eig_tol on 2 rows" in tracker.history[2]["hvp_route_note"]
     assert abs(tracker.history[-1]["sharpness"] - lam) / lam <= tracker.history[-1]["error_bound"] <= 1e-3
+
+
+def test_one_sided_route_on_a_sharded_operator_is_refused_not_left_unchecked(monkeypatch):
+    """A sharded operator (it has a ``dot`` hook: each rank holds a slice of every vector) on fd_order=1 would get the
+    central check with local norms and dots: wrong values under a wrong bound. It is refused with what to use."""
+    from curvature.diagnostics import solve_checked
+
+    model, loss_fn, data = _gelu_problem(0, torch.float64)
+    op = HessianOperator(model, loss_fn, data, method="finite_difference", fd_order=1)
+    monkeypatch.setattr(op, "dot", lambda X, Y: X.T @ Y, raising=False)
+    with pytest.raises(ValueError, match="fd_order=2"):
+        solve_checked(op, 1, "lanczos", None, None, None, True, 0, 1e-3)
