@@ -272,6 +272,24 @@ def test_row_glued_to_a_torn_line_by_an_old_version_is_dropped(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # #15.7: kill -9 the CLI at random points; a rerun ends with exactly one correct row per checkpoint
 # ---------------------------------------------------------------------------------------------------
+def _kill_while_writing(cmd: list[str], out: Path, rng: random.Random, max_delay: float) -> bool:
+    """Start ``cmd``, wait until ``out`` grows (rows are being written), wait up to ``max_delay`` s more, then
+    SIGKILL it; returns whether the kill landed (the run had not finished by itself)."""
+    proc = subprocess.Popen(cmd, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    size0 = out.stat().st_size if out.exists() else 0
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # wait until rows are being written
+        if out.exists() and out.stat().st_size != size0:
+            break
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, max_delay))
+    landed = proc.poll() is None
+    if landed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return landed
+
+
 def test_cli_killed_at_random_points_then_rerun_gives_one_correct_row_each(tmp_path):
     n, kills = 30, int(os.environ.get("FAULTS_KILLS", "3"))
     folder = tmp_path / "c"
@@ -286,18 +304,7 @@ def test_cli_killed_at_random_points_then_rerun_gives_one_correct_row_each(tmp_p
     rng = random.Random(0)
     landed = torn = 0
     for _ in range(kills):
-        proc = subprocess.Popen(cmd, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        size0 = out.stat().st_size if out.exists() else 0
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:  # wait until rows are being written
-            if out.exists() and out.stat().st_size != size0:
-                break
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.05))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            landed += 1
-        proc.wait(timeout=60)
+        landed += _kill_while_writing(cmd, out, rng, 0.05)
         if out.exists() and rng.random() < 0.5:  # and, as a full disk or a network file system would, tear the
             text = out.read_bytes()               # last record at a random byte (kill -9 alone never tore one)
             start = text.rstrip(b"\n").rfind(b"\n") + 1
@@ -446,18 +453,7 @@ def test_training_loop_killed_at_random_points_keeps_one_correct_row_per_step(tm
     rng = random.Random(1)
     landed = 0
     for _ in range(kills):
-        proc = subprocess.Popen(cmd, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        size0 = sinks[1].stat().st_size if sinks[1].exists() else 0
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:  # wait until rows are being written
-            if sinks[1].exists() and sinks[1].stat().st_size != size0:
-                break
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.1))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            landed += 1
-        proc.wait(timeout=60)
+        landed += _kill_while_writing(cmd, sinks[1], rng, 0.1)
     proc = subprocess.run(cmd, env=env_for(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     reference = tmp_path / "reference.jsonl"
