@@ -17,7 +17,7 @@ import torch
 from ._exact import holding_rng
 from ._validate import check_optional_positive_int, check_positive_float, check_positive_int, check_seed, check_tol
 from .operators import HessianOperator, LinearOperator, ShiftedOperator
-from .route_check import ONE_SIDED_SOLVE_FRACTION, check_ritz_pairs, is_one_sided
+from .route_check import check_ritz_pairs, is_one_sided, solve_eig_tol
 from .data import CurvatureWarning
 from .usage import check_batch_argument, check_not_a_batch_half
 from .solvers import EigenResult, lanczos, lobpcg, power_iteration
@@ -167,8 +167,7 @@ def solve_checked(op: LinearOperator, k: int = 1, solver: str = "lanczos", tol: 
         raise ValueError("fd_order=1 (one-sided differences) on a sharded (FSDP2) model: the route's error check is "
                          "not collective yet, so its values could not be bounded. Use fd_order=2 (central "
                          "differences, the sharded default) or fd_order=4")
-    solve_tol = eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and eig_tol is not None else eig_tol
-    res = solve(op, k, solver, tol, max_iters, X0, largest, seed, solve_tol)
+    res = solve(op, k, solver, tol, max_iters, X0, largest, seed, solve_eig_tol(op, eig_tol))
     if one_sided:
         res = check_ritz_pairs(op, res, eig_tol)
     engine = getattr(getattr(op, "inner", op), "engine", None)

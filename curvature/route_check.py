@@ -38,8 +38,8 @@ import torch
 
 from .solvers import MIN_RELATIVE_GAP
 
-__all__ = ["OneSidedCheck", "check_one_sided", "check_ritz_pairs", "one_sided_bound", "rayleigh_quotient",
-           "rayleigh_product", "is_one_sided", "ONE_SIDED_SOLVE_FRACTION"]
+__all__ = ["OneSidedCheck", "check_one_sided", "check_ritz_pairs", "one_sided_bound", "rayleigh_product",
+           "is_one_sided", "solve_eig_tol", "ONE_SIDED_SOLVE_FRACTION"]
 
 #: One-sided solves stop at this fraction of ``eig_tol``: the bound after the central check adds the route's own
 #: error (the one-sided error on the Ritz vector enlarges the residual, the bias term adds ~2e-4 on the benchmark
@@ -85,11 +85,6 @@ def one_sided_bound(lam: float, central_residual: float, spread: float, bias: fl
     return r, kato + scale * bias
 
 
-def rayleigh_quotient(op: Any, x: torch.Tensor) -> float:
-    """xᵀAx/xᵀx in float64 (one application of ``op``)."""
-    return float(rayleigh_product(op, x)[0])
-
-
 def rayleigh_product(op: Any, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """(xᵀAx/xᵀx, A x̂) in float64 for the unit x̂ = x/‖x‖ (one application of ``op``)."""
     x = x.reshape(-1).to(device=op.device, dtype=op.dtype)
@@ -129,6 +124,12 @@ def is_one_sided(op: Any) -> bool:
     """Whether ``op`` (or the operator it wraps, ``op.inner``) applies one-sided gradient differences."""
     engine = getattr(getattr(op, "inner", op), "engine", None)
     return getattr(engine, "order", None) == 1 and hasattr(engine, "one_sided_side")
+
+
+def solve_eig_tol(op: Any, eig_tol: float | None) -> float | None:
+    """The eig_tol a solve on ``op`` stops at: ``ONE_SIDED_SOLVE_FRACTION · eig_tol`` on the one-sided route (its
+    check adds the route's error to the bound afterwards), ``eig_tol`` otherwise."""
+    return eig_tol * ONE_SIDED_SOLVE_FRACTION if eig_tol is not None and is_one_sided(op) else eig_tol
 
 
 def check_ritz_pairs(op: Any, res: Any, eig_tol: float | None = None, scale: float = 1.0) -> Any:

@@ -79,7 +79,7 @@ from .hvp import select_parameters
 from .solvers import RandomStarts, combined_start
 from .operators import HessianOperator
 from .sharded import is_sharded_model
-from .route_check import ONE_SIDED_SOLVE_FRACTION, check_one_sided, is_one_sided, rayleigh_product
+from .route_check import check_one_sided, rayleigh_product, solve_eig_tol
 from .optim import (PreconditionedHessianOperator, edge_ratio, has_diagonal_preconditioner, is_adam_like,
                     lookahead_required, require_diagonal_preconditioner, stability_note, stability_threshold,
                     unwrap_optimizer)
@@ -374,7 +374,7 @@ class SharpnessTracker:
         # the first row's check against one exact HVP (see _calibrate)
         self._route_scales: dict[str, tuple[float, float]] = {}
         self._route_misses = self._p_route_misses = 0  # one-sided rows whose bound missed eig_tol (solved again)
-        self._p_route_note: str | None = None  # why λ(P⁻¹H) left the one-sided route
+        self._p_route_note: str | None = None  # why λ(P⁻¹H) left the one-sided route (set: it is exact from now on)
         self._per_hvp_seconds = 0.0  # of the last λ(H) solve
         self.operator_options = dict(operator_options)
         self.sinks: list[Callable[[dict], Any]] = [make_sink(s) for s in sinks]
@@ -567,9 +567,7 @@ class SharpnessTracker:
         return X.detach().clone()
 
     def _solve(self, op: Any, X: torch.Tensor | None, hint: torch.Tensor | None = None) -> tuple[Any, int, bool]:
-        # a one-sided solve stops at a fraction of eig_tol: the central check adds the route's error to its bound
-        one_sided = is_one_sided(op)
-        eig_tol = self.eig_tol * ONE_SIDED_SOLVE_FRACTION if one_sided and self.eig_tol is not None else self.eig_tol
+        eig_tol = solve_eig_tol(op, self.eig_tol)  # a fraction of it on the one-sided route (its check adds its error)
 
         def run(X0: torch.Tensor | None) -> Any:
             return solve(op, self.k, self.solver, self.tol, self.max_iters, X0, True, self.solver_seed, eig_tol)
@@ -799,7 +797,7 @@ class SharpnessTracker:
                         return PreconditionedHessianOperator(net, self.loss_fn, data, opt, lookahead=lookahead,
                                                              inner=inner, max_grad_norm=self.max_grad_norm)
                     p_route = route
-                    if route == "one_sided" and math.isinf(self._route_scales.get("preconditioned_", (1.0, 1.0))[0]):
+                    if route == "one_sided" and self._p_route_note is not None:
                         p_route = "exact"  # the first row's exact HVP found the one-sided λ(P⁻¹H) off
                         exact_H = exact_H if exact_H is not None else self._operator(net, data, None, "exact")
                         engines.append(exact_H)
@@ -828,13 +826,11 @@ class SharpnessTracker:
                             ok = perr <= pchk.error_bound and self._calibrate("preconditioned_", pchk, exact_p, phx,
                                                                               row)[0]
                             if not ok:  # the route's error on λ(P⁻¹H) is not under control: exact from now on
-                                self._route_scales["preconditioned_"] = (math.inf, math.inf)
                                 self._p_route_note = (f"λ(P⁻¹H): its one-sided value was {perr:.1e} off an exact HVP "
                                                       f"on the same vector (step {step}): exact HVPs for it from then on")
                         elif not ok:
                             self._p_route_misses += 1
                             if self._p_route_misses >= ROUTE_MISSES_BEFORE_EXACT:
-                                self._route_scales["preconditioned_"] = (math.inf, math.inf)
                                 self._p_route_note = (f"λ(P⁻¹H): its one-sided bound missed eig_tol on "
                                                       f"{self._p_route_misses} rows: exact HVPs for it from then on")
                         if not ok:
